@@ -1,0 +1,316 @@
+"""Local training and evaluation of a segmentation model on one site's cases (no Flower here).
+
+The same functions serve the federated client (one call per round), the single-site baseline
+(`client.training_run`) and the benchmarks, so a round of federated training is exactly a slice
+of ordinary training: the learning-rate schedule is a function of the *global* step, which the
+caller passes in (`start_step`) and gets back (`TrainResult.end_step`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from shared.constants import REGIONS
+from shared.inference import get_device, predict_probabilities
+
+__all__ = [
+    "TrainConfig", "TrainResult", "evaluate_local", "flat_metrics", "get_device", "loss_on", "lr_at",
+    "train_local",
+]  # fmt: skip
+
+SCHEDULES = ("cosine", "poly", "constant")
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+#: Called after every optimiser step with (steps done in this call, steps planned, batch loss, lr).
+Progress = Callable[[int, int, float, float], None]
+#: DP hook: (model, optimizer, loader) -> (model, optimizer, loader), e.g. Opacus' make_private.
+Wrap = Callable[[nn.Module, torch.optim.Optimizer, DataLoader], tuple[nn.Module, torch.optim.Optimizer, DataLoader]]
+
+
+@dataclass
+class TrainConfig:
+    """Local training settings. `steps` > 0 replaces `epochs` (as `local_steps` does in the run config).
+
+    `total_steps` is the length of the whole schedule (all rounds); None keeps the lr constant after
+    warm-up. `amp` is used on CUDA only. `proximal_mu` > 0 adds FedProx' (mu/2)||w - w_global||^2,
+    w_global being the weights the model had when `train_local` was called.
+    """
+
+    epochs: int | None = 1
+    steps: int | None = None
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    total_steps: int | None = None
+    batch_size: int = 2
+    amp: bool = True
+    seed: int = 0
+    proximal_mu: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not (self.steps and self.steps > 0) and not (self.epochs and self.epochs > 0):
+            problems.append(f"one of epochs ({self.epochs}) or steps ({self.steps}) must be >= 1")
+        if self.lr <= 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.total_steps is not None and self.total_steps < 1:
+            problems.append(f"total_steps must be >= 1 or None, got {self.total_steps}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.proximal_mu < 0:
+            problems.append(f"proximal_mu must be >= 0, got {self.proximal_mu}")
+        if problems:
+            raise ValueError("invalid training configuration: " + "; ".join(problems))
+
+
+@dataclass
+class TrainResult:
+    """What one call of `train_local` did; `examples` counts samples drawn (patients x passes)."""
+
+    examples: int
+    steps: int
+    mean_loss: float
+    seconds: float
+    end_step: int
+    last_lr: float
+    skipped_steps: int = 0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate at global `step` (0-based): linear warm-up to `lr`, then cosine or poly(0.9) to 0."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "constant" or config.total_steps is None:
+        return config.lr
+    span = max(config.total_steps - config.warmup_steps, 1)
+    t = min(max((step - config.warmup_steps) / span, 0.0), 1.0)
+    if config.schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    return config.lr * (1.0 - t) ** 0.9
+
+
+def _default_loss() -> LossFn:
+    from shared.losses import region_loss
+
+    return region_loss
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def _batches(loader: DataLoader, steps: int | None):
+    """Yield batches: whole epochs, or exactly `steps` batches cycling through the loader."""
+    if steps is None:
+        yield from loader
+        return
+    done = 0
+    while done < steps:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+            done += 1
+            if done >= steps:
+                return
+        if empty:
+            raise ValueError("the data loader yielded no batch; the site has no usable training case")
+
+
+def train_local(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    config: TrainConfig,
+    *,
+    start_step: int = 0,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+    loss_fn: LossFn | None = None,
+    wrap: Wrap | None = None,
+) -> TrainResult:
+    """Train `model` in place with Adam on `dataset` ((image, regions) patches), return what was done.
+
+    Deterministic on CPU for a given (seed, start_step): both seed the global torch RNG and the
+    shuffling generator, so successive rounds see different orders but a rerun sees the same.
+    """
+    if len(dataset) == 0:
+        raise ValueError("cannot train on an empty dataset; the site has no usable training case")
+    device = get_device(device)
+    loss_fn = loss_fn or _default_loss()
+    torch.manual_seed(config.seed + start_step)
+    np.random.seed((config.seed + start_step) % 2**32)
+    generator = torch.Generator().manual_seed(config.seed + start_step)
+    loader = DataLoader(
+        dataset, batch_size=config.batch_size, shuffle=True, generator=generator,
+        num_workers=config.num_workers, pin_memory=device.type == "cuda",
+    )  # fmt: skip
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if config.proximal_mu > 0 else None
+    optimizer: torch.optim.Optimizer = torch.optim.Adam(
+        params, lr=lr_at(start_step, config), weight_decay=config.weight_decay
+    )
+    if wrap is not None:
+        model, optimizer, loader = wrap(model, optimizer, loader)
+    use_amp = config.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    steps_mode = bool(config.steps and config.steps > 0)
+    planned = config.steps if steps_mode else len(loader) * int(config.epochs or 0)
+
+    model.train()
+    start = time.perf_counter()
+    step = start_step
+    steps = examples = skipped = 0
+    loss_sum = 0.0
+    lr = lr_at(step, config)
+    epochs = 1 if steps_mode else int(config.epochs or 0)
+    for _ in range(epochs):
+        for images, targets in _batches(loader, config.steps if steps_mode else None):
+            if len(images) == 0:  # Poisson sampling (DP) may draw an empty batch
+                continue
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            lr = lr_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            with _autocast(device, use_amp):
+                outputs = model(images)
+            outputs = [o.float() for o in outputs] if isinstance(outputs, list | tuple) else outputs.float()
+            loss = loss_fn(outputs, targets.float())
+            if not torch.isfinite(loss):
+                skipped += 1
+                step += 1
+                continue
+            total = loss
+            if anchor is not None:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                total = loss + 0.5 * config.proximal_mu * prox
+            scaler.scale(total).backward()
+            if config.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            steps += 1
+            examples += len(images)
+            loss_sum += float(loss.detach())
+            if progress is not None:
+                progress(steps + skipped, planned, float(loss.detach()), lr)
+    if steps == 0:
+        raise FloatingPointError(
+            f"no finite training step in {skipped} attempts; check the data (NaN in an image?) and lower the lr"
+        )
+    model.eval()
+    return TrainResult(
+        examples=examples, steps=steps, mean_loss=loss_sum / steps, seconds=time.perf_counter() - start,
+        end_step=step, last_lr=lr, skipped_steps=skipped,
+    )  # fmt: skip
+
+
+def loss_on(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    batches: int,
+    *,
+    batch_size: int = 2,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    loss_fn: LossFn | None = None,
+) -> float:
+    """Mean training loss of `model` on `batches` batches, without updating it (FedCostWAvg, FedPIDAvg).
+
+    The RNG is forked and seeded, so calling it before and after local training with the same seed
+    scores both models on the same patches (when the dataset draws its crops from torch's RNG).
+    """
+    if len(dataset) == 0:
+        raise ValueError("cannot compute a loss on an empty dataset")
+    device = get_device(device)
+    loss_fn = loss_fn or _default_loss()
+    was_training = model.training
+    model.to(device).eval()
+    total, count = 0.0, 0
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(seed))
+        for images, targets in _batches(loader, max(int(batches), 1)):
+            outputs = model(images.to(device))
+            total += float(loss_fn(outputs, targets.to(device).float()))
+            count += 1
+    model.train(was_training)
+    return total / count
+
+
+def _case_id(dataset: Any, i: int) -> str:
+    cases = getattr(dataset, "cases", None)
+    if cases is not None and i < len(cases):
+        return str(getattr(cases[i], "case_id", cases[i]))
+    return str(i)
+
+
+def evaluate_local(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    patch_size: tuple[int, int, int],
+    device: torch.device | str | None = None,
+    overlap: float = 0.5,
+    tta: bool = False,
+) -> dict[str, Any]:
+    """Sliding-window predict every case of `dataset` (its `.volume(i)`), threshold 0.5, score per region.
+
+    Returns {"cases": [{"case_id", "ET": {...}, "TC": {...}, "WT": {...}}], "mean": {region: {metric}},
+    "mean_dice": mean Dice over the three regions, "num_cases", "seconds"}. Metrics are computed on
+    the cropped volume the model sees (no post-processing: this tracks training, not final scores).
+    """
+    from shared.metrics import mean_over_cases, region_metrics
+
+    start = time.perf_counter()
+    rows = []
+    for i in range(len(dataset)):
+        image, regions, spacing = dataset.volume(i)
+        probs = predict_probabilities(
+            model, torch.as_tensor(image), patch_size=patch_size, overlap=overlap, tta=tta, device=device
+        )
+        pred = probs.numpy() >= 0.5
+        truth = np.asarray(regions).astype(bool)
+        metrics = region_metrics(pred, truth, spacing)
+        rows.append({"case_id": _case_id(dataset, i), **{r: dict(metrics[r]) for r in REGIONS}})
+    if not rows:
+        raise ValueError("no case to evaluate; the site has no usable validation case")
+    mean = mean_over_cases([{r: row[r] for r in REGIONS} for row in rows])
+    mean_dice = float(np.mean([mean[r]["dice"] for r in REGIONS]))
+    return {
+        "cases": rows, "mean": mean, "mean_dice": mean_dice, "num_cases": len(rows),
+        "seconds": time.perf_counter() - start,
+    }  # fmt: skip
+
+
+def flat_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
+    """Flat scalar metrics ("dice_ET", "hd95_WT", ..., "mean_dice") for Flower replies and logs."""
+    flat = {f"{m}_{r}": float(v) for r in REGIONS for m, v in evaluation["mean"][r].items()}
+    flat["mean_dice"] = float(evaluation["mean_dice"])
+    return flat

@@ -1,0 +1,3 @@
+from fedbrats.cli import main
+
+raise SystemExit(main())

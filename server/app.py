@@ -1,0 +1,81 @@
+"""The Flower ServerApp: builds the global model and strategy from the run config and runs rounds.
+
+The same app serves the simulation engine and a real deployment (`flwr run` against a SuperLink).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.federation import Federation
+from shared.checkpoint import save_checkpoint
+from shared.config import RunConfig
+from shared.models import create_model
+from shared.records import model_to_record, record_digest, record_to_model
+from shared.wallclock import load_timings
+from strategies import build_strategy
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+log = logging.getLogger("fedbrats.server")
+
+app = ServerApp()
+
+
+def initial_model(config: RunConfig) -> torch.nn.Module:
+    """Seeded initial weights, so every strategy compared on a seed starts from the same model."""
+    torch.manual_seed(config.seed)
+    return create_model(config.model, **config.model_config)
+
+
+def site_profiles_path(config: RunConfig) -> Path | None:
+    for candidate in (Path(config.data_dir) / "sites.json",):
+        if config.data_dir and candidate.is_file():
+            return candidate
+    return None
+
+
+def run_server(grid: Grid, config: RunConfig) -> Path:
+    """Run (or resume) the federation described by `config`; return the final checkpoint path."""
+    _setup_logging()
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run_config.json").write_text(json.dumps(config.to_flower(), indent=2, sort_keys=True))
+    model = initial_model(config)
+    strategy = build_strategy(config.strategy, config.strategy_params)
+    federation = Federation(
+        grid, config, strategy, model_to_record(model), timings=load_timings(site_profiles_path(config)), out_dir=out
+    )
+    arrays = federation.run()
+    record_to_model(arrays, model)
+    path = save_checkpoint(
+        out / "global_model.safetensors",
+        model,
+        model_name=config.model,
+        model_config=config.model_config,
+        extra={"patch_size": list(config.patch), "round": config.rounds, "strategy": config.strategy,
+               "digest": record_digest(arrays)},
+    )
+    log.info("final global model: %s", path)
+    return path
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("fedbrats")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_server(grid, RunConfig.from_flower(dict(context.run_config)))

@@ -1,0 +1,244 @@
+"""The round loop: select sites, train, check updates, aggregate, evaluate, record, checkpoint.
+
+We drive the rounds ourselves rather than calling ``Strategy.start`` because every round must
+also check each update before aggregation, record per-site results, cost the round in simulated
+time and checkpoint the server so a restarted run resumes with identical weights. Flower's
+strategies still configure the messages and aggregate the replies.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from server.history import RunHistory
+from server.state import ServerState, load_state, save_state
+from server.update_checks import update_problem
+from shared.config import RunConfig
+from shared.constants import REGIONS
+from shared.records import record_digest, record_nbytes
+from shared.wallclock import SiteTiming, timing_for
+
+log = logging.getLogger("fedbrats.server")
+
+
+class SelectedSites:
+    """A view of the grid that shows the strategy only the sites we selected for this round."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid = grid
+        self._node_ids = list(node_ids)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+@dataclass
+class SiteResult:
+    node_id: int
+    site: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    dropped: str | None = None
+
+
+def _site_name(reply: Message, node_names: dict[int, str]) -> str:
+    node = reply.metadata.src_node_id
+    if not reply.has_error() and "site" in reply.content.config_records:
+        node_names[node] = str(reply.content.config_records["site"]["name"])
+    return node_names.get(node, f"node-{node}")
+
+
+def _metrics(reply: Message) -> dict[str, float]:
+    if reply.has_error() or "metrics" not in reply.content.metric_records:
+        return {}
+    return {k: float(v) for k, v in reply.content.metric_records["metrics"].items()}
+
+
+class Federation:
+    """One federated run, resumable from its output folder."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        config: RunConfig,
+        strategy: Strategy,
+        initial_arrays: ArrayRecord,
+        *,
+        timings: dict[str, SiteTiming] | None = None,
+        out_dir: Path | None = None,
+    ) -> None:
+        self.grid = grid
+        self.config = config
+        self.strategy = strategy
+        self.arrays = initial_arrays
+        self.timings = timings or {}
+        self.out_dir = Path(out_dir or config.out_dir)
+        self.history = RunHistory(self.out_dir / "history.jsonl")
+        self.node_names: dict[int, str] = {}
+        self.start_round = 0
+        self.simulated_seconds = 0.0
+        self._resume()
+
+    # --- resume -----------------------------------------------------------------------
+    def _resume(self) -> None:
+        state = load_state(self.out_dir / "server")
+        if state is None:
+            self.history.truncate_after(0)
+            return
+        self.arrays = state.arrays
+        self.start_round = state.round
+        self.simulated_seconds = float(state.meta.get("simulated_seconds", 0.0))
+        self.history.truncate_after(state.round)
+        if hasattr(self.strategy, "load_state_dict"):
+            self.strategy.load_state_dict(state.strategy_arrays, state.strategy_meta)
+        log.info("resuming after round %d (weights %s)", state.round, record_digest(state.arrays)[:12])
+
+    def _checkpoint(self, rnd: int) -> None:
+        strategy_arrays, strategy_meta = ({}, {})
+        if hasattr(self.strategy, "state_dict"):
+            strategy_arrays, strategy_meta = self.strategy.state_dict()
+        meta = {"simulated_seconds": self.simulated_seconds, "history_rounds": rnd, "digest": record_digest(self.arrays)}
+        save_state(self.out_dir / "server", ServerState(rnd, self.arrays, meta, strategy_arrays, strategy_meta))
+
+    # --- one round ----------------------------------------------------------------------
+    def _wait_for_sites(self) -> list[int]:
+        deadline = time.monotonic() + self.config.timeout
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= self.config.min_sites or time.monotonic() > deadline:
+                return nodes
+            time.sleep(0.5)
+
+    def _select(self, rnd: int, nodes: list[int]) -> list[int]:
+        count = max(self.config.min_sites, round(self.config.fraction_train * len(nodes)))
+        if count >= len(nodes):
+            return nodes
+        return sorted(random.Random(self.config.seed * 100_003 + rnd).sample(nodes, count))
+
+    def _train_config(self, rnd: int) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "server-round": rnd,
+                "lr": self.config.lr,
+                "local-epochs": self.config.local_epochs,
+                "local-steps": self.config.local_steps,
+            }
+        )
+
+    def train_round(self, rnd: int, selected: list[int]) -> tuple[list[SiteResult], dict[str, Any]]:
+        view = SelectedSites(self.grid, selected)
+        messages = list(self.strategy.configure_train(rnd, self.arrays, self._train_config(rnd), view))
+        replies = list(self.grid.send_and_receive(messages, timeout=self.config.timeout))
+        answered = {r.metadata.src_node_id for r in replies}
+        results, good = [], []
+        for reply in replies:
+            result = SiteResult(reply.metadata.src_node_id, _site_name(reply, self.node_names), _metrics(reply))
+            result.dropped = update_problem(reply, self.arrays)
+            if result.dropped:
+                log.warning("round %d: dropped update of %s: %s", rnd, result.site, result.dropped)
+            else:
+                good.append(reply)
+            results.append(result)
+        for node in sorted(set(selected) - answered):
+            results.append(SiteResult(node, self.node_names.get(node, f"node-{node}"), dropped="no reply before timeout"))
+        info = {
+            "bytes_sent": record_nbytes(self.arrays) * len(messages),
+            "bytes_received": sum(record_nbytes(r.content.array_records["arrays"]) for r in good),
+        }
+        if len(good) < self.config.min_sites:
+            info["status"] = f"failed: {len(good)} usable updates, fewer than min_sites={self.config.min_sites}"
+            log.error("round %d %s; the global model is unchanged", rnd, info["status"])
+            return results, info
+        arrays, _ = self.strategy.aggregate_train(rnd, good)
+        if arrays is None:
+            info["status"] = "failed: the strategy returned no aggregate"
+            return results, info
+        self.arrays = arrays
+        info["status"] = "ok"
+        return results, info
+
+    def evaluate_round(self, rnd: int, nodes: list[int]) -> list[SiteResult]:
+        messages = list(
+            self.strategy.configure_evaluate(rnd, self.arrays, ConfigRecord({"server-round": rnd}), SelectedSites(self.grid, nodes))
+        )
+        replies = list(self.grid.send_and_receive(messages, timeout=self.config.timeout))
+        results = []
+        for reply in replies:
+            result = SiteResult(reply.metadata.src_node_id, _site_name(reply, self.node_names), _metrics(reply))
+            if reply.has_error():
+                result.dropped = f"site error: {reply.error.reason}"
+            results.append(result)
+        return results
+
+    def _round_seconds(self, results: list[SiteResult]) -> float:
+        times = []
+        for r in results:
+            if r.dropped:
+                continue
+            timing = timing_for(self.timings, r.site)
+            epochs = self.config.local_epochs if self.config.local_steps <= 0 else 1.0
+            times.append(timing.round_seconds(int(r.metrics.get("num-examples", 0)), int(r.metrics.get("num-val", 0)), epochs))
+        return max(times, default=0.0)
+
+    def run(self) -> ArrayRecord:
+        for rnd in range(self.start_round + 1, self.config.rounds + 1):
+            started = time.monotonic()
+            nodes = self._wait_for_sites()
+            selected = self._select(rnd, nodes)
+            train_results, info = self.train_round(rnd, selected)
+            round_seconds = self._round_seconds(train_results)
+            self.simulated_seconds += round_seconds
+            evaluated = []
+            if rnd % self.config.eval_every == 0 or rnd == self.config.rounds:
+                evaluated = self.evaluate_round(rnd, sorted(self.grid.get_node_ids()))
+                info["bytes_sent"] += record_nbytes(self.arrays) * len(evaluated)
+            record = {
+                "round": rnd,
+                **info,
+                "selected": len(selected),
+                "available": len(nodes),
+                "wall_seconds": time.monotonic() - started,
+                "simulated_round_seconds": round_seconds,
+                "simulated_seconds": self.simulated_seconds,
+                "train": [{"site": r.site, "dropped": r.dropped, **r.metrics} for r in train_results],
+                "evaluate": [{"site": r.site, "dropped": r.dropped, **r.metrics} for r in evaluated],
+                "mean_dice": mean_dice(evaluated),
+            }
+            self.history.append(record)
+            self._checkpoint(rnd)
+            log.info(progress_line(record, self.config.rounds))
+        return self.arrays
+
+
+def mean_dice(results: list[SiteResult]) -> dict[str, float]:
+    """Unweighted mean over sites (each hospital counts once, as FeTS scores), per region."""
+    usable = [r for r in results if not r.dropped and r.metrics]
+    if not usable:
+        return {}
+    return {region: sum(r.metrics.get(f"dice-{region}", 0.0) for r in usable) / len(usable) for region in REGIONS}
+
+
+def progress_line(record: dict[str, Any], rounds: int) -> str:
+    dice = record["mean_dice"]
+    dice_text = " ".join(f"{k} {v:.3f}" for k, v in dice.items()) if dice else "not evaluated"
+    sites = " ".join(
+        f"{e['site']}:{e.get('dice-WT', float('nan')):.2f}" for e in record["evaluate"] if not e.get("dropped")
+    )
+    dropped = [f"{t['site']} ({t['dropped']})" for t in record["train"] if t.get("dropped")]
+    line = (
+        f"round {record['round']}/{rounds} [{record['status']}] sites {record['selected']}/{record['available']} | "
+        f"mean Dice {dice_text} | WT per site {sites or '-'} | {record['wall_seconds']:.1f} s"
+    )
+    return line + (f" | dropped: {', '.join(dropped)}" if dropped else "")

@@ -1,0 +1,40 @@
+"""Never trust an update: names, shapes, dtypes and finiteness are checked before aggregation."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+REQUIRED_METRICS = ("num-examples",)
+
+
+def update_problem(reply: Message, reference: ArrayRecord) -> str | None:
+    """Why a training reply cannot be aggregated, or None when it can."""
+    if reply.has_error():
+        return f"site error: {reply.error.reason}"
+    content = reply.content
+    if "arrays" not in content.array_records:
+        return "reply carries no 'arrays' record"
+    if "metrics" not in content.metric_records:
+        return "reply carries no 'metrics' record"
+    metrics = content.metric_records["metrics"]
+    for key in REQUIRED_METRICS:
+        if key not in metrics:
+            return f"metric {key!r} missing"
+    if not metrics["num-examples"] or metrics["num-examples"] <= 0:
+        return f"num-examples must be > 0, got {metrics['num-examples']}"
+    arrays = content.array_records["arrays"]
+    missing = sorted(set(reference.keys()) - set(arrays.keys()))
+    extra = sorted(set(arrays.keys()) - set(reference.keys()))
+    if missing or extra:
+        return f"array names differ from the global model: missing {missing[:5]}, unexpected {extra[:5]}"
+    for name, ref in reference.items():
+        got = arrays[name]
+        if tuple(got.shape) != tuple(ref.shape):
+            return f"array {name!r} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+        if got.dtype != ref.dtype:
+            return f"array {name!r} has dtype {got.dtype}, expected {ref.dtype}"
+        values = got.numpy()
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            return f"array {name!r} has non-finite values"
+    return None

@@ -1,0 +1,168 @@
+"""The run configuration: one schema, read from defaults, a TOML file, the CLI or Flower's run config.
+
+Flower's run config is flat with hyphenated keys (``local-epochs``); our dataclass uses
+underscores. `RunConfig.to_flower` / `RunConfig.from_flower` are the only translation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+#: Settings sized for a 2-core CPU: the README's first command must finish in minutes.
+DEMO = {
+    "rounds": 3,
+    "local_epochs": 2,
+    "model_width": 8,
+    "model_depth": 3,
+    "patch_size": 32,
+    "batch_size": 2,
+    "phantom_voxel_size": 3.0,
+}
+
+
+@dataclass
+class RunConfig:
+    """Everything a federated run needs; defaults are full-size settings for GPU users."""
+
+    # federation
+    rounds: int = 20
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    min_sites: int = 2
+    eval_every: int = 1
+    timeout: float = 3600.0
+    seed: int = 0
+    # local training
+    local_epochs: int = 1
+    local_steps: int = 0  # > 0 replaces epochs with a fixed number of steps
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 10
+    batch_size: int = 2
+    proximal_mu: float = 0.0
+    # model and data
+    model: str = "resunet"
+    model_width: int = 32
+    model_depth: int = 5
+    deep_supervision: bool = False
+    patch_size: int = 128
+    foreground_prob: float = 0.5
+    val_fraction: float = 0.2
+    cache: str = "disk"
+    # where data and results live
+    data_dir: str = ""
+    partition: str = ""
+    out_dir: str = "runs/latest"
+    phantom_voxel_size: float = 1.0
+    # strategy parameters, flattened as "strategy-<name>" keys in Flower's run config
+    strategy_params: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        problems = []
+        if self.rounds < 1:
+            problems.append(f"rounds must be >= 1, got {self.rounds}")
+        if not 0.0 < self.fraction_train <= 1.0:
+            problems.append(f"fraction_train must be in (0, 1], got {self.fraction_train}")
+        if self.min_sites < 1:
+            problems.append(f"min_sites must be >= 1, got {self.min_sites}")
+        if self.local_epochs < 1 and self.local_steps < 1:
+            problems.append("one of local_epochs or local_steps must be >= 1")
+        if self.lr <= 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("cosine", "poly", "constant"):
+            problems.append(f"lr_schedule must be cosine, poly or constant, got {self.lr_schedule!r}")
+        if self.model_width % 8:
+            problems.append(f"model_width must be a multiple of 8 (GroupNorm), got {self.model_width}")
+        if self.patch_size % (2 ** (self.model_depth - 1)):
+            problems.append(
+                f"patch_size {self.patch_size} must be a multiple of 2^(model_depth-1) = {2 ** (self.model_depth - 1)}"
+            )
+        if self.cache not in ("memory", "disk", "none"):
+            problems.append(f"cache must be memory, disk or none, got {self.cache!r}")
+        if not 0.0 <= self.foreground_prob <= 1.0:
+            problems.append(f"foreground_prob must be in [0, 1], got {self.foreground_prob}")
+        if problems:
+            raise ValueError("invalid run configuration: " + "; ".join(problems))
+
+    @property
+    def patch(self) -> tuple[int, int, int]:
+        return (self.patch_size,) * 3
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        return {"width": self.model_width, "depth": self.model_depth, "deep_supervision": self.deep_supervision}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with some fields changed; unknown names are an error naming them."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise ValueError(f"unknown run configuration keys: {unknown}")
+        return dataclasses.replace(self, **changes)
+
+    # --- Flower's flat run config -------------------------------------------------
+    def to_flower(self) -> dict[str, bool | int | float | str]:
+        flat: dict[str, bool | int | float | str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "strategy_params":
+                flat.update({f"strategy-{k.replace('_', '-')}": float(v) for k, v in value.items()})
+            else:
+                flat[f.name.replace("_", "-")] = value
+        return flat
+
+    @classmethod
+    def from_flower(cls, run_config: dict[str, Any]) -> RunConfig:
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        params: dict[str, float] = {}
+        for key, value in run_config.items():
+            if key.startswith("strategy-"):
+                params[key.removeprefix("strategy-").replace("-", "_")] = float(value)
+                continue
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValueError(f"unknown run configuration key {key!r}")
+            values[name] = _coerce(known[name], value, key)
+        return cls(**values, strategy_params=params)
+
+    @classmethod
+    def from_toml(cls, path: Path, base: RunConfig | None = None) -> RunConfig:
+        """Read a TOML file of top-level keys (underscores or hyphens) over `base`."""
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ValueError(f"cannot read run configuration {path}: {err}") from err
+        base = base or cls()
+        params = {**base.strategy_params, **data.pop("strategy_params", data.pop("strategy-params", {}))}
+        changes = {k.replace("-", "_"): v for k, v in data.items()}
+        try:
+            return base.replace(**changes, strategy_params=params)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from err
+
+
+def _coerce(f: dataclasses.Field, value: Any, key: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if kind == "int":
+            if float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if kind == "float":
+            return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"run configuration key {key!r} expects {kind}, got {value!r}") from None
+    return str(value)

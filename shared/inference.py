@@ -1,0 +1,292 @@
+"""Whole-volume inference: sliding window, flip TTA, post-processing, labels, uncertainty, files.
+
+Follows DESIGN section 4: MONAI's sliding window with Gaussian blending; flips averaged on the logits
+before the sigmoid (as the UNet++ BraTS 2020 paper does); threshold 0.5; an ET smaller than
+`min_et_voxels` becomes necrotic core; uncertainty u = 200(1-p) if p >= 0.5 else 200p (TuNet).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.constants import LABEL_SETS, REGIONS, LabelSet
+
+#: Spatial flips (axes of the [X, Y, Z] volume) averaged by TTA: identity and every combination, as nnU-Net.
+TTA_FLIPS: tuple[tuple[int, ...], ...] = tuple(
+    axes for n in range(4) for axes in itertools.combinations((0, 1, 2), n)
+)
+
+#: The 500-voxel ET rule of the seed papers is meant for 1 mm voxels: predict_case scales it by voxel volume.
+MIN_ET_MM3 = 500.0
+
+
+def get_device(preference: str | torch.device | None = "auto") -> torch.device:
+    """'auto' -> cuda if available else cpu; 'cuda' without a GPU is an error saying so."""
+    if isinstance(preference, torch.device):
+        return preference
+    pref = (preference or "auto").lower()
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if pref.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {preference!r} requested but no CUDA GPU is available; use 'auto' or 'cpu'")
+    try:
+        return torch.device(pref)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {preference!r}; expected 'auto', 'cpu' or 'cuda[:N]'") from err
+
+
+def first_output(output: Any) -> torch.Tensor:
+    """Full-resolution logits whether the model returns a tensor or a deep-supervision list."""
+    if isinstance(output, list | tuple):
+        return output[0]
+    return output
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def predict_logits(
+    model: nn.Module,
+    image: torch.Tensor,
+    *,
+    patch_size: Sequence[int],
+    overlap: float = 0.5,
+    tta: bool = True,
+    flips: Sequence[Sequence[int]] = TTA_FLIPS,
+    device: torch.device | str | None = None,
+    sw_batch_size: int = 1,
+) -> torch.Tensor:
+    """Mean logits [3, X, Y, Z] (CPU, fp32) of `model` over a [4, X, Y, Z] image, averaged over flips if `tta`."""
+    from monai.inferers import sliding_window_inference
+
+    if image.ndim != 4 or image.shape[0] != 4:
+        raise ValueError(f"image has shape {tuple(image.shape)}; expected [4, X, Y, Z] (t1, t1ce, t2, flair)")
+    device = get_device(device)
+    model = model.to(device)
+    was_training = model.training
+    model.eval()
+    x = torch.as_tensor(image, dtype=torch.float32)[None].to(device)
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        with _autocast(device):
+            return first_output(model(window)).float()
+
+    total = None
+    passes = list(flips) if tta else [()]
+    try:
+        with torch.inference_mode():
+            for axes in passes:
+                dims = [a + 2 for a in axes]
+                xi = torch.flip(x, dims) if dims else x
+                out = sliding_window_inference(
+                    xi, tuple(int(p) for p in patch_size), sw_batch_size, predictor,
+                    overlap=overlap, mode="gaussian",
+                )
+                out = torch.flip(out, dims) if dims else out
+                total = out if total is None else total + out
+    finally:
+        model.train(was_training)
+    return (total / len(passes))[0].float().cpu()
+
+
+def predict_probabilities(
+    model: nn.Module,
+    image: torch.Tensor,
+    *,
+    patch_size: Sequence[int],
+    overlap: float = 0.5,
+    tta: bool = True,
+    device: torch.device | str | None = None,
+    sw_batch_size: int = 1,
+) -> torch.Tensor:
+    """Region probabilities [3, X, Y, Z] (ET, TC, WT): sigmoid of the (flip-averaged) logits."""
+    logits = predict_logits(
+        model, image, patch_size=patch_size, overlap=overlap, tta=tta, device=device, sw_batch_size=sw_batch_size
+    )
+    return torch.sigmoid(logits)
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def postprocess(regions: Any, min_et_voxels: int = 500) -> np.ndarray:
+    """Nest the regions (ET in TC in WT) and turn an ET of fewer than `min_et_voxels` voxels into core.
+
+    Small predicted ET is mostly false positive on low-grade cases, where an empty truth makes any
+    ET voxel cost Dice 1 -> 0; the voxels stay in TC (so they become necrotic core, label 1).
+    """
+    r = _numpy(regions).astype(bool, copy=True)
+    if r.ndim != 4 or r.shape[0] != 3:
+        raise ValueError(f"regions have shape {r.shape}; expected [3, X, Y, Z] (ET, TC, WT)")
+    r[1] |= r[0]
+    r[2] |= r[1]
+    if r[0].sum() < min_et_voxels:
+        r[0] = False
+    return r
+
+
+def _label_set(label_set: LabelSet | str) -> LabelSet:
+    if isinstance(label_set, LabelSet):
+        return label_set
+    if label_set not in LABEL_SETS:
+        raise ValueError(f"unknown label set {label_set!r}; expected one of {sorted(LABEL_SETS)}")
+    return LABEL_SETS[label_set]
+
+
+def region_label_values(label_set: LabelSet | str) -> tuple[int, int, int]:
+    """(ET, core-not-ET, WT-not-core) label values of a label set: (4, 1, 2) for 2021, (3, 1, 2) for 2023+."""
+    ls = _label_set(label_set)
+    et = ls.regions["ET"]
+    ncr = ls.regions["TC"] - et
+    ed = ls.regions["WT"] - ls.regions["TC"]
+    if len(et) != 1 or len(ncr) != 1 or len(ed) != 1:
+        raise ValueError(f"label set {ls.name} does not map regions to one label each: {ls.regions}")
+    return next(iter(et)), next(iter(ncr)), next(iter(ed))
+
+
+def regions_to_labels(regions: Any, label_set: LabelSet | str) -> np.ndarray:
+    """BraTS label map (uint8) from region masks: WT -> edema, TC -> core, ET -> enhancing, in that order."""
+    r = _numpy(regions).astype(bool)
+    if r.ndim != 4 or r.shape[0] != 3:
+        raise ValueError(f"regions have shape {r.shape}; expected [3, X, Y, Z] (ET, TC, WT)")
+    et, ncr, ed = region_label_values(label_set)
+    labels = np.zeros(r.shape[1:], dtype=np.uint8)
+    labels[r[2]] = ed
+    labels[r[1]] = ncr
+    labels[r[0]] = et
+    return labels
+
+
+def uncertainty(probs: Any) -> np.ndarray:
+    """Per-region uncertainty in [0, 100] (float32, REGIONS order): 0 where p is 0 or 1, 100 at p = 0.5."""
+    p = np.clip(_numpy(probs).astype(np.float32), 0.0, 1.0)
+    return np.where(p >= 0.5, 200.0 * (1.0 - p), 200.0 * p).astype(np.float32)
+
+
+# --- one case from files to files ------------------------------------------------------------
+
+
+def box_slices(box: Any, ndim: int = 3) -> tuple[slice, ...]:
+    """Spatial slices of a crop box from shared.transforms.preprocess (slices, or (start, end) pairs/arrays)."""
+    if hasattr(box, "start") and hasattr(box, "end") and not isinstance(box, slice):
+        box = (box.start, box.end)
+    if isinstance(box, dict):
+        box = (box["start"], box["end"])
+    items = list(box)
+    if len(items) == ndim and all(isinstance(s, slice) for s in items):
+        return tuple(items)
+    if len(items) == 2:
+        start, end = (np.asarray(v).ravel()[-ndim:] for v in items)
+        return tuple(slice(int(a), int(b)) for a, b in zip(start, end, strict=True))
+    if len(items) == ndim and all(len(v) == 2 for v in items):
+        return tuple(slice(int(a), int(b)) for a, b in items)
+    raise ValueError(f"cannot read crop box {box!r}; expected 3 slices or (start, end)")
+
+
+def pad_back(cropped: np.ndarray, box: Any, shape: Sequence[int], fill: float = 0) -> np.ndarray:
+    """Put a [..., x, y, z] crop back into an array of the original spatial `shape`."""
+    slices = box_slices(box)
+    out = np.full((*cropped.shape[:-3], *shape), fill, dtype=cropped.dtype)
+    out[(..., *slices)] = cropped
+    return out
+
+
+def _nifti(data: np.ndarray, affine: np.ndarray, header: Any):
+    import nibabel as nib
+
+    hdr = header.copy() if header is not None else nib.Nifti1Header()
+    hdr.set_data_dtype(np.uint8)
+    img = nib.Nifti1Image(data.astype(np.uint8), affine, hdr)
+    img.header.set_slope_inter(1.0, 0.0)
+    return img
+
+
+def save_overlay(flair: np.ndarray, labels: np.ndarray, label_set: LabelSet, path: Path, title: str) -> Path:
+    """PNG of the axial slice through the middle of the predicted tumour (middle slice if none)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    zs = np.nonzero(labels.any(axis=(0, 1)))[0]
+    z = int(zs[len(zs) // 2]) if len(zs) else labels.shape[2] // 2
+    et, ncr, ed = region_label_values(label_set)
+    colors = np.zeros((max(et, ncr, ed) + 1, 4))
+    colors[ed] = (0.1, 0.8, 0.1, 0.5)
+    colors[ncr] = (0.9, 0.1, 0.1, 0.6)
+    colors[et] = (1.0, 0.9, 0.0, 0.7)
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    ax.imshow(np.rot90(flair[:, :, z]), cmap="gray")
+    ax.imshow(np.rot90(labels[:, :, z]), cmap=ListedColormap(colors), vmin=0, vmax=len(colors) - 1,
+              interpolation="nearest")
+    ax.set_title(f"{title} z={z}: ED green, core red, ET yellow", fontsize=8)
+    ax.axis("off")
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def predict_case(
+    checkpoint_path: str | Path,
+    case_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    tta: bool = True,
+    device: str = "auto",
+    overlap: float = 0.5,
+    min_et_mm3: float = MIN_ET_MM3,
+) -> dict[str, Path]:
+    """Segment one case folder; write labels, three uncertainty maps and an overlay PNG into `out_dir`.
+
+    Outputs have exactly the input shape and affine: the prediction of the cropped, normalised volume
+    is padded back with the crop box. The label values follow the case's layout (ET = 4 for BraTS
+    2017-2021 files, 3 for 2023+).
+    """
+    from shared.cases import find_case
+    from shared.checkpoint import load_checkpoint
+    from shared.constants import label_sets_for
+    from shared.transforms import preprocess
+    from shared.volumes import load_case
+
+    model, meta = load_checkpoint(checkpoint_path)
+    if "patch_size" not in meta:
+        raise ValueError(f"checkpoint {checkpoint_path} has no patch_size in its metadata; cannot run inference")
+    case = find_case(Path(case_dir))
+    volume = load_case(case, with_labels=False)
+    image, _, box = preprocess(volume)
+    probs = predict_probabilities(
+        model, torch.as_tensor(image), patch_size=meta["patch_size"], overlap=overlap, tta=tta, device=device
+    )
+    voxel_mm3 = float(np.prod(volume.spacing))
+    regions = postprocess(probs.numpy() >= 0.5, min_et_voxels=int(round(min_et_mm3 / voxel_mm3)))
+    label_set = getattr(volume, "label_set", None) or label_sets_for(case.layout)[0]
+    shape = volume.image.shape[1:]
+    labels = pad_back(regions_to_labels(regions, label_set), box, shape)
+    unc = pad_back(np.rint(uncertainty(probs)).astype(np.uint8), box, shape)
+
+    import nibabel as nib
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {"labels": out_dir / f"{case.case_id}_pred.nii.gz"}
+    nib.save(_nifti(labels, volume.affine, volume.header), written["labels"])
+    for i, region in enumerate(REGIONS):
+        written[f"uncertainty_{region}"] = out_dir / f"{case.case_id}_unc_{region}.nii.gz"
+        nib.save(_nifti(unc[i], volume.affine, volume.header), written[f"uncertainty_{region}"])
+    written["overlay"] = save_overlay(
+        volume.image[3], labels, label_set, out_dir / f"{case.case_id}_overlay.png", case.case_id
+    )
+    return written

@@ -1,0 +1,132 @@
+"""Shared 3D building blocks: residual block, squeeze-and-excitation, up block.
+
+Every architecture in `shared.models` is composed from these, in the manner of MONAI's BasicUNet
+(`TwoConv`, `Down`, `UpCat`), so the choices that matter for federated and private training live
+in one place:
+
+- GroupNorm, never BatchNorm: batch statistics break with batches of 1-2 patches and Opacus
+  refuses them (a per-sample gradient cannot depend on the other samples of the batch);
+- trilinear upsampling followed by a convolution, never transposed convolution (checkerboard-free
+  and a plain conv for the per-sample gradient machinery);
+- no buffers, so every entry of `state_dict()` is a trainable parameter (DP wrappers on the server
+  clip and noise every array they receive).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Groups of every GroupNorm (DESIGN section 4); channel counts must be multiples of it.
+NORM_GROUPS = 8
+
+ACTIVATIONS = ("leakyrelu", "relu")
+
+
+def make_activation(name: str) -> nn.Module:
+    """The non-linearity by name ("leakyrelu" with slope 0.01, or "relu")."""
+    if name == "leakyrelu":
+        return nn.LeakyReLU(0.01, inplace=True)
+    if name == "relu":
+        return nn.ReLU(inplace=True)
+    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+
+
+def make_norm(channels: int, groups: int = NORM_GROUPS) -> nn.GroupNorm:
+    """GroupNorm with `groups` groups; refuses channel counts it cannot split evenly."""
+    if channels % groups:
+        raise ValueError(f"GroupNorm needs channels divisible by {groups} groups, got {channels} channels")
+    return nn.GroupNorm(groups, channels)
+
+
+def conv3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv3d:
+    """3x3x3 convolution, padding 1; no bias because a GroupNorm follows."""
+    return nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+
+
+class SEBlock(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018): reweight channels by a gate from their global means.
+
+    Used by the TuNet cascade (DESIGN section 4); cheap (2 C^2 / reduction parameters).
+    """
+
+    def __init__(self, channels: int, reduction: int = 4):
+        super().__init__()
+        hidden = max(channels // reduction, 4)
+        self.squeeze = nn.AdaptiveAvgPool3d(1)
+        self.excite = nn.Sequential(
+            nn.Conv3d(channels, hidden, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(hidden, channels, 1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.excite(self.squeeze(x))
+
+
+class ResidualBlock(nn.Module):
+    """conv-norm-act-(dropout)-conv-norm (+SE), plus a projected shortcut, then act (He et al. 2016).
+
+    `stride=2` makes it the downsampling step of an encoder level (a learned downsampling rather
+    than max-pooling); the shortcut is then a strided 1x1 conv with its own GroupNorm.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        stride: int = 1,
+        act: str = "leakyrelu",
+        dropout: float = 0.0,
+        se: bool = False,
+    ):
+        super().__init__()
+        self.conv1 = conv3(in_channels, out_channels, stride)
+        self.norm1 = make_norm(out_channels)
+        self.act1 = make_activation(act)
+        self.dropout = nn.Dropout3d(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = conv3(out_channels, out_channels)
+        self.norm2 = make_norm(out_channels)
+        self.se = SEBlock(out_channels) if se else nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut: nn.Module = nn.Sequential(
+                nn.Conv3d(in_channels, out_channels, 1, stride=stride, bias=False), make_norm(out_channels)
+            )
+        else:
+            self.shortcut = nn.Identity()
+        self.act2 = make_activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dropout(self.act1(self.norm1(self.conv1(x))))
+        y = self.se(self.norm2(self.conv2(y)))
+        return self.act2(y + self.shortcut(x))
+
+
+class UpBlock(nn.Module):
+    """Decoder step: trilinear x2 upsampling, 1x1 conv to the skip's width, concat, residual block.
+
+    Like MONAI's `UpCat` with `upsample="nontrainable"`. A bias-free 1x1 conv and trilinear
+    interpolation are both linear and commute exactly, so the conv runs first, at the coarse
+    resolution (8x fewer voxels), with the same result as upsample-then-conv.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        skip_channels: int,
+        out_channels: int,
+        *,
+        act: str = "leakyrelu",
+        dropout: float = 0.0,
+        se: bool = False,
+    ):
+        super().__init__()
+        self.reduce = nn.Conv3d(in_channels, skip_channels, 1, bias=False)
+        self.block = ResidualBlock(2 * skip_channels, out_channels, act=act, dropout=dropout, se=se)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(self.reduce(x), size=skip.shape[2:], mode="trilinear", align_corners=False)
+        return self.block(torch.cat([skip, x], dim=1))

@@ -1,0 +1,118 @@
+"""The default segmentation model: a residual 3D U-Net (DESIGN section 4).
+
+Encoder: a residual stem at full resolution, then one residual block with stride 2 per level
+(channels double each level: width, 2 width, ..., width 2^(depth-1)). Decoder: one `UpBlock`
+per level (trilinear x2, 1x1 conv, concat with the skip, residual block). A 1x1 head gives 3
+region logits (ET, TC, WT).
+
+Size: width 32, depth 5 (channels 32..512) has 21.7 M parameters (21.9 M with SE) and
+takes 128^3 patches; tests use width 8, depth 3 (83 k) on 32^3.
+
+Deep supervision: in training mode the model returns a list of logits, full resolution first,
+then one per coarser decoder level at its OWN size (1/2, 1/4, ... of the input; depth-2 extra
+outputs). `shared.losses.RegionLoss` resizes the target to each. In eval mode it returns the
+full-resolution tensor only, so inference code never sees the list.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shared.constants import MODALITIES, REGIONS
+from shared.models import register_model
+from shared.models.blocks import NORM_GROUPS, ResidualBlock, UpBlock, make_activation
+
+
+@register_model("resunet")
+class ResUNet(nn.Module):
+    """Residual 3D U-Net with GroupNorm, trilinear upsampling and optional deep supervision.
+
+    Args:
+        in_channels: input modalities (4: t1, t1ce, t2, flair).
+        out_channels: output logits (3: ET, TC, WT).
+        width: channels at full resolution; a multiple of 8 (GroupNorm with 8 groups).
+        depth: resolution levels including the full one; inputs must be multiples of 2^(depth-1).
+        deep_supervision: in training mode, also return logits of the coarser decoder levels.
+        dropout: channel dropout inside every residual block (0 disables).
+        act: "leakyrelu" (slope 0.01) or "relu".
+        se: squeeze-and-excitation in every residual block.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = len(MODALITIES),
+        out_channels: int = len(REGIONS),
+        width: int = 32,
+        depth: int = 5,
+        deep_supervision: bool = False,
+        dropout: float = 0.0,
+        act: str = "leakyrelu",
+        se: bool = False,
+    ):
+        super().__init__()
+        if width < NORM_GROUPS or width % NORM_GROUPS:
+            raise ValueError(
+                f"width must be a positive multiple of {NORM_GROUPS} (GroupNorm groups), got {width}"
+            )
+        if depth < 2:
+            raise ValueError(f"depth must be at least 2 (one downsampling), got {depth}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        make_activation(act)  # fail early on an unknown name
+        self.config = {
+            "in_channels": in_channels, "out_channels": out_channels, "width": width, "depth": depth,
+            "deep_supervision": deep_supervision, "dropout": dropout, "act": act, "se": se,
+        }  # fmt: skip
+        self.depth = depth
+        self.deep_supervision = deep_supervision
+        channels = [width * 2**level for level in range(depth)]
+        opts = {"act": act, "dropout": dropout, "se": se}
+
+        self.encoder = nn.ModuleList([ResidualBlock(in_channels, channels[0], **opts)])
+        for level in range(1, depth):
+            self.encoder.append(ResidualBlock(channels[level - 1], channels[level], stride=2, **opts))
+        # decoder[i] brings level depth-1-i up to level depth-2-i
+        self.decoder = nn.ModuleList(
+            UpBlock(channels[level], channels[level - 1], channels[level - 1], **opts)
+            for level in range(depth - 1, 0, -1)
+        )
+        self.head = nn.Conv3d(channels[0], out_channels, 1)
+        # one head per coarser decoder output, finest first (levels 1 .. depth-2)
+        self.ds_heads = nn.ModuleList(
+            nn.Conv3d(channels[level], out_channels, 1) for level in range(1, depth - 1)
+        ) if deep_supervision else nn.ModuleList()  # fmt: skip
+
+    @property
+    def size_multiple(self) -> int:
+        """Every spatial input size must be a multiple of this."""
+        return 2 ** (self.depth - 1)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError naming the shape when the input cannot pass through the U-Net."""
+        in_channels = self.config["in_channels"]
+        if x.ndim != 5 or x.shape[1] != in_channels:
+            raise ValueError(f"expected input [B, {in_channels}, X, Y, Z], got shape {tuple(x.shape)}")
+        bad = [s for s in x.shape[2:] if s % self.size_multiple]
+        if bad:
+            raise ValueError(
+                f"spatial sizes {tuple(x.shape[2:])} must be multiples of 2^(depth-1) = {self.size_multiple}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        self.check_input(x)
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+        x = skips.pop()
+        decoded = []
+        for up in self.decoder:
+            x = up(x, skips.pop())
+            decoded.append(x)
+        logits = self.head(x)
+        if not (self.deep_supervision and self.training):
+            return logits
+        # decoded[-1] is full resolution; decoded[-2] is 1/2, decoded[-3] is 1/4, ...
+        coarse = [head(decoded[-2 - i]) for i, head in enumerate(self.ds_heads)]
+        return [logits, *coarse]

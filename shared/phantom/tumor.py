@@ -1,0 +1,144 @@
+"""Tumor of one phantom case: drawn sizes, a seed in deep white matter, an irregular core, edema.
+
+Built on a small box around the seed (not the whole volume), so a 1 mm case stays cheap. Shapes
+are thresholded smooth noise around a rotated ellipsoid: high-grade (HGG) cores have a necrotic
+centre inside an enhancing rim, low-grade (LGG) cores are non-enhancing with at most a faint spot.
+Edema spreads from the core into white matter and spares cortex and CSF, as vasogenic edema does.
+Internal label codes: 1 NCR/NET, 2 ED, 3 ET (the writer maps ET to 4 or 3 by layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from shared.phantom.anatomy import Template, random_rotation
+
+CORE, EDEMA, ENHANCING = 1, 2, 3
+
+
+@dataclass(frozen=True)
+class TumorSpec:
+    """Sizes and shape parameters of one tumor, in millimetres."""
+
+    grade: str  # "HGG" or "LGG"
+    axes_mm: tuple[float, float, float]  # core ellipsoid semi-axes
+    rotation: np.ndarray  # 3x3
+    edema_mm: float  # mean edema thickness beyond the core
+    necrosis_fraction: float  # HGG: necrotic radius / core radius; LGG: 0
+    irregularity: float  # amplitude of the noise added to the ellipsoid radius
+    enhancing_spot: bool  # LGG only: a faint focal enhancement
+    push_strength: float  # mass effect (fraction of radius the centre is expanded by)
+
+    @property
+    def radius_mm(self) -> float:
+        return float(np.prod(self.axes_mm) ** (1 / 3))
+
+
+@dataclass(frozen=True)
+class Tumor:
+    """Labels on a sub-box of the work box, plus how strongly edema replaces normal tissue there."""
+
+    region: tuple[slice, slice, slice]  # inside the work box
+    labels: np.ndarray  # uint8: 0, CORE, EDEMA, ENHANCING
+    edema_weight: np.ndarray  # float32 0..1
+    texture: np.ndarray  # float32 smooth noise, unit std: intensity heterogeneity inside the tumor
+
+
+def draw_tumor(rng: np.random.Generator, grade: str) -> TumorSpec:
+    """Sizes like BraTS: tumor core about 5-100 ml, whole tumor about 20-300 ml."""
+    hgg = grade == "HGG"
+    radius = float(np.clip((15.0 if hgg else 17.0) * np.exp(0.28 * rng.standard_normal()), 9.0, 30.0))
+    shape = np.exp(rng.normal(0.0, 0.18, 3))
+    axes = radius * shape / np.prod(shape) ** (1 / 3)
+    edema = float(np.clip((11.0 if hgg else 8.0) * np.exp(0.4 * rng.standard_normal()), 3.5, 28.0))
+    return TumorSpec(
+        grade=grade,
+        axes_mm=tuple(float(a) for a in axes),  # type: ignore[arg-type]
+        rotation=random_rotation(rng, 180.0),
+        edema_mm=edema,
+        necrosis_fraction=float(rng.uniform(0.45, 0.75)) if hgg else 0.0,
+        irregularity=float(rng.uniform(0.15, 0.35)),
+        enhancing_spot=bool(not hgg and rng.random() < 0.3),
+        push_strength=float(rng.uniform(0.15, 0.45) if hgg else rng.uniform(0.05, 0.25)),
+    )
+
+
+def choose_seed(rng: np.random.Generator, template: Template, spec: TumorSpec) -> np.ndarray:
+    """A deep white-matter point (template world mm) with room for the core."""
+    need = min(0.7 * spec.radius_mm + 4.0, float(np.percentile(template.seeds_depth, 90)))
+    candidates = np.flatnonzero(template.seeds_depth >= need)
+    return template.seeds_world[candidates[rng.integers(len(candidates))]]
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma, mode="reflect")
+    return field / max(float(field.std()), 1e-6)
+
+
+def _keep_touching(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """Connected components of `mask` that overlap `seed`: no floating islands of tumor."""
+    lab, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    keep = np.unique(lab[seed & mask])
+    return np.isin(lab, keep[keep > 0])
+
+
+def grow_tumor(
+    rng: np.random.Generator, spec: TumorSpec, anatomy: np.ndarray, centre: np.ndarray, spacing: float
+) -> Tumor | None:
+    """Grow the tumor around `centre` (work-box voxel coordinates); None if a required label is empty."""
+    half = (max(spec.axes_mm) * (1 + spec.irregularity) + 1.8 * spec.edema_mm) / spacing + 2
+    lo = np.maximum(np.floor(centre - half).astype(int), 0)
+    hi = np.minimum(np.ceil(centre + half).astype(int) + 1, anatomy.shape[1:])
+    region = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    mask, gm, wm = (anatomy[(i, *region)] for i in range(3))
+    shape = mask.shape
+    brain = mask > 0.5
+    csf = np.clip(mask - gm - wm, 0.0, 1.0)
+
+    grids = np.ogrid[tuple(slice(0, s) for s in shape)]
+    rel = [(g - (centre[d] - lo[d])).astype(np.float32) * spacing for d, g in enumerate(grids)]
+    rot = spec.rotation.T  # coordinates in the ellipsoid's own frame
+    radius2 = np.zeros(shape, np.float32)
+    for k in range(3):
+        q = rot[k, 0] * rel[0] + rot[k, 1] * rel[1] + rot[k, 2] * rel[2]
+        radius2 += (q / spec.axes_mm[k]) ** 2
+    radius = np.sqrt(radius2)
+
+    sigma = max(0.3 * spec.radius_mm / spacing, 0.8)
+    n_core, n_nec, n_edema = (_smooth_noise(rng, shape, sigma) for _ in range(3))
+    texture = _smooth_noise(rng, shape, max(1.5 / spacing, 0.5))
+    centre_mask = np.zeros(shape, bool)
+    centre_mask[tuple(np.clip(np.round(centre - lo).astype(int), 0, np.array(shape) - 1))] = True
+
+    core = (radius + spec.irregularity * n_core < 1.0) & brain & (csf < 0.7)
+    core = _keep_touching(core, centre_mask | (radius < 0.5))
+    if spec.grade == "HGG":
+        necrotic = core & (radius + 0.7 * spec.irregularity * n_nec < spec.necrosis_fraction)
+        enhancing = core & ~necrotic
+    else:
+        spot = spec.enhancing_spot & (n_nec > 1.6) & (radius > 0.3)
+        enhancing = core & spot
+        necrotic = core & ~enhancing
+
+    distance = ndimage.distance_transform_edt(~core, sampling=spacing).astype(np.float32)
+    reach = spec.edema_mm * (1.0 + 0.5 * n_edema)
+    white = (wm + 0.3 * gm > 0.35) & (csf < 0.5)
+    edema = (distance < reach) & ~core & brain & white
+    edema = _keep_touching(edema | core, core) & ~core
+
+    labels = np.zeros(shape, np.uint8)
+    labels[edema] = EDEMA
+    labels[necrotic] = CORE
+    labels[enhancing] = ENHANCING
+    required = (CORE, EDEMA, ENHANCING) if spec.grade == "HGG" else (CORE, EDEMA)
+    if not all((labels == code).any() for code in required):
+        return None
+    # Edema is strongest next to the core and fades into the surrounding white matter.
+    weight = np.where(edema, 0.55 + 0.45 * np.exp(-distance / spec.edema_mm), 0.0).astype(np.float32)
+    weight[core] = 1.0
+    return Tumor(region, labels, weight, texture)  # type: ignore[arg-type]

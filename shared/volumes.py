@@ -1,0 +1,201 @@
+"""Read a case from NIfTI into arrays, checking it on the way, and map BraTS labels to regions.
+
+Geometry is kept as it is on disk (no reorientation to a canonical RAS frame): BraTS volumes are
+already co-registered to one atlas grid, and keeping the affine and header unchanged lets a
+prediction be written back voxel-for-voxel onto the input files' grid.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+
+from shared.cases import Case
+from shared.constants import MODALITIES, REGIONS, LabelSet, Layout, label_sets_for
+from shared.validation import (
+    CaseError,
+    CaseProblem,
+    grid_problems,
+    image_problems,
+    unreadable_problem,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CaseVolume:
+    """A loaded case: image float32 [4,X,Y,Z] (MODALITIES order), regions uint8 [3,X,Y,Z] (REGIONS order).
+
+    `label_set` is the one detected from the seg values; without a seg it is the layout's convention
+    (the one predictions are written in).
+    """
+
+    case_id: str
+    image: np.ndarray
+    regions: np.ndarray | None
+    affine: np.ndarray
+    header: nib.Nifti1Header
+    spacing: tuple[float, float, float]
+    label_set: LabelSet
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.image.shape[1:])
+
+
+def _describe(values: Iterable[int]) -> str:
+    return "{" + ", ".join(str(int(v)) for v in sorted(values)) + "}"
+
+
+def detect_label_set(values: Iterable[int], layout: Layout, case_id: str, file: str) -> LabelSet:
+    """The narrowest label set of `layout` containing every value found; CaseError naming them otherwise."""
+    found = {int(v) for v in values}
+    candidates = label_sets_for(layout)
+    for label_set in candidates:
+        if found <= label_set.labels:
+            return label_set
+    allowed = " or ".join(f"{s.name} {_describe(s.labels)}" for s in candidates)
+    outside = found - set().union(*(s.labels for s in candidates))
+    raise CaseError([CaseProblem(case_id, file, f"label values {_describe(found)} include {_describe(outside)} "
+                                                f"outside the {layout.name} layout's sets; expected {allowed}")])
+
+
+def label_values(seg: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of an integer label map (bincount: ~20x faster than np.unique)."""
+    lo, hi = int(seg.min()), int(seg.max())
+    if lo >= 0 and hi < 256:
+        return np.flatnonzero(np.bincount(seg.astype(np.uint8, copy=False).ravel(), minlength=hi + 1))
+    return np.unique(seg)
+
+
+def _region_table(label_set: LabelSet) -> np.ndarray:
+    table = np.zeros((len(REGIONS), 256), dtype=np.uint8)
+    for r, region in enumerate(REGIONS):
+        table[r, sorted(label_set.region_labels(region))] = 1
+    return table
+
+
+def labels_to_regions(seg: np.ndarray, label_set: LabelSet) -> np.ndarray:
+    """uint8 [3,...] masks (ET, TC, WT) from a BraTS label map; raises ValueError on unknown labels."""
+    seg = np.asarray(seg)
+    values = label_values(seg)
+    unknown = set(values.tolist()) - label_set.labels
+    if unknown:
+        raise ValueError(f"labels {_describe(unknown)} are not in {label_set.name} {_describe(label_set.labels)}")
+    return _region_table(label_set)[:, seg.astype(np.uint8, copy=False)]
+
+
+def regions_to_labels(regions: np.ndarray, label_set: LabelSet) -> np.ndarray:
+    """Inverse of labels_to_regions for nested masks (ET in TC in WT): uint8 label map in `label_set`."""
+    et_label = next(iter(label_set.region_labels("ET")))
+    core_label = next(iter(label_set.region_labels("TC") - label_set.region_labels("ET")))
+    edema_label = next(iter(label_set.region_labels("WT") - label_set.region_labels("TC")))
+    et, tc, wt = (np.asarray(regions[REGIONS.index(r)]).astype(bool) for r in ("ET", "TC", "WT"))
+    out = np.zeros(et.shape, dtype=np.uint8)
+    out[wt] = edema_label
+    out[tc] = core_label
+    out[et] = et_label
+    return out
+
+
+def _seg_problems(case: Case, file: str, seg: np.ndarray) -> tuple[np.ndarray | None, LabelSet | None, list]:
+    """Integer label map + detected set, or the problems that prevent them."""
+    if seg.dtype.kind == "f":
+        if not np.isfinite(seg).all():
+            return None, None, [CaseProblem(case.case_id, file, "non-finite label values (NaN/Inf); expected "
+                                                                "integer BraTS labels")]
+        rounded = np.rint(seg)
+        if not np.array_equal(rounded, seg):
+            odd = np.unique(seg[rounded != seg])[:5].tolist()
+            return None, None, [CaseProblem(case.case_id, file, f"non-integer label values {odd}; expected integer "
+                                                                "BraTS labels")]
+        seg = rounded
+    elif seg.dtype.kind not in "iub":
+        return None, None, [CaseProblem(case.case_id, file, f"label map of dtype {seg.dtype}; expected integers")]
+    try:
+        label_set = detect_label_set(label_values(seg).tolist(), case.layout, case.case_id, file)
+    except CaseError as error:
+        return None, None, error.problems
+    return seg.astype(np.uint8), label_set, []
+
+
+def inspect_case(case: Case, *, with_labels: bool = True, keep: bool = True) -> tuple[CaseVolume | None, list]:
+    """Read and check every file of a case once; the volume is None when `keep` is False or a problem is fatal.
+
+    Later files are still read after a fatal problem, so one pass reports everything wrong with a case.
+    Files whose header already disqualifies them (2D/4D, other grid) are not decompressed.
+    """
+    problems: list[CaseProblem] = []
+    names = [m for m in (*MODALITIES, "seg") if m in case.files and (m != "seg" or with_labels)]
+    if with_labels and "seg" not in case.files:
+        seg_name = case.layout.filename(case.case_id, "seg")
+        problems.append(CaseProblem(case.case_id, seg_name, f"no segmentation: usable for prediction only; "
+                                                            f"training and validation need {seg_name}", fatal=False))
+    ref: tuple[str, tuple[int, ...], np.ndarray] | None = None
+    header, spacing, image, seg, label_set = None, None, None, None, None
+    for m in names:
+        path = case.files[m]
+        file = path.name
+        try:
+            img = nib.load(path, mmap=False)
+            shape = tuple(int(s) for s in img.shape)
+        except Exception as error:  # noqa: BLE001 - any reader failure is a finding, never a crash
+            problems.append(unreadable_problem(case.case_id, file, error))
+            continue
+        found = image_problems(case.case_id, file, shape, None)
+        if not found and ref is not None:
+            found = grid_problems(case.case_id, file, shape, img.affine, *ref)
+        if found:
+            problems.extend(found)
+            continue
+        if ref is None:
+            ref = (file, shape, img.affine.copy())
+            header = img.header.copy()
+            spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+        try:
+            if m == "seg":
+                data = np.asanyarray(img.dataobj).reshape(shape[:3])
+            else:
+                data = img.get_fdata(dtype=np.float32, caching="unchanged").reshape(shape[:3])
+        except Exception as error:  # noqa: BLE001 - truncated gzip raises EOFError, zlib.error, OSError, ...
+            problems.append(unreadable_problem(case.case_id, file, error))
+            continue
+        if m == "seg":
+            seg, label_set, found = _seg_problems(case, file, data)
+        else:
+            found = image_problems(case.case_id, file, shape, data)
+            if keep and not found:
+                if image is None:
+                    image = np.empty((len(MODALITIES), *shape[:3]), dtype=np.float32)
+                image[MODALITIES.index(m)] = data
+        problems.extend(found)
+        del data
+    if not keep or any(p.fatal for p in problems) or ref is None:
+        return None, problems
+    if label_set is None:
+        label_set = label_sets_for(case.layout)[0]
+    regions = labels_to_regions(seg, label_set) if seg is not None else None
+    volume = CaseVolume(case.case_id, image, regions, ref[2], header, spacing, label_set)
+    return volume, problems
+
+
+def load_case(case: Case, *, with_labels: bool = True) -> CaseVolume:
+    """Load a case into arrays (input geometry kept, no reorientation); raises CaseError on any fatal problem.
+
+    `with_labels=True` requires a seg file; pass False at prediction time.
+    """
+    if with_labels and "seg" not in case.files:
+        seg_name = case.layout.filename(case.case_id, "seg")
+        raise CaseError([CaseProblem(case.case_id, seg_name, f"no segmentation; expected {seg_name} "
+                                                             "(pass with_labels=False to load images only)")])
+    volume, problems = inspect_case(case, with_labels=with_labels, keep=True)
+    if volume is None:
+        raise CaseError(problems)
+    for p in problems:
+        log.warning("%s", p)
+    return volume

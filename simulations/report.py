@@ -1,0 +1,145 @@
+"""The report at the end of a simulated run: learning curves, per-site bars, Dice against simulated time, a table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from server.history import read_history  # noqa: E402
+from shared.constants import REGIONS  # noqa: E402
+
+COLORS = {"ET": "#d62728", "TC": "#ff7f0e", "WT": "#2ca02c"}
+
+
+def _site_dice(record: dict[str, Any]) -> dict[str, dict[str, float]]:
+    return {e["site"]: {r: e.get(f"dice-{r}", math.nan) for r in REGIONS} for e in record["evaluate"] if not e.get("dropped")}
+
+
+def plot_learning_curves(history: list[dict[str, Any]], path: Path) -> Path:
+    evaluated = [r for r in history if r.get("mean_dice")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    rounds = [r["round"] for r in evaluated]
+    hours = [r["simulated_seconds"] / 3600 for r in evaluated]
+    for region in REGIONS:
+        values = [r["mean_dice"][region] for r in evaluated]
+        axes[0].plot(rounds, values, marker="o", color=COLORS[region], label=f"mean {region}")
+        axes[2].plot(hours, values, marker="o", color=COLORS[region], label=f"mean {region}")
+    sites = sorted({s for r in evaluated for s in _site_dice(r)}, key=_natural)
+    for site in sites:
+        pts = [(r["round"], _site_dice(r)[site]["WT"]) for r in evaluated if site in _site_dice(r)]
+        axes[1].plot(*zip(*pts, strict=True), marker=".", label=f"site {site}")
+    axes[0].set(title="Mean Dice over sites", xlabel="round", ylabel="Dice", ylim=(0, 1))
+    axes[1].set(title="WT Dice per site", xlabel="round", ylabel="Dice", ylim=(0, 1))
+    axes[2].set(title="Mean Dice against simulated time", xlabel="simulated hours (FeTS model)", ylabel="Dice", ylim=(0, 1))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_site_bars(record: dict[str, Any], path: Path) -> Path:
+    per_site = _site_dice(record)
+    sites = sorted(per_site, key=_natural)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(sites) + 2), 4))
+    width = 0.27
+    for i, region in enumerate(REGIONS):
+        xs = [j + (i - 1) * width for j in range(len(sites))]
+        ax.bar(xs, [per_site[s][region] for s in sites], width, color=COLORS[region], label=region)
+    ax.set_xticks(range(len(sites)), [f"site {s}" for s in sites])
+    ax.set(title=f"Final Dice per site and region (round {record['round']})", ylabel="Dice", ylim=(0, 1))
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _natural(name: str) -> tuple:
+    return (0, int(name)) if str(name).isdigit() else (1, str(name))
+
+
+def write_report(out_dir: Path) -> Path:
+    """Write ``report.md`` (with PNGs) and ``summary.json`` from the run history in `out_dir`."""
+    out_dir = Path(out_dir)
+    history = read_history(out_dir / "history.jsonl")
+    if not history:
+        raise ValueError(f"{out_dir / 'history.jsonl'} holds no completed round")
+    evaluated = [r for r in history if r.get("mean_dice")]
+    final = evaluated[-1] if evaluated else history[-1]
+    curves = plot_learning_curves(history, out_dir / "learning_curves.png")
+    bars = plot_site_bars(final, out_dir / "site_dice.png") if evaluated else None
+    config = json.loads((out_dir / "run_config.json").read_text()) if (out_dir / "run_config.json").is_file() else {}
+    per_site = _site_dice(final)
+    worst = min(per_site.items(), key=lambda kv: sum(kv[1].values())) if per_site else None
+    summary = {
+        "rounds": history[-1]["round"],
+        "final_mean_dice": final.get("mean_dice", {}),
+        "best_mean_dice": {r: max((h["mean_dice"][r] for h in evaluated), default=math.nan) for r in REGIONS},
+        "worst_site": worst[0] if worst else None,
+        "worst_site_dice": worst[1] if worst else {},
+        "simulated_hours": history[-1]["simulated_seconds"] / 3600,
+        "wall_seconds": sum(h["wall_seconds"] for h in history),
+        "bytes_sent": sum(h["bytes_sent"] for h in history),
+        "bytes_received": sum(h["bytes_received"] for h in history),
+        "dropped": [(h["round"], t["site"], t["dropped"]) for h in history for t in h["train"] if t.get("dropped")],
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    lines = [
+        f"# FedBraTS run report: {config.get('strategy', '?')}, {summary['rounds']} rounds",
+        "",
+        f"Data: `{config.get('data-dir', '?')}`, partition `{config.get('partition', '?')}`. "
+        f"Model `{config.get('model', '?')}` (width {config.get('model-width', '?')}, depth {config.get('model-depth', '?')}), "
+        f"patch {config.get('patch-size', '?')}, {config.get('local-epochs', '?')} local epoch(s) per round.",
+        "",
+        "Metrics are computed on each site's held-out validation cases, thresholded at 0.5, without post-processing. "
+        "Empty truth and empty prediction count as Dice 1 (CaPTk/FeTS convention). Means are over sites, unweighted.",
+        "",
+        "## Final Dice per site",
+        "",
+        "| site | " + " | ".join(f"Dice {r}" for r in REGIONS) + " | " + " | ".join(f"HD95 {r} (mm)" for r in REGIONS) + " | val cases |",
+        "|---" * (2 + 2 * len(REGIONS)) + "|",
+    ]
+    for e in sorted((e for e in final["evaluate"] if not e.get("dropped")), key=lambda e: _natural(e["site"])):
+        lines.append(
+            f"| {e['site']} | " + " | ".join(f"{e.get(f'dice-{r}', math.nan):.3f}" for r in REGIONS) + " | "
+            + " | ".join(f"{e.get(f'hd95-{r}', math.nan):.1f}" for r in REGIONS) + f" | {int(e.get('num-examples', 0))} |"
+        )
+    md = summary["final_mean_dice"]
+    lines += [
+        "| **mean** | " + " | ".join(f"**{md.get(r, math.nan):.3f}**" for r in REGIONS) + " |" + " |" * (len(REGIONS) + 1),
+        "",
+        f"Worst site: {summary['worst_site']}. Simulated time: {summary['simulated_hours']:.2f} h (FeTS timing model). "
+        f"Wall clock: {summary['wall_seconds']:.0f} s. Sent {summary['bytes_sent'] / 1e6:.1f} MB, "
+        f"received {summary['bytes_received'] / 1e6:.1f} MB.",
+        "",
+        "## Learning curves",
+        "",
+        f"![learning curves]({curves.name})",
+        "",
+    ]
+    if bars:
+        lines += ["## Final Dice per site", "", f"![per-site Dice]({bars.name})", ""]
+    if summary["dropped"]:
+        lines += ["## Dropped updates", ""] + [f"- round {r}, site {s}: {why}" for r, s, why in summary["dropped"]] + [""]
+    lines += ["## Rounds", "", "| round | status | sites | mean Dice ET | TC | WT | wall s | simulated h |", "|---|---|---|---|---|---|---|---|"]
+    for h in history:
+        d = h.get("mean_dice") or {}
+        lines.append(
+            f"| {h['round']} | {h['status']} | {h['selected']}/{h['available']} | "
+            + " | ".join(f"{d[r]:.3f}" if r in d else "-" for r in REGIONS)
+            + f" | {h['wall_seconds']:.1f} | {h['simulated_seconds'] / 3600:.2f} |"
+        )
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report

@@ -1,0 +1,216 @@
+"""`fedbrats simulate`: the ServerApp and ClientApp on Flower's simulation engine, one virtual site per partition.
+
+We take Flower's supported path, ``flwr run APP --federation-config num-supernodes=N --stream``,
+because it is the one that hands the run config to every ClientApp (the deprecated
+``run_simulation`` leaves ``context.run_config`` empty). The run's resolved configuration is
+written into a generated app folder, so the ServerApp and each site read exactly what was asked.
+Flower's home (``FLWR_HOME``) lives inside the run folder and the local SuperLink it starts is
+stopped when the run ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from shared.config import DEMO, RunConfig
+from shared.partition import read_partition
+
+console = Console()
+
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+def _toml_value(value: bool | int | float | str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def app_pyproject(config: RunConfig) -> str:
+    """A Flower app manifest whose run config is exactly `config` (one schema: `RunConfig`)."""
+    lines = [
+        "[build-system]",
+        'requires = ["hatchling"]',
+        'build-backend = "hatchling.build"',
+        "",
+        "[project]",
+        'name = "fedbrats-run"',
+        'version = "1.0.0"',
+        'description = "A FedBraTS run"',
+        'license = "Apache-2.0"',
+        'dependencies = ["fedbrats"]',
+        "",
+        "[tool.hatch.build.targets.wheel]",
+        'packages = ["."]',
+        "",
+        "[tool.flwr.app]",
+        'publisher = "fedbrats"',
+        "",
+        "[tool.flwr.app.components]",
+        'serverapp = "server.app:app"',
+        'clientapp = "client.app:app"',
+        "",
+        "[tool.flwr.app.config]",
+    ]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in config.to_flower().items()]
+    return "\n".join(lines) + "\n"
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """Defaults < preset < TOML file < command-line flags."""
+    preset = args.preset
+    if preset == "auto":
+        import torch
+
+        preset = "full" if torch.cuda.is_available() else "demo"
+    config = RunConfig()
+    if preset == "demo":
+        config = config.replace(**{k: v for k, v in DEMO.items()})
+    if args.config:
+        config = RunConfig.from_toml(args.config, base=config)
+    changes: dict = {}
+    for item in args.set:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        changes[key.strip()] = value.strip()
+    if changes:
+        config = RunConfig.from_flower({**config.to_flower(), **changes})
+    for name in ("rounds", "strategy", "seed"):
+        if getattr(args, name, None) is not None:
+            config = config.replace(**{name: getattr(args, name)})
+    return config
+
+
+def phantom_for(config: RunConfig, sites: int) -> Path:
+    """The default dataset: a phantom generated once per (seed, sites, voxel size) and cached."""
+    from shared.phantom import generate_phantom
+
+    cache = Path(os.environ.get("FEDBRATS_CACHE", Path.home() / ".cache" / "fedbrats"))
+    root = cache / "phantom" / f"seed{config.seed}-sites{sites}-{config.phantom_voxel_size:g}mm"
+    if not (root / "partitioning_1.csv").is_file():
+        tmp = root.with_name(root.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        console.print(f"generating the phantom dataset in {root} (cached for later runs)")
+        generate_phantom(tmp, sites=sites, voxel_size=config.phantom_voxel_size, seed=config.seed, progress=True)
+        shutil.rmtree(root, ignore_errors=True)
+        tmp.rename(root)
+    return root
+
+
+def stop_local_superlink(flwr_home: Path) -> None:
+    """Stop the SuperLink (and its executor) that `flwr run` started under this run's FLWR_HOME."""
+    marker = str(flwr_home)
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline and ("flower-superlink" in cmdline or "flower-superexec" in cmdline):
+            try:
+                os.kill(int(proc.name), signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def run_flower(app_dir: Path, out: Path, sites: int, *, cpus_per_site: float, gpus_per_site: float, rounds: int) -> int:
+    """Run the app on the simulation engine, showing one progress step per round."""
+    flwr_home = out / ".flwr"
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(flwr_home)}
+    federation = (
+        f"num-supernodes={sites} client-resources-num-cpus={cpus_per_site:g} "
+        f"client-resources-num-gpus={gpus_per_site:g}"
+    )
+    flwr = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
+    command = [flwr, "run", str(app_dir), "--federation-config", federation, "--stream"]
+    log_path = out / "flower.log"
+    round_line = re.compile(r"round (\d+)/(\d+) \[")
+    started = time.monotonic()
+    with open(log_path, "w") as log, Progress(
+        TextColumn("[bold]federation"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
+        TimeElapsedColumn(), console=console,
+    ) as progress:  # fmt: skip
+        task = progress.add_task("rounds", total=rounds)
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=out)
+        try:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                log.write(line)
+                log.flush()
+                clean = re.sub(r"\x1b\[[0-9;]*m", "", line).rstrip()
+                match = round_line.search(clean)
+                if match:
+                    progress.update(task, completed=int(match.group(1)))
+                    progress.console.print(clean[clean.index("round") :])
+                elif "ERROR" in clean or "Traceback" in clean or "dropped update" in clean:
+                    progress.console.print(f"[red]{clean}")
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+            stop_local_superlink(flwr_home)
+    console.print(f"Flower finished in {time.monotonic() - started:.1f} s (full log: {log_path})")
+    return code
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    config = resolve_config(args)
+    if args.data is None:
+        data = phantom_for(config, args.sites or 4)
+    else:
+        data = args.data
+        if not data.is_dir():
+            raise ValueError(f"--data {data} is not a folder")
+    partition = args.partition or data / "partitioning_1.csv"
+    if not partition.is_file():
+        raise ValueError(f"no partition CSV: {partition} does not exist (make one with `fedbrats data partition`)")
+    sites = len(read_partition(partition).sites)
+    out = (args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")).resolve()
+    config = config.replace(
+        data_dir=str(data.resolve()),
+        partition=str(partition.resolve()),
+        out_dir=str(out),
+        min_sites=min(config.min_sites, sites),
+    )
+    app_dir = out / "app"
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(app_pyproject(config))
+    console.print(
+        f"simulating {sites} sites, {config.rounds} rounds of {config.strategy} "
+        f"(model {config.model} width {config.model_width}, patch {config.patch_size}) -> {out}"
+    )
+    code = run_flower(
+        app_dir, out, sites, cpus_per_site=float(os.cpu_count() or 1), gpus_per_site=args.gpus_per_site, rounds=config.rounds
+    )
+    from server.state import load_state
+    from simulations.report import write_report
+
+    state = load_state(out / "server")
+    if code != 0 or state is None or state.round < config.rounds:
+        done = 0 if state is None else state.round
+        console.print(
+            f"[red]the federation stopped after {done} of {config.rounds} rounds; see {out / 'flower.log'} "
+            f"and {out / '.flwr' / 'local-superlink' / 'superlink.log'}. Run the same command with --out {out} to resume."
+        )
+        return 1
+    report = write_report(out)
+    console.print(f"report: {report}\nglobal model: {out / 'global_model.safetensors'}")
+    return 0
