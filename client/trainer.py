@@ -138,6 +138,12 @@ def _batches(loader: DataLoader, steps: int | None):
             raise ValueError("the data loader yielded no batch; the site has no usable training case")
 
 
+def _reseed(dataset: Any, seed: int) -> None:
+    reseed = getattr(dataset, "reseed", None)
+    if callable(reseed):
+        reseed(seed)
+
+
 def train_local(
     model: nn.Module,
     dataset: torch.utils.data.Dataset,
@@ -151,16 +157,18 @@ def train_local(
 ) -> TrainResult:
     """Train `model` in place with Adam on `dataset` ((image, regions) patches), return what was done.
 
-    Deterministic on CPU for a given (seed, start_step): both seed the global torch RNG and the
-    shuffling generator, so successive rounds see different orders but a rerun sees the same.
+    Deterministic on CPU for a given (seed, start_step): seed + start_step seeds torch's global RNG,
+    the shuffling generator and the dataset's augmentation stream (`dataset.reseed`, if it has one),
+    so successive rounds draw different patches but a rerun draws the same.
     """
     if len(dataset) == 0:
         raise ValueError("cannot train on an empty dataset; the site has no usable training case")
     device = get_device(device)
     loss_fn = loss_fn or _default_loss()
-    torch.manual_seed(config.seed + start_step)
-    np.random.seed((config.seed + start_step) % 2**32)
-    generator = torch.Generator().manual_seed(config.seed + start_step)
+    seed = config.seed + start_step
+    torch.manual_seed(seed)
+    _reseed(dataset, seed)
+    generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         dataset, batch_size=config.batch_size, shuffle=True, generator=generator,
         num_workers=config.num_workers, pin_memory=device.type == "cuda",
@@ -243,7 +251,8 @@ def loss_on(
     """Mean training loss of `model` on `batches` batches, without updating it (FedCostWAvg, FedPIDAvg).
 
     The RNG is forked and seeded, so calling it before and after local training with the same seed
-    scores both models on the same patches (when the dataset draws its crops from torch's RNG).
+    scores both models on the same patches (the dataset's augmentation stream is reseeded too; the
+    next `train_local` reseeds it again, so this does not change what training sees).
     """
     if len(dataset) == 0:
         raise ValueError("cannot compute a loss on an empty dataset")
@@ -254,6 +263,7 @@ def loss_on(
     total, count = 0.0, 0
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
+        _reseed(dataset, seed)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(seed))
         for images, targets in _batches(loader, max(int(batches), 1)):

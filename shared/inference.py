@@ -157,16 +157,17 @@ def region_label_values(label_set: LabelSet | str) -> tuple[int, int, int]:
 
 
 def regions_to_labels(regions: Any, label_set: LabelSet | str) -> np.ndarray:
-    """BraTS label map (uint8) from region masks: WT -> edema, TC -> core, ET -> enhancing, in that order."""
+    """BraTS label map (uint8) from region masks: WT -> edema, TC -> core, ET -> enhancing, in that order.
+
+    ET becomes 4 for BraTS 2017-2021 label sets and 3 for 2023+; un-nested masks are resolved by
+    that order (run `postprocess` first to nest them).
+    """
+    from shared.volumes import regions_to_labels as _to_labels
+
     r = _numpy(regions).astype(bool)
     if r.ndim != 4 or r.shape[0] != 3:
         raise ValueError(f"regions have shape {r.shape}; expected [3, X, Y, Z] (ET, TC, WT)")
-    et, ncr, ed = region_label_values(label_set)
-    labels = np.zeros(r.shape[1:], dtype=np.uint8)
-    labels[r[2]] = ed
-    labels[r[1]] = ncr
-    labels[r[0]] = et
-    return labels
+    return _to_labels(r, _label_set(label_set))
 
 
 def uncertainty(probs: Any) -> np.ndarray:
@@ -176,31 +177,6 @@ def uncertainty(probs: Any) -> np.ndarray:
 
 
 # --- one case from files to files ------------------------------------------------------------
-
-
-def box_slices(box: Any, ndim: int = 3) -> tuple[slice, ...]:
-    """Spatial slices of a crop box from shared.transforms.preprocess (slices, or (start, end) pairs/arrays)."""
-    if hasattr(box, "start") and hasattr(box, "end") and not isinstance(box, slice):
-        box = (box.start, box.end)
-    if isinstance(box, dict):
-        box = (box["start"], box["end"])
-    items = list(box)
-    if len(items) == ndim and all(isinstance(s, slice) for s in items):
-        return tuple(items)
-    if len(items) == 2:
-        start, end = (np.asarray(v).ravel()[-ndim:] for v in items)
-        return tuple(slice(int(a), int(b)) for a, b in zip(start, end, strict=True))
-    if len(items) == ndim and all(len(v) == 2 for v in items):
-        return tuple(slice(int(a), int(b)) for a, b in items)
-    raise ValueError(f"cannot read crop box {box!r}; expected 3 slices or (start, end)")
-
-
-def pad_back(cropped: np.ndarray, box: Any, shape: Sequence[int], fill: float = 0) -> np.ndarray:
-    """Put a [..., x, y, z] crop back into an array of the original spatial `shape`."""
-    slices = box_slices(box)
-    out = np.full((*cropped.shape[:-3], *shape), fill, dtype=cropped.dtype)
-    out[(..., *slices)] = cropped
-    return out
 
 
 def _nifti(data: np.ndarray, affine: np.ndarray, header: Any):
@@ -273,9 +249,8 @@ def predict_case(
     voxel_mm3 = float(np.prod(volume.spacing))
     regions = postprocess(probs.numpy() >= 0.5, min_et_voxels=int(round(min_et_mm3 / voxel_mm3)))
     label_set = getattr(volume, "label_set", None) or label_sets_for(case.layout)[0]
-    shape = volume.image.shape[1:]
-    labels = pad_back(regions_to_labels(regions, label_set), box, shape)
-    unc = pad_back(np.rint(uncertainty(probs)).astype(np.uint8), box, shape)
+    labels = box.uncrop(regions_to_labels(regions, label_set))
+    unc = box.uncrop(np.rint(uncertainty(probs)).astype(np.uint8))
 
     import nibabel as nib
 

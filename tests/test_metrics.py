@@ -29,7 +29,9 @@ def ref_hd95(a, b, spacing) -> float:
 
 def ref_hd95_pooled(a, b, spacing) -> float:
     """MedPy's convention: one 95th percentile over both directions' distances."""
-    return float(np.percentile(np.concatenate([ref_directed(a, b, spacing), ref_directed(b, a, spacing)]), 95))
+    return float(
+        np.percentile(np.concatenate([ref_directed(a, b, spacing), ref_directed(b, a, spacing)]), 95)
+    )
 
 
 def ref_counts(p: np.ndarray, t: np.ndarray) -> dict[str, float]:
@@ -118,7 +120,12 @@ def test_exactly_one_empty_gives_zero_dice_and_the_diagonal(empty_side):
 def test_single_voxel_identical_and_shifted_along_the_thick_axis():
     a = np.zeros((9, 9, 9), bool)
     a[4, 4, 2] = True
-    assert binary_metrics(a, a, (1, 1, 3)) == {"dice": 1.0, "hd95": 0.0, "sensitivity": 1.0, "specificity": 1.0}
+    assert binary_metrics(a, a, (1, 1, 3)) == {
+        "dice": 1.0,
+        "hd95": 0.0,
+        "sensitivity": 1.0,
+        "specificity": 1.0,
+    }
     b = np.zeros_like(a)
     b[4, 4, 5] = True  # three slices away at 3 mm
     m = binary_metrics(a, b, (1, 1, 3))
@@ -149,7 +156,9 @@ def test_mean_over_cases():
     a = {r: {"dice": 1.0, "hd95": 0.0, "sensitivity": 1.0, "specificity": 1.0} for r in REGIONS}
     b = {r: {"dice": 0.0, "hd95": 10.0, "sensitivity": 0.5, "specificity": 0.0} for r in REGIONS}
     mean = mean_over_cases([a, b, b])
-    assert mean["ET"] == pytest.approx({"dice": 1 / 3, "hd95": 20 / 3, "sensitivity": 2 / 3, "specificity": 1 / 3})
+    assert mean["ET"] == pytest.approx(
+        {"dice": 1 / 3, "hd95": 20 / 3, "sensitivity": 2 / 3, "specificity": 1 / 3}
+    )
     with pytest.raises(ValueError, match="at least one"):
         mean_over_cases([])
     with pytest.raises(ValueError, match="case 1"):

@@ -8,6 +8,8 @@ in one place:
   refuses them (a per-sample gradient cannot depend on the other samples of the batch);
 - trilinear upsampling followed by a convolution, never transposed convolution (checkerboard-free
   and a plain conv for the per-sample gradient machinery);
+- activations not in place: Opacus' backward hooks see module outputs as views, and an in-place
+  op on them is an autograd error during DP training;
 - no buffers, so every entry of `state_dict()` is a trainable parameter (DP wrappers on the server
   clip and noise every array they receive).
 """
@@ -27,9 +29,9 @@ ACTIVATIONS = ("leakyrelu", "relu")
 def make_activation(name: str) -> nn.Module:
     """The non-linearity by name ("leakyrelu" with slope 0.01, or "relu")."""
     if name == "leakyrelu":
-        return nn.LeakyReLU(0.01, inplace=True)
+        return nn.LeakyReLU(0.01)
     if name == "relu":
-        return nn.ReLU(inplace=True)
+        return nn.ReLU()
     raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
 
 
@@ -57,7 +59,7 @@ class SEBlock(nn.Module):
         self.squeeze = nn.AdaptiveAvgPool3d(1)
         self.excite = nn.Sequential(
             nn.Conv3d(channels, hidden, 1),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Conv3d(hidden, channels, 1),
             nn.Sigmoid(),
         )

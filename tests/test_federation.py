@@ -1,0 +1,116 @@
+"""The server's round loop with an in-process grid: update checks, drops, history, checkpoint and resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from server.federation import Federation
+from server.history import RunHistory, read_history
+from server.state import load_state
+from shared.config import RunConfig
+from shared.records import record_digest, record_nbytes
+from strategies import build_strategy
+
+
+def _arrays(value: float = 0.0) -> ArrayRecord:
+    return ArrayRecord({"w": Array(np.full((2, 3), value, np.float32)), "b": Array(np.zeros(3, np.float32))})
+
+
+class FakeGrid:
+    """Nodes that 'train' by adding their node id / 10 to every weight; `behaviour` breaks some on purpose."""
+
+    def __init__(self, nodes=(1, 2, 3), behaviour=None):
+        self.nodes = list(nodes)
+        self.behaviour = behaviour or {}
+        self.sent: list[Message] = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            kind = self.behaviour.get(node)
+            if kind == "silent":
+                continue
+            if kind == "error":
+                replies.append(Message(Error(code=1, reason="no usable cases"), reply_to=msg))
+                continue
+            arrays = msg.content["arrays"]
+            new = {k: Array(v.numpy() + node / 10) for k, v in arrays.items()}
+            if kind == "nan":
+                new["w"] = Array(np.full((2, 3), np.nan, np.float32))
+            if kind == "shape":
+                new["w"] = Array(np.zeros((3, 3), np.float32))
+            metrics = {"num-examples": 10, "num-val": 2}
+            if msg.metadata.message_type.startswith("evaluate"):
+                metrics.update({"dice-ET": 0.5, "dice-TC": 0.6, "dice-WT": 0.1 * node})
+            content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": f"s{node}"})})
+            if msg.metadata.message_type.startswith("train"):
+                content["arrays"] = ArrayRecord(new)
+            replies.append(Message(content=content, reply_to=msg))
+        return replies
+
+
+def _run(tmp_path, grid, rounds=2, min_sites=2):
+    config = RunConfig(rounds=rounds, min_sites=min_sites, out_dir=str(tmp_path))
+    federation = Federation(grid, config, build_strategy("fedavg"), _arrays(), out_dir=tmp_path)
+    return federation, federation.run()
+
+
+def test_fedavg_rounds_are_recorded_and_checkpointed(tmp_path):
+    federation, arrays = _run(tmp_path, FakeGrid())
+    # equal weights: each round adds mean(0.1, 0.2, 0.3) = 0.2
+    np.testing.assert_allclose(arrays["w"].numpy(), 0.4, atol=1e-6)
+    history = read_history(tmp_path / "history.jsonl")
+    assert [h["round"] for h in history] == [1, 2]
+    assert history[0]["mean_dice"]["WT"] == pytest.approx(0.2)
+    assert history[0]["bytes_sent"] == record_nbytes(_arrays()) * 6  # 3 train + 3 evaluate messages
+    assert record_nbytes(_arrays()) >= (6 + 3) * 4
+    assert history[0]["simulated_round_seconds"] > 0
+    assert load_state(tmp_path / "server").round == 2
+
+
+def test_bad_updates_are_dropped_with_a_reason(tmp_path):
+    grid = FakeGrid(nodes=(1, 2, 3, 4, 5), behaviour={2: "nan", 3: "shape", 4: "error", 5: "silent"})
+    _, arrays = _run(tmp_path, grid, rounds=1, min_sites=1)
+    np.testing.assert_allclose(arrays["w"].numpy(), 0.1, atol=1e-6)  # only node 1 was aggregated
+    dropped = {t["site"]: t["dropped"] for t in read_history(tmp_path / "history.jsonl")[0]["train"]}
+    assert "non-finite" in dropped["s2"]
+    assert "shape (3, 3), expected (2, 3)" in dropped["s3"]
+    assert "no usable cases" in dropped["node-4"]
+    assert "no reply" in dropped["node-5"]
+    assert dropped["s1"] is None
+
+
+def test_round_fails_without_enough_sites_and_keeps_the_model(tmp_path):
+    _, arrays = _run(tmp_path, FakeGrid(behaviour={2: "nan", 3: "error"}), rounds=1)
+    np.testing.assert_allclose(arrays["w"].numpy(), 0.0)
+    assert read_history(tmp_path / "history.jsonl")[0]["status"].startswith("failed: 1 usable")
+
+
+def test_resume_gives_identical_weights(tmp_path):
+    full_dir, part_dir = tmp_path / "full", tmp_path / "part"
+    _, full = _run(full_dir, FakeGrid(), rounds=3)
+    _run(part_dir, FakeGrid(), rounds=2)  # "crash" after round 2
+    assert record_digest(load_state(part_dir / "server").arrays) != record_digest(full)
+    grid = FakeGrid()
+    federation, resumed = _run(part_dir, grid, rounds=3)
+    assert federation.start_round == 2
+    assert record_digest(resumed) == record_digest(full)
+    assert [h["round"] for h in read_history(part_dir / "history.jsonl")] == [1, 2, 3]
+    assert {m.content["config"]["server-round"] for m in grid.sent} == {3}
+
+
+def test_history_ignores_a_torn_last_line(tmp_path):
+    history = RunHistory(tmp_path / "h.jsonl")
+    history.append({"round": 1})
+    with open(tmp_path / "h.jsonl", "a") as handle:
+        handle.write('{"round": 2, "sta')
+    assert history.records() == [{"round": 1}]
+    history.truncate_after(0)
+    assert history.records() == []
