@@ -28,7 +28,7 @@ def _patch(text: str) -> tuple[int, int, int]:
 def _data_check(args: argparse.Namespace) -> int:
     from shared.validation import run_check
 
-    return run_check(args.root)
+    return run_check(args.root, workers=args.workers, progress=True)
 
 
 def _data_phantom(args: argparse.Namespace) -> int:
@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = data_sub.add_parser("check", help="check every case under ROOT; non-zero exit if any is unusable")
     p.add_argument("root", type=Path)
+    p.add_argument("--workers", type=int, default=None, help="parallel readers (default: up to 8)")
     p.set_defaults(func=_data_check)
 
     p = data_sub.add_parser("phantom", help="generate the BraTS-like phantom dataset")

@@ -50,7 +50,7 @@ def _match(name: str, case_id: str, layout: Layout) -> str | None:
     stem = _strip_nifti(name)
     if stem is None or not stem.startswith(case_id + layout.separator):
         return None
-    suffix = stem[len(case_id) + len(layout.separator):]
+    suffix = stem[len(case_id) + len(layout.separator) :]
     by_suffix = {v: k for k, v in layout.suffixes.items()} | {layout.seg_suffix: "seg"}
     return by_suffix.get(suffix)
 
@@ -82,17 +82,26 @@ def scan_case(folder: Path) -> tuple[Case | None, list[CaseProblem]]:
     if not any(m != "seg" for m in matches[best].values()):
         nested = [p.name for p in entries if p.is_dir()]
         hint = f" (it holds folders {nested[:3]}: is the data root one level deeper?)" if nested else ""
-        return None, [CaseProblem(case_id, "", f"no image file named for this case{hint}; expected "
-                                              f"{_expected_names(case_id)}")]
+        return None, [
+            CaseProblem(
+                case_id, "", f"no image file named for this case{hint}; expected {_expected_names(case_id)}"
+            )
+        ]
     layout = LAYOUTS[best]
     files: dict[str, Path] = {}
     problems: list[CaseProblem] = []
-    for entry in entries:
+    for entry in sorted(entries, key=lambda p: not p.name.endswith(".nii.gz")):  # .nii.gz beats a .nii twin
         modality = matches[best].get(entry.name)
         if modality is None or modality in files:  # a duplicate (.nii next to .nii.gz) counts as stray
             kind = "folder" if entry.is_dir() else "file"
-            problems.append(CaseProblem(case_id, entry.name, f"unexpected {kind}, ignored; expected only "
-                                        f"{_expected_name(case_id, layout)}", fatal=False))
+            problems.append(
+                CaseProblem(
+                    case_id,
+                    entry.name,
+                    f"unexpected {kind}, ignored; expected only {_expected_name(case_id, layout)}",
+                    fatal=False,
+                )
+            )
             continue
         files[modality] = entry
     for modality in MODALITIES:
@@ -109,7 +118,9 @@ def find_case(folder: Path) -> Case:
     """The Case in one folder; raises CaseError if it is unusable, logs non-fatal problems."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CaseError([CaseProblem(folder.name, "", f"{folder} is not a directory; expected a case folder")])
+        raise CaseError(
+            [CaseProblem(folder.name, "", f"{folder} is not a directory; expected a case folder")]
+        )
     case, problems = scan_case(folder)
     if case is None:
         raise CaseError(problems)
@@ -139,6 +150,13 @@ def discover_cases(root: Path) -> tuple[list[Case], list[CaseProblem]]:
             if case is not None:
                 cases.append(case)
         elif not entry.name.lower().endswith(ROOT_FILE_SUFFIXES):
-            problems.append(CaseProblem("", entry.name, "unexpected file at the data root, ignored; expected case "
-                                        "folders and dataset files (CSV/JSON)", fatal=False))
+            problems.append(
+                CaseProblem(
+                    "",
+                    entry.name,
+                    "unexpected file at the data root, ignored; expected case "
+                    "folders and dataset files (CSV/JSON)",
+                    fatal=False,
+                )
+            )
     return cases, problems

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 #: Bump when preprocessing changes, so every disk cache is rebuilt.
 CACHE_VERSION = 1
+CACHE_FILES = (".json", ".image.npy", ".regions.npy")  # the .json is written last: it marks a complete entry
 CacheMode = Literal["memory", "disk"] | None
 Preprocessed = tuple[np.ndarray, np.ndarray, tuple[float, float, float]]
 
@@ -118,8 +119,11 @@ class PatientDataset(Dataset):
         if self.cache is None:
             return self._header_problems(case)
         if self.cache == "disk":
-            key = self._keys[case.case_id] = cache_key(case)
-            if (self.cache_dir / f"{key}.json").exists():
+            try:
+                key = self._keys[case.case_id] = cache_key(case)
+            except OSError as error:  # a file vanished since discovery
+                return [unreadable_problem(case.case_id, Path(error.filename or "").name, error)]
+            if all((self.cache_dir / f"{key}{ext}").exists() for ext in CACHE_FILES):
                 return []
         try:
             data = self._load(case)
@@ -161,7 +165,8 @@ class PatientDataset(Dataset):
         _save_atomic(self.cache_dir / f"{key}.image.npy", lambda f: np.save(f, image))
         _save_atomic(self.cache_dir / f"{key}.regions.npy", lambda f: np.save(f, regions))
         meta = {"case_id": case.case_id, "spacing": list(spacing), "version": CACHE_VERSION}
-        _save_atomic(self.cache_dir / f"{key}.json", lambda f: f.write(json.dumps(meta).encode()))  # written last
+        # the .json goes last: its presence marks a complete entry
+        _save_atomic(self.cache_dir / f"{key}.json", lambda f: f.write(json.dumps(meta).encode()))
         prefix = key.rsplit("-", 1)[0] + "-"
         for stale in self.cache_dir.glob(f"{prefix}*"):  # same case and folder, older content
             if not stale.name.startswith(key + ".") and not stale.name.startswith("."):
@@ -201,7 +206,11 @@ class PatientDataset(Dataset):
         return _tensor(out[IMAGE]), _tensor(out[LABEL])
 
     def volume(self, i: int) -> Preprocessed:
-        """Preprocessed whole case for sliding-window validation: (image float32 [4,...], regions uint8 [3,...], spacing)."""
+        """Preprocessed whole case for sliding-window validation.
+
+        Returns (image float32 [4,...], regions uint8 [3,...], spacing), cropped to the brain. With the
+        memory cache these are the cached arrays themselves: read them, do not modify them in place.
+        """
         image, regions, spacing = self._arrays(i, mmap=False)
         return np.asarray(image), np.asarray(regions), spacing
 
@@ -212,4 +221,3 @@ class PatientDataset(Dataset):
 def _tensor(x) -> torch.Tensor:
     t = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(np.asarray(x))
     return t.to(torch.float32).contiguous()
-

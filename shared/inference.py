@@ -121,20 +121,31 @@ def _numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def postprocess(regions: Any, min_et_voxels: int = 500) -> np.ndarray:
+def postprocess(regions: Any, min_et_voxels: int = 500, *, brain: Any = None) -> np.ndarray:
     """Nest the regions (ET in TC in WT) and turn an ET of fewer than `min_et_voxels` voxels into core.
 
     Small predicted ET is mostly false positive on low-grade cases, where an empty truth makes any
     ET voxel cost Dice 1 -> 0; the voxels stay in TC (so they become necrotic core, label 1).
+    `brain` (bool [X, Y, Z], e.g. any modality non-zero) removes predictions outside the brain.
     """
     r = _numpy(regions).astype(bool, copy=True)
     if r.ndim != 4 or r.shape[0] != 3:
         raise ValueError(f"regions have shape {r.shape}; expected [3, X, Y, Z] (ET, TC, WT)")
+    if brain is not None:
+        mask = _numpy(brain).astype(bool)
+        if mask.shape != r.shape[1:]:
+            raise ValueError(f"brain mask has shape {mask.shape}; expected {r.shape[1:]} like the regions")
+        r &= mask[None]
     r[1] |= r[0]
     r[2] |= r[1]
     if r[0].sum() < min_et_voxels:
         r[0] = False
     return r
+
+
+def min_et_voxels(spacing: Sequence[float], min_et_mm3: float = MIN_ET_MM3) -> int:
+    """The ET size threshold in voxels of this spacing (500 at 1 mm, 19 at 3 mm)."""
+    return int(round(min_et_mm3 / float(np.prod(spacing))))
 
 
 def _label_set(label_set: LabelSet | str) -> LabelSet:
@@ -246,8 +257,7 @@ def predict_case(
     probs = predict_probabilities(
         model, torch.as_tensor(image), patch_size=meta["patch_size"], overlap=overlap, tta=tta, device=device
     )
-    voxel_mm3 = float(np.prod(volume.spacing))
-    regions = postprocess(probs.numpy() >= 0.5, min_et_voxels=int(round(min_et_mm3 / voxel_mm3)))
+    regions = postprocess(probs.numpy() >= 0.5, min_et_voxels(volume.spacing, min_et_mm3), brain=(image != 0).any(0))
     label_set = getattr(volume, "label_set", None) or label_sets_for(case.layout)[0]
     labels = box.uncrop(regions_to_labels(regions, label_set))
     unc = box.uncrop(np.rint(uncertainty(probs)).astype(np.uint8))

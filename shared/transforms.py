@@ -11,17 +11,14 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from monai.transforms import (
     Compose,
     CropForeground,
     MapTransform,
-    NormalizeIntensity,
     RandFlipd,
     Randomizable,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    SpatialPadd,
 )
 
 from shared.constants import REGIONS
@@ -31,7 +28,7 @@ _WT = REGIONS.index("WT")  # WT contains every tumor voxel: the foreground for s
 
 
 def _nonzero(x):
-    """Foreground = any non-zero voxel (a module function, unlike a lambda, pickles into DataLoader workers)."""
+    """Foreground = any non-zero voxel (a module function pickles into DataLoader workers, a lambda not)."""
     return x != 0
 
 
@@ -54,8 +51,23 @@ class CropBox:
         return out
 
 
-def _numpy(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+def zscore_nonzero(image: np.ndarray) -> np.ndarray:
+    """Per-channel z-score over non-zero voxels; zeros stay 0. Same result as MONAI's
+    NormalizeIntensity(nonzero=True, channel_wise=True) (tested), ~10x faster: sums replace its boolean
+    gather/scatter (2 s -> 0.2 s for a 1 mm case), which matters when preprocessing runs at every access."""
+    out = np.zeros(image.shape, dtype=np.float32)
+    for c in range(image.shape[0]):
+        x = image[c]
+        mask = x != 0
+        n = np.count_nonzero(mask)
+        if n == 0:
+            continue
+        mean = float(x.sum(dtype=np.float64)) / n  # zeros add nothing to the sums
+        var = max(float(np.square(x, dtype=np.float64).sum()) / n - mean * mean, 0.0)
+        std = np.sqrt(var) or 1.0  # a flat brain keeps (x - mean), as MONAI does
+        np.subtract(x, np.float32(mean), out=out[c], where=mask)
+        np.divide(out[c], np.float32(std), out=out[c], where=mask)
+    return out
 
 
 def preprocess(volume) -> tuple[np.ndarray, np.ndarray | None, CropBox]:
@@ -64,16 +76,16 @@ def preprocess(volume) -> tuple[np.ndarray, np.ndarray | None, CropBox]:
     Takes a CaseVolume; returns (image float32 [4,...], regions uint8 [3,...] or None, box).
     Background stays exactly 0 after normalisation, so padding with 0 later matches it.
     """
-    image = volume.image
+    image = np.asarray(volume.image)
     shape = tuple(int(s) for s in image.shape[1:])
     start, end = CropForeground(select_fn=_nonzero, margin=0, allow_smaller=True).compute_bounding_box(image)
     start, end = tuple(int(s) for s in start), tuple(int(e) for e in end)
-    if any(e <= s for s, e in zip(start, end, strict=True)):  # all zero: nothing to crop (validation forbids it)
+    if any(
+        e <= s for s, e in zip(start, end, strict=True)
+    ):  # all zero: nothing to crop (validation forbids it)
         start, end = (0, 0, 0), shape
     box = CropBox(start, end, shape)
-    cropped = np.ascontiguousarray(image[(slice(None), *box.slices)])
-    normed = NormalizeIntensity(nonzero=True, channel_wise=True, dtype=np.float32)(torch.from_numpy(cropped))
-    image_out = np.ascontiguousarray(_numpy(normed), dtype=np.float32)
+    image_out = zscore_nonzero(image[(slice(None), *box.slices)])
     regions = volume.regions
     regions_out = None if regions is None else np.ascontiguousarray(regions[(slice(None), *box.slices)])
     return image_out, regions_out, box
@@ -84,11 +96,13 @@ class ForegroundBiasedCropd(Randomizable, MapTransform):
 
     A tumor-centred patch always contains that voxel, so foreground_prob=1 guarantees tumor in every
     patch of a case that has any. A case without tumor falls back to a uniform crop. Spatial axes smaller
-    than the patch are taken whole (pad afterwards). Works on numpy arrays, including memory maps, and
+    than the patch are taken whole and zero-padded. Works on numpy arrays, including memory maps, and
     reads only the patch from them.
     """
 
-    def __init__(self, keys: Sequence[str], label_key: str, patch_size: Sequence[int], foreground_prob: float):
+    def __init__(
+        self, keys: Sequence[str], label_key: str, patch_size: Sequence[int], foreground_prob: float
+    ):
         MapTransform.__init__(self, keys)
         if not 0.0 <= foreground_prob <= 1.0:
             raise ValueError(f"foreground_prob={foreground_prob}; expected a probability in [0, 1]")
@@ -116,28 +130,34 @@ class ForegroundBiasedCropd(Randomizable, MapTransform):
         d = dict(data)
         self.randomize(d[self.label_key])
         for key in self.key_iterator(d):
-            shape = d[key].shape[1:]
-            window = tuple(
-                slice(s, s + min(p, n)) for s, p, n in zip(self._start, self.patch_size, shape, strict=True)
-            )
-            d[key] = np.array(d[key][(slice(None), *window)])  # copy: detaches from caches and memmaps
+            d[key] = self._cut(d[key])
         return d
+
+    def _cut(self, array: np.ndarray) -> np.ndarray:
+        """The patch as a new array; axes shorter than the patch are zero-padded symmetrically
+        (like SpatialPad), in the same copy, since a separate pad step costs as much as the crop."""
+        shape = array.shape[1:]
+        sizes = [min(p, n) for p, n in zip(self.patch_size, shape, strict=True)]
+        source = tuple(slice(s, s + z) for s, z in zip(self._start, sizes, strict=True))
+        offsets = [(p - z) // 2 for p, z in zip(self.patch_size, sizes, strict=True)]
+        target = tuple(slice(o, o + z) for o, z in zip(offsets, sizes, strict=True))
+        out = np.zeros((array.shape[0], *self.patch_size), dtype=array.dtype)
+        out[(slice(None), *target)] = array[(slice(None), *source)]  # copy: detaches from caches and memmaps
+        return out
 
 
 def train_augmentation(
     patch_size: Sequence[int], foreground_prob: float = 0.5, *, augment: bool = True, seed: int | None = 0
 ) -> Compose:
-    """Crop (foreground-biased), pad to the patch, then flips and intensity jitter on the patch only.
+    """Foreground-biased crop (zero-padded where the volume is smaller than the patch), then flips and
+    intensity jitter on the patch only.
 
     Input/output: dict with "image" [4,X,Y,Z] and "label" [3,X,Y,Z]. `augment=False` keeps the crop and
     pad only. Flips p=0.5 per axis; intensity scale factor in [0.9, 1.1] and shift in [-0.1, 0.1], each
     p=0.8 (on all channels together, as in MONAI's BraTS recipe). Call `.set_random_state(seed)` to replay.
     """
     keys = [IMAGE, LABEL]
-    steps = [
-        ForegroundBiasedCropd(keys, LABEL, patch_size, foreground_prob),
-        SpatialPadd(keys, spatial_size=tuple(patch_size), mode="constant"),
-    ]
+    steps = [ForegroundBiasedCropd(keys, LABEL, patch_size, foreground_prob)]
     if augment:
         steps += [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(3)]
         steps += [

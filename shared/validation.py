@@ -53,13 +53,21 @@ class CaseError(ValueError):
 # --------------------------------------------------------------------------- rules on arrays
 
 
-def image_problems(case_id: str, file: str, shape: tuple[int, ...], data: np.ndarray | None) -> list[CaseProblem]:
+def image_problems(
+    case_id: str, file: str, shape: tuple[int, ...], data: np.ndarray | None
+) -> list[CaseProblem]:
     """Dimensionality, finiteness and contrast of one modality (`data=None`: shape only)."""
     dims = len(shape)
     if dims < 3 or (dims == 3 and min(shape) == 1):
-        return [CaseProblem(case_id, file, f"2D image of shape {shape}; expected a 3D volume (e.g. 240x240x155)")]
+        return [
+            CaseProblem(case_id, file, f"2D image of shape {shape}; expected a 3D volume (e.g. 240x240x155)")
+        ]
     if dims > 3 and any(s != 1 for s in shape[3:]):
-        return [CaseProblem(case_id, file, f"{dims}D image of shape {shape}; expected a 3D volume, one file per modality")]
+        return [
+            CaseProblem(
+                case_id, file, f"{dims}D image of shape {shape}; expected a 3D volume, one file per modality"
+            )
+        ]
     if data is None:
         return []
     lo, hi = float(data.min()), float(data.max())  # NaN/Inf propagate, so two passes cover finiteness too
@@ -67,32 +75,61 @@ def image_problems(case_id: str, file: str, shape: tuple[int, ...], data: np.nda
         bad = int(np.count_nonzero(~np.isfinite(data)))
         return [CaseProblem(case_id, file, f"{bad} non-finite voxels (NaN/Inf); expected finite intensities")]
     if lo == hi == 0.0:
-        return [CaseProblem(case_id, file, "every voxel is zero (empty image); expected a brain with non-zero intensities")]
+        return [
+            CaseProblem(
+                case_id, file, "every voxel is zero (empty image); expected a brain with non-zero intensities"
+            )
+        ]
     if lo == hi:
-        return [CaseProblem(case_id, file, f"every voxel equals {lo:g} (constant image); expected varying intensities")]
+        return [
+            CaseProblem(
+                case_id, file, f"every voxel equals {lo:g} (constant image); expected varying intensities"
+            )
+        ]
     return []
 
 
 def grid_problems(
-    case_id: str, file: str, shape: tuple[int, ...], affine: np.ndarray, ref_file: str,
-    ref_shape: tuple[int, ...], ref_affine: np.ndarray,
+    case_id: str,
+    file: str,
+    shape: tuple[int, ...],
+    affine: np.ndarray,
+    ref_file: str,
+    ref_shape: tuple[int, ...],
+    ref_affine: np.ndarray,
 ) -> list[CaseProblem]:
     """Every modality and the seg must share one voxel grid (shape and affine) with the first modality."""
     if shape[:3] != ref_shape[:3]:
-        return [CaseProblem(case_id, file, f"shape {shape[:3]} differs from {ref_file} {ref_shape[:3]}; "
-                                           "expected all modalities and seg on one co-registered grid")]
+        return [
+            CaseProblem(
+                case_id,
+                file,
+                f"shape {shape[:3]} differs from {ref_file} {ref_shape[:3]}; "
+                "expected all modalities and seg on one co-registered grid",
+            )
+        ]
     diff = float(np.abs(np.asarray(affine) - np.asarray(ref_affine)).max())
     if not diff <= AFFINE_TOLERANCE:
-        return [CaseProblem(case_id, file, f"affine differs from {ref_file} by up to {diff:.4g} (tolerance "
-                                           f"{AFFINE_TOLERANCE:g}); expected co-registered volumes with one affine")]
+        return [
+            CaseProblem(
+                case_id,
+                file,
+                f"affine differs from {ref_file} by up to {diff:.4g} (tolerance "
+                f"{AFFINE_TOLERANCE:g}); expected co-registered volumes with one affine",
+            )
+        ]
     return []
 
 
 def unreadable_problem(case_id: str, file: str, error: BaseException) -> CaseProblem:
     """A file nibabel or gzip could not read (not a NIfTI, truncated download, bad gzip stream)."""
     detail = str(error).strip() or "no detail"
-    return CaseProblem(case_id, file, f"cannot read ({type(error).__name__}: {detail}); expected a complete "
-                                      "NIfTI file (.nii.gz): re-copy or re-download it")
+    return CaseProblem(
+        case_id,
+        file,
+        f"cannot read ({type(error).__name__}: {detail}); expected a complete "
+        "NIfTI file (.nii.gz): re-copy or re-download it",
+    )
 
 
 # --------------------------------------------------------------------------- whole cases and roots
@@ -145,7 +182,9 @@ def check_root(root: Path, *, workers: int = 1, progress: bool = False) -> Check
         method = "fork" if "fork" in get_all_start_methods() else "spawn"
         with ProcessPoolExecutor(workers, mp_context=get_context(method)) as pool:
             found = pool.map(_check_one, cases, chunksize=4)
-            per_case = list(track(found, total=len(cases), description="checking cases", disable=not progress))
+            per_case = list(
+                track(found, total=len(cases), description="checking cases", disable=not progress)
+            )
     else:
         per_case = [_check_one(c) for c in track(cases, description="checking cases", disable=not progress)]
     for case_problems in per_case:
@@ -179,20 +218,26 @@ def run_check(root: Path, *, workers: int | None = None, progress: bool = True) 
     console = Console()
     root = Path(root)
     if not root.is_dir():
-        console.print(f"[red]error:[/red] data root {root} is not a directory; expected a folder of case folders")
+        console.print(
+            f"[red]error:[/red] data root {root} is not a directory; expected a folder of case folders"
+        )
         return 2
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
     report = check_root(root, workers=workers, progress=progress)
     if report.n_cases == 0:
-        console.print(f"[red]error:[/red] no case folders under {root}; expected ROOT/<case>/<case>_t1.nii.gz "
-                      "(BraTS 2017-2021) or ROOT/<case>/<case>-t1n.nii.gz (BraTS 2023+)")
+        console.print(
+            f"[red]error:[/red] no case folders under {root}; expected ROOT/<case>/<case>_t1.nii.gz "
+            "(BraTS 2017-2021) or ROOT/<case>/<case>-t1n.nii.gz (BraTS 2023+)"
+        )
         return 1
     if report.problems:
         console.print(format_report(report))
     n_warn = sum(not p.fatal for p in report.problems)
     if report.unusable_ids:
-        console.print(f"{report.n_cases} cases, {len(report.unusable_ids)} unusable: {', '.join(report.unusable_ids)}")
+        console.print(
+            f"{report.n_cases} cases, {len(report.unusable_ids)} unusable: {', '.join(report.unusable_ids)}"
+        )
         return 1
     suffix = f" ({n_warn} warnings)" if n_warn else ""
     console.print(f"{report.n_cases} cases, all usable{suffix}")

@@ -50,3 +50,14 @@ def build_strategy(name: str, params: dict[str, float] | None = None) -> Strateg
 
 register_strategy("fedavg")(FedAvg)
 register_strategy("fedprox")(FedProx)
+
+# Our strategies and the rest of Flower's register themselves on import (they need the registry above).
+from strategies import (  # noqa: E402, F401
+    fedbn,
+    fedcostwavg,
+    fednova,
+    fedpidavg,
+    fets_clipped,
+    flower,
+    scaffold,
+)

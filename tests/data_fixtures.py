@@ -65,7 +65,7 @@ def write_case(
     extra_files: tuple[str, ...] = (),
     seg: bool = True,
 ) -> Path:
-    """Write ROOT/<case>/ in `layout`; `arrays`/`affines` override one file's data or affine (keys: MODALITIES + "seg")."""
+    """Write ROOT/<case>/ in `layout`; `arrays`/`affines` replace a file's data or affine by modality."""
     labels = labels or layout
     case_id = case_id or case_id_for(seed + 1, layout)
     lay = LAYOUTS[layout]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+
 import pytest
 from data_fixtures import case_id_for, write_case
 
@@ -93,3 +95,16 @@ def test_find_case_and_its_errors(tmp_path):
 def test_missing_root_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a directory"):
         discover_cases(tmp_path / "absent")
+
+
+def test_uncompressed_nifti_is_accepted_and_duplicates_are_stray(tmp_path):
+    folder = write_case(tmp_path)
+    gz = folder / f"{case_id_for(1)}_t2.nii.gz"
+    plain = folder / f"{case_id_for(1)}_t2.nii"
+    plain.write_bytes(gzip.decompress(gz.read_bytes()))
+    (case,), problems = discover_cases(tmp_path)
+    assert case.files["t2"] == gz  # .nii.gz, the BraTS format, wins over a duplicate
+    assert [(p.file, p.fatal) for p in problems] == [(plain.name, False)]
+    gz.unlink()
+    (case,), problems = discover_cases(tmp_path)
+    assert case.files["t2"] == plain and problems == []

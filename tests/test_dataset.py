@@ -1,4 +1,4 @@
-"""Loading geometry, region mapping, preprocessing, augmentation and PatientDataset (patches, caches, seeds)."""
+"""Loading geometry, region mapping, preprocessing, augmentation, PatientDataset (patches, caches, seeds)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 from data_fixtures import AFFINE, SHAPE, case_id_for, synthetic_arrays, write_case
+from monai.transforms import NormalizeIntensity
 
 from shared.cases import discover_cases, find_case
 from shared.constants import LABELS_2021, LABELS_2023, LABELS_2024, REGIONS
 from shared.dataset import PatientDataset
-from shared.transforms import ForegroundBiasedCropd, preprocess, train_augmentation
+from shared.transforms import ForegroundBiasedCropd, preprocess, train_augmentation, zscore_nonzero
 from shared.validation import CaseError
 from shared.volumes import labels_to_regions, load_case, regions_to_labels
 
@@ -42,7 +43,9 @@ def test_region_membership(label_set, et, ncr, ed, rc):
     got = labels_to_regions(seg, label_set).reshape(3, -1)
     member = {r: got[REGIONS.index(r)].tolist() for r in REGIONS}
     expected = {  # columns: background, NCR, ED, ET, (RC in no region)
-        "ET": [0, 0, 0, 1], "TC": [0, 1, 0, 1], "WT": [0, 1, 1, 1],
+        "ET": [0, 0, 0, 1],
+        "TC": [0, 1, 0, 1],
+        "WT": [0, 1, 1, 1],
     }
     for region in REGIONS:
         assert member[region] == expected[region] + ([0] if rc else []), region
@@ -82,12 +85,23 @@ def test_preprocess_crops_border_and_zscores_brain(tmp_path):
     brain = (volume.image != 0).any(0)
     idx = np.argwhere(brain)
     assert box.start == tuple(idx.min(0)) and box.end == tuple(idx.max(0) + 1) and box.shape == SHAPE
-    assert image.shape[1:] == regions.shape[1:] == tuple(e - s for s, e in zip(box.start, box.end, strict=True))
+    assert (
+        image.shape[1:] == regions.shape[1:] == tuple(e - s for s, e in zip(box.start, box.end, strict=True))
+    )
     for c in range(4):
         inside = image[c][image[c] != 0]
         assert abs(inside.mean()) < 1e-4 and abs(inside.std() - 1) < 1e-3
     np.testing.assert_array_equal(box.uncrop(regions), volume.regions)
     assert (box.uncrop(image)[:, ~brain] == 0).all()
+
+
+def test_zscore_matches_monai_normalize_intensity():
+    rng = np.random.default_rng(1)
+    shape = (4, 12, 10, 8)
+    image = np.where(rng.random(shape) < 0.6, rng.normal(300, 40, shape), 0).astype(np.float32)
+    image[3] = np.where(image[3] != 0, 5.0, 0.0)  # a flat channel: std 0
+    expected = NormalizeIntensity(nonzero=True, channel_wise=True)(torch.from_numpy(image.copy()))
+    np.testing.assert_allclose(zscore_nonzero(image), np.asarray(expected), atol=1e-5)
 
 
 def test_augmentation_pads_small_volumes_and_replays_with_seed():
@@ -179,8 +193,10 @@ def test_disk_cache_reuse_and_invalidation(tmp_path):
 
 def test_caches_give_identical_patches(tmp_path):
     cases = make_cases(tmp_path / "data", n=2)
-    kinds = [PatientDataset(cases, PATCH, cache=c, cache_dir=tmp_path / "cache", seed=5, progress=False)
-             for c in ("memory", "disk", None)]
+    kinds = [
+        PatientDataset(cases, PATCH, cache=c, cache_dir=tmp_path / "cache", seed=5, progress=False)
+        for c in ("memory", "disk", None)
+    ]
     for i in range(4):
         ref = kinds[0][i % 2]
         for ds in kinds[1:]:
@@ -201,7 +217,9 @@ def test_seed_determinism(tmp_path):
 
 
 def test_dataset_pickles_for_workers(tmp_path):
-    ds = PatientDataset(make_cases(tmp_path, n=2), PATCH, cache="disk", cache_dir=tmp_path / "c", progress=False)
+    ds = PatientDataset(
+        make_cases(tmp_path, n=2), PATCH, cache="disk", cache_dir=tmp_path / "c", progress=False
+    )
     clone = pickle.loads(pickle.dumps(ds))
     assert torch.equal(clone[0][0], ds[0][0])
 

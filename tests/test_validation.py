@@ -98,6 +98,11 @@ def test_4d_image(tmp_path):
     assert "4D image" in p.problem
 
 
+def test_4d_image_with_one_volume_is_accepted(tmp_path):
+    images, _ = synthetic_arrays()
+    assert problems_of(tmp_path, arrays={"t2": images["t2"][..., None]}) == []
+
+
 def test_truncated_gzip_is_reported_not_raised(tmp_path):
     folder = write_case(tmp_path, CID)
     truncate(folder / f"{CID}_t1ce.nii.gz")
@@ -144,8 +149,11 @@ def test_load_case_needs_seg_unless_told(tmp_path):
 
 @pytest.mark.parametrize(
     ("layout", "labels", "expected"),
-    [("brats2021", "brats2021", LABELS_2021), ("brats2023", "brats2023", LABELS_2023),
-     ("brats2023", "brats2024", LABELS_2024)],
+    [
+        ("brats2021", "brats2021", LABELS_2021),
+        ("brats2023", "brats2023", LABELS_2023),
+        ("brats2023", "brats2024", LABELS_2024),
+    ],
 )
 def test_label_set_detected_per_case(tmp_path, layout, labels, expected):
     case = find_case(write_case(tmp_path, layout=layout, labels=labels))

@@ -48,8 +48,9 @@ def create_model(name: str, **config: Any) -> nn.Module:
     factory = _REGISTRY[name]
     signature = inspect.signature(factory)
     accepted = [p for p in signature.parameters if p != "self"]
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
     unknown = sorted(set(config) - set(accepted))
-    if unknown:
+    if unknown and not open_ended:
         raise ValueError(f"model {name!r} got unknown config key(s) {unknown}; accepted: {accepted}")
     bound = signature.bind(**config)
     bound.apply_defaults()

@@ -41,6 +41,11 @@ class PhantomCase:
     images: dict[str, np.ndarray]
     seg: np.ndarray
     affine: np.ndarray
+    tissue: np.ndarray  # uint8: 1 CSF, 2 GM, 3 WM where that class fills >= 60 % of the voxel, else 0
+
+    @property
+    def voxel_size(self) -> float:
+        return float(self.affine[0, 0])
 
 
 def make_case(
@@ -53,7 +58,7 @@ def make_case(
     origin = grid.affine[:3, 3]
     box_start = np.array([s.start for s in grid.box])
     for _ in range(_ATTEMPTS):
-        spec = draw_tumor(rng, grade)
+        spec = draw_tumor(rng, grade, grid.voxel_size)
         seed_point = choose_seed(rng, template, spec)
         pushed = dataclasses.replace(
             deform, push_at=seed_point, push_strength=spec.push_strength, push_radius=spec.radius_mm
@@ -81,7 +86,17 @@ def make_case(
         images[modality] = full
     seg = np.zeros(grid.shape, np.uint8)
     seg[grid.box] = seg_box
-    return PhantomCase(case_id(site.site, case), site.site, grade, images, seg, grid.affine)
+    tissue = np.zeros(grid.shape, np.uint8)
+    tissue[grid.box] = _dominant_tissue(anatomy, brain)
+    return PhantomCase(case_id(site.site, case), site.site, grade, images, seg, grid.affine, tissue)
+
+
+def _dominant_tissue(anatomy: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    mask, gm, wm = anatomy
+    fractions = np.stack([np.clip(mask - gm - wm, 0.0, 1.0), gm, wm])
+    tissue = (fractions.argmax(axis=0) + 1).astype(np.uint8)
+    tissue[(fractions.max(axis=0) < 0.6) | ~brain] = 0
+    return tissue
 
 
 def nifti_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
@@ -90,7 +105,7 @@ def nifti_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
     img.header.set_xyzt_units("mm", "sec")
     img.header.set_qform(affine, code=1)
     img.header.set_sform(affine, code=1)
-    return gzip.compress(img.to_bytes(), compresslevel=4, mtime=0)
+    return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
 
 
 def write_case(case: PhantomCase, out: Path, layout: Layout) -> Path:

@@ -13,7 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from shared.constants import MODALITIES
-from shared.phantom.sites import SiteProfile
+from shared.phantom.sites import ModalityScanner, SiteProfile
 from shared.phantom.tumor import CORE, ENHANCING, Tumor
 
 TISSUES = ("csf", "gm", "wm", "ncr", "net", "ed", "et")
@@ -28,11 +28,18 @@ CONTRAST = {
 TUMOR_TEXTURE = 0.10
 
 
-def tissue_means(modality: str, contrast: float, rng: np.random.Generator) -> np.ndarray:
-    """Class means after the site's contrast stretch and a per-patient jitter of the tumor classes."""
+def tissue_means(modality: str, scanner: ModalityScanner, enhancement: float, rng: np.random.Generator) -> np.ndarray:
+    """Class means for one site's sequence, with a per-patient jitter of the tumor classes.
+
+    Each class moves differently (a single linear stretch would be undone by z-scoring).
+    """
     mu = np.array(CONTRAST[modality], dtype=np.float32)
-    ref = 0.5 * (mu[1] + mu[2])  # stretch around the mean of GM and WM
-    mu = ref + contrast * (mu - ref)
+    wm = mu[2]
+    mu[1] = wm + scanner.contrast * (mu[1] - wm)
+    mu[0] *= scanner.csf
+    mu[3:] = wm + scanner.lesion * (mu[3:] - wm)
+    if modality == "t1ce":
+        mu[6] = wm + enhancement * (mu[6] - wm)
     mu[3:] *= np.exp(rng.normal(0.0, 0.06, 4)).astype(np.float32)
     return np.maximum(mu, 0.03)
 
@@ -81,7 +88,7 @@ def render(
     images = {}
     for modality in MODALITIES:
         scanner = site.scanner[modality]
-        mu = tissue_means(modality, scanner.contrast, rng)
+        mu = tissue_means(modality, scanner, site.enhancement, rng)
         img = csf * mu[0] + gm * mu[1] + wm * mu[2]
         tumor_mix = f_core * mu[4 if not hgg else 3] + f_et * mu[6] + f_ed * mu[5]
         img[sub] = img[sub] * (1.0 - f_tumor) + m_sub * tumor_mix * texture

@@ -19,8 +19,8 @@ from shared.constants import MODALITIES
 #: Bumped whenever the same arguments would give different files.
 GENERATOR_VERSION = "1.0"
 
-#: Site case counts: lognormal with the FeTS 2021 median (9) and a heavy tail, floored at 3.
-SIZE_MEDIAN, SIZE_SIGMA, SIZE_MIN, SIZE_MAX = 9.0, 1.15, 3, 400
+#: Site case counts: 3 + lognormal, so the median is FeTS 2021's 9 and the tail is heavy (3 to ~130).
+SIZE_MIN, SIZE_EXCESS_MEDIAN, SIZE_SIGMA, SIZE_MAX = 3, 6.0, 1.3, 400
 #: Payload for which `bandwidth_mbps` reproduces `download_seconds` (rescale to your model's size).
 REFERENCE_PAYLOAD_MB = 100.0
 #: FeTS-measured ranges (DESIGN section 8): per-site means for simulated wall-clock.
@@ -34,12 +34,18 @@ _SITE_STREAM, _SIZE_STREAM = 0x517E, 0x512E
 
 @dataclass(frozen=True)
 class ModalityScanner:
-    """How one site's scanner renders one modality: y = scale * ((contrast-adjusted x)^gamma + offset)."""
+    """How one site's scanner renders one modality: y = scale * (x^gamma + offset).
+
+    x are tissue means changed per class (sequence timing and field strength change tissues
+    differently); z-scoring undoes `scale` and `offset` but none of the others.
+    """
 
     scale: float  # arbitrary scanner units per white-matter intensity
-    offset: float  # additive, in white-matter units (z-scoring removes it)
-    gamma: float  # non-linear intensity response (survives z-scoring)
-    contrast: float  # stretch of tissue differences around white matter (1 = textbook contrast)
+    offset: float  # additive, in white-matter units
+    gamma: float  # non-linear intensity response
+    contrast: float  # grey-white matter difference relative to textbook (1)
+    csf: float  # CSF level relative to textbook (e.g. incomplete FLAIR suppression > 1)
+    lesion: float  # tumor-to-white-matter differences relative to textbook
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class SiteProfile:
     bias_strength: float  # log-amplitude of the multiplicative bias field
     bias_coefficients: tuple[float, ...]  # site coil pattern: quadratic polynomial in x, y, z
     noise: float  # Rician noise std in white-matter units
+    enhancement: float  # gadolinium protocol: scales how much brighter than WM enhancing tumor is in T1ce
     blur_mm: float  # Gaussian blur sigma (mm): resolution of the sequence
     train_seconds_per_case: float
     val_seconds_per_case: float
@@ -91,8 +98,8 @@ def case_id(site: int, case: int) -> str:
 def draw_case_count(seed: int, site: int) -> int:
     """Heavy-tailed site size (FeTS 2021: 3 to 129 cases, median 9), own stream per site."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, site, _SIZE_STREAM]))
-    n = SIZE_MEDIAN * np.exp(SIZE_SIGMA * rng.standard_normal())
-    return int(np.clip(round(n), SIZE_MIN, SIZE_MAX))
+    n = SIZE_MIN + SIZE_EXCESS_MEDIAN * np.exp(SIZE_SIGMA * rng.standard_normal())
+    return int(min(round(n), SIZE_MAX))
 
 
 def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -114,12 +121,15 @@ def draw_site_profile(seed: int, site: int, cases_per_site: int | None = None) -
             scale=round(_log_uniform(rng, 150.0, 3000.0), 3),
             offset=round(float(rng.uniform(0.0, 0.2)), 4),
             gamma=round(_log_uniform(rng, 0.55, 1.8), 4),
-            contrast=round(float(rng.uniform(0.7, 1.35)), 4),
+            contrast=round(float(rng.uniform(0.6, 1.4)), 4),
+            csf=round(_log_uniform(rng, 0.6, 1.7), 4),
+            lesion=round(float(rng.uniform(0.65, 1.4)), 4),
         )
     bias_strength = float(rng.uniform(0.05, 0.5))
     coefficients = rng.standard_normal(9)  # x, y, z, x2, y2, z2, xy, xz, yz
     coefficients /= np.abs(coefficients).sum()
-    noise = _log_uniform(rng, 0.01, 0.06) * (1.4 if field_t == 1.5 else 1.0)
+    noise = _log_uniform(rng, 0.01, 0.065) * (1.4 if field_t == 1.5 else 1.0)
+    enhancement = float(rng.uniform(0.6, 1.4))
     blur_mm = float(rng.uniform(0.0, 1.6))
     hgg_share = float(np.clip(rng.beta(4.0, 1.3), 0.3, 1.0))
 
@@ -142,6 +152,7 @@ def draw_site_profile(seed: int, site: int, cases_per_site: int | None = None) -
         bias_strength=round(bias_strength, 4),
         bias_coefficients=tuple(round(float(c), 4) for c in coefficients),
         noise=round(noise, 4),
+        enhancement=round(enhancement, 4),
         blur_mm=round(blur_mm, 3),
         train_seconds_per_case=round(train_s, 2),
         val_seconds_per_case=round(val_s, 2),

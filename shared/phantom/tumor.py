@@ -47,10 +47,13 @@ class Tumor:
     texture: np.ndarray  # float32 smooth noise, unit std: intensity heterogeneity inside the tumor
 
 
-def draw_tumor(rng: np.random.Generator, grade: str) -> TumorSpec:
-    """Sizes like BraTS: tumor core about 5-100 ml, whole tumor about 20-300 ml."""
+def draw_tumor(rng: np.random.Generator, grade: str, spacing: float = 1.0) -> TumorSpec:
+    """Sizes like BraTS (medians: tumor core about 30 ml, whole tumor about 100 ml).
+
+    The enhancing rim is kept at least about one voxel thick so that coarse grids keep it.
+    """
     hgg = grade == "HGG"
-    radius = float(np.clip((15.0 if hgg else 17.0) * np.exp(0.28 * rng.standard_normal()), 9.0, 30.0))
+    radius = float(np.clip((18.5 if hgg else 19.0) * np.exp(0.3 * rng.standard_normal()), 9.0, 34.0))
     shape = np.exp(rng.normal(0.0, 0.18, 3))
     axes = radius * shape / np.prod(shape) ** (1 / 3)
     edema = float(np.clip((11.0 if hgg else 8.0) * np.exp(0.4 * rng.standard_normal()), 3.5, 28.0))
@@ -59,7 +62,9 @@ def draw_tumor(rng: np.random.Generator, grade: str) -> TumorSpec:
         axes_mm=tuple(float(a) for a in axes),  # type: ignore[arg-type]
         rotation=random_rotation(rng, 180.0),
         edema_mm=edema,
-        necrosis_fraction=float(rng.uniform(0.45, 0.75)) if hgg else 0.0,
+        necrosis_fraction=min(float(rng.uniform(0.55, 0.85)), 1.0 - max(2.5, 1.2 * spacing) / radius)
+        if hgg
+        else 0.0,
         irregularity=float(rng.uniform(0.15, 0.35)),
         enhancing_spot=bool(not hgg and rng.random() < 0.3),
         push_strength=float(rng.uniform(0.15, 0.45) if hgg else rng.uniform(0.05, 0.25)),

@@ -1,0 +1,163 @@
+"""The arithmetic every aggregation shares, once: reading replies, weighting sites, averaging arrays.
+
+Arrays are read as zero-copy views of the ``.npy`` bytes a Flower ``Array`` carries (``Array.numpy``
+copies every array; an aggregation of 17 updates of a 20M-parameter model would copy 1.4 GB for
+nothing). Results are computed in the global model's dtype and keep its array order.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message
+
+_HEADER_PREFIX = 4096  # .npy headers are 64-byte aligned and short; longer ones fall back to Array.numpy
+
+
+def array_view(array: Array) -> np.ndarray:
+    """A read-only view of an Array's values, without copying them when the bytes allow it."""
+    data = array.data
+    if array.stype != "numpy.ndarray" or not isinstance(data, bytes | bytearray | memoryview):
+        return array.numpy()
+    try:
+        head = io.BytesIO(bytes(data[:_HEADER_PREFIX]))
+        version = np.lib.format.read_magic(head)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(head)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(head)
+        else:
+            return array.numpy()
+    except (ValueError, OSError, EOFError):
+        return array.numpy()
+    if dtype.hasobject:
+        return array.numpy()
+    count = math.prod(shape)
+    values = np.frombuffer(data, dtype=dtype, count=count, offset=head.tell())
+    return values.reshape(shape, order="F" if fortran else "C")
+
+
+def record_views(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array_view(array) for name, array in record.items()}
+
+
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
+
+
+def site_of(reply: Message) -> str:
+    """The site's name from its reply, or ``node-<id>`` for a reply without one."""
+    records = reply.content.config_records
+    if "site" in records and "name" in records["site"]:
+        return str(records["site"]["name"])
+    return f"node-{reply.metadata.src_node_id}"
+
+
+def ordered(replies: Iterable[Message]) -> list[Message]:
+    """Replies in a fixed order (site name, node id): float sums then do not depend on arrival order,
+    so a resumed server reproduces the weights of an uninterrupted one bit for bit."""
+    return sorted(replies, key=lambda r: (site_of(r), r.metadata.src_node_id))
+
+
+def metric(reply: Message, name: str) -> float:
+    """One number from a reply's MetricRecord; a clear error when the site did not send it."""
+    for record in reply.content.metric_records.values():
+        if name in record:
+            value = record[name]
+            if isinstance(value, list):
+                raise ValueError(f"site {site_of(reply)}: metric {name!r} is a list, expected one number")
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"site {site_of(reply)}: metric {name!r} is {value}, expected a finite number")
+            return value
+    raise ValueError(f"site {site_of(reply)} sent no metric {name!r}, which this strategy needs")
+
+
+def missing_metrics(reply: Message, names: Iterable[str]) -> str | None:
+    """Why a reply lacks what a strategy needs (for the server's update checks), or None."""
+    for name in names:
+        try:
+            metric(reply, name)
+        except ValueError as err:
+            return str(err)
+    return None
+
+
+def normalise(weights: Sequence[float]) -> list[float]:
+    """Weights scaled to sum to one; negative, non-finite or all-zero weights are an error."""
+    values = [float(w) for w in weights]
+    if any(not math.isfinite(w) or w < 0 for w in values):
+        raise ValueError(f"site weights must be finite and >= 0, got {values}")
+    total = sum(values)
+    if total <= 0:
+        raise ValueError(f"site weights sum to {total}; at least one must be > 0")
+    return [w / total for w in values]
+
+
+def mix(terms: Sequence[tuple[float, Sequence[float]]]) -> list[float]:
+    """``sum_k c_k * v_k / sum(v_k)`` per site, the form of FedCostWAvg and FedPIDAvg weights.
+
+    A term whose values sum to zero (no site improved, no history yet) carries no information: it
+    is left out and the remaining coefficients are rescaled, so the weights still sum to one.
+    """
+    n = len(terms[0][1])
+    mixed = [0.0] * n
+    used = 0.0
+    for coefficient, values in terms:
+        if coefficient == 0 or sum(values) <= 0:
+            continue
+        for j, share in enumerate(normalise(values)):
+            mixed[j] += coefficient * share
+        used += coefficient
+    if used <= 0:
+        raise ValueError("no weighting term has positive coefficient and positive values")
+    return [w / used for w in mixed]
+
+
+def _cast_like(value: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    if value.dtype == reference.dtype:
+        return value
+    if reference.dtype.kind in "iub":  # integer buffers (e.g. step counters) stay integers
+        value = np.rint(value)
+    return value.astype(reference.dtype)
+
+
+def weighted_average(
+    arrays: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
+) -> dict[str, np.ndarray]:
+    """``sum_j w_j x_j`` with ``w`` normalised, in the arrays' own dtype and key order.
+
+    Accumulates ``x_j * w_j`` in order, as Flower's ``aggregate_arrayrecords`` does, so both give
+    identical bits for the same inputs in the same order.
+    """
+    if len(arrays) != len(weights) or not arrays:
+        raise ValueError(f"need one weight per update, got {len(weights)} weights for {len(arrays)} updates")
+    shares = normalise(weights)
+    result: dict[str, np.ndarray] = {}
+    for name, first in arrays[0].items():
+        if first.dtype.kind != "f":
+            stacked = sum(np.asarray(a[name], np.float64) * w for a, w in zip(arrays, shares, strict=True))
+            result[name] = _cast_like(np.asarray(stacked), first)
+            continue
+        total = first * shares[0]
+        scratch = np.empty_like(total)
+        for values, share in zip(arrays[1:], shares[1:], strict=True):
+            np.multiply(values[name], share, out=scratch)
+            total += scratch
+        result[name] = total
+    return result
+
+
+def deltas_from(global_arrays: Mapping[str, np.ndarray], local: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``local - global`` per array: what a site's training changed."""
+    return {name: local[name] - g for name, g in global_arrays.items()}
+
+
+def apply_update(
+    global_arrays: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray], scale: float = 1.0
+) -> dict[str, np.ndarray]:
+    """``global + scale * update`` in the global model's dtypes."""
+    return {name: _cast_like(g + update[name] * float(scale), g) for name, g in global_arrays.items()}

@@ -1,0 +1,64 @@
+"""FedNova: normalised averaging, so sites that take more local steps do not drag the model their way.
+
+Wang et al., "Tackling the objective inconsistency problem in heterogeneous federated
+optimization", NeurIPS 2020 (arXiv:2007.07481). With ``p_j = s_j/S`` and ``tau_j`` the site's local
+steps: ``d_j = (x - x_j) / tau_j``, ``x_new = x - tau_eff * sum_j p_j d_j``, ``tau_eff = sum_j p_j tau_j``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from flwr.app import Message
+
+from strategies import register_strategy
+from strategies.arithmetic import apply_update, metric, missing_metrics, normalise, record_views
+from strategies.base import ReweightedFedAvg
+
+log = logging.getLogger("fedbrats.strategies")
+
+
+@register_strategy("fednova")
+class FedNova(ReweightedFedAvg):
+    """FedNova in its plain-SGD form (sites report ``local-steps``).
+
+    With equal ``tau_j`` it is exactly FedAvg. The normalisation assumes each local step moves the
+    model by a comparable amount, as plain SGD does; with Adam (our trainer's default) the step
+    size adapts per parameter and ``1/tau_j`` only approximates the paper's normalisation vector,
+    so treat FedNova with Adam as a heuristic. No parameters.
+    """
+
+    required_metrics = ("num-examples", "local-steps")
+
+    def reply_problem(self, reply: Message) -> str | None:
+        problem = missing_metrics(reply, self.required_metrics)
+        if problem is None and metric(reply, "local-steps") <= 0:
+            problem = f"local-steps must be > 0, got {metric(reply, 'local-steps')}"
+        return problem
+
+    def summary(self) -> None:
+        log.info("FedNova: updates normalised by local-steps")
+        super().summary()
+
+    def combine(self, server_round: int, replies: list[Message], weights: list[float]) -> dict[str, np.ndarray]:
+        start = self.global_views()
+        shares = normalise(weights)
+        steps = [metric(r, "local-steps") for r in replies]
+        tau_eff = sum(p * tau for p, tau in zip(shares, steps, strict=True))
+        floats = {name: x for name, x in start.items() if x.dtype.kind == "f"}
+        # x_new = x + tau_eff * sum_j (p_j / tau_j) (x_j - x)
+        direction: dict[str, np.ndarray] = {}
+        for reply, p, tau in zip(replies, shares, steps, strict=True):
+            local = record_views(reply.content[self.arrayrecord_key])
+            for name, x in floats.items():
+                step = (local[name] - x) * (p / tau)
+                if name in direction:
+                    direction[name] += step
+                else:
+                    direction[name] = step
+        result = apply_update(floats, direction, tau_eff)
+        if len(floats) < len(start):  # integer buffers, if any, are averaged plainly
+            plain = super().combine(server_round, replies, weights)
+            result.update({name: plain[name] for name in start if name not in floats})
+        return {name: result[name] for name in start}

@@ -1,0 +1,173 @@
+"""Flower's message strategies, registered by name, with checkpointable state where they keep any.
+
+Parameters come from the run config's ``strategy_params`` (all floats); whole-number parameters
+are converted here. Defaults are Flower 1.41's unless noted:
+
+=============  ============================================================================
+fedavg         (registered in ``strategies/__init__``) no parameters
+fedprox        (registered in ``strategies/__init__``) proximal_mu=0.0 (sent to sites as "proximal-mu")
+fedavgm        server_learning_rate=1.0, server_momentum=0.0                     [state: momentum]
+fets_fedavgm   FeTS FedAvgM: server_learning_rate=1.0, server_momentum=0.9       [state: momentum]
+fedadam        eta=0.1, eta_l=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3             [state: m_t, v_t]
+fedyogi        eta=0.01, eta_l=0.0316, beta_1=0.9, beta_2=0.99, tau=1e-3         [state: m_t, v_t]
+fedadagrad     eta=0.1, eta_l=0.1, tau=1e-3                                      [state: m_t, v_t]
+fedmedian      no parameters
+fedtrimmedavg  beta=0.2 (fraction cut from each tail, in [0, 0.5))
+krum           num_malicious_nodes=0
+multikrum      num_malicious_nodes=0, num_nodes_to_select=1
+bulyan         num_malicious_nodes=0 (needs >= 4 f + 3 replies, else the round fails)
+qfedavg        client_learning_rate=1e-3 (Flower has no default; ours is RunConfig.lr's), q=0.1;
+               reads the sites' "train-loss" metric (Flower's default key is "train_loss")
+=============  ============================================================================
+
+FedOpt's eta (server learning rate 0.1 for FedAdam) is large for a deep segmentation network;
+set ``strategy-eta`` (e.g. 1e-3) when using the adaptive optimisers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    QFedAvg,
+)
+
+from strategies import register_strategy
+
+
+def _whole(name: str, value: float) -> int:
+    if value != int(value) or value < 0:
+        raise ValueError(f"{name} must be a whole number >= 0, got {value}")
+    return int(value)
+
+
+# --- server momentum ---------------------------------------------------------------------
+class StatefulFedAvgM(FedAvgM):
+    """Flower's FedAvgM whose momentum is checkpointed.
+
+    The model the momentum applies to (``current_arrays``) is not saved: after a restart it is
+    taken from the resumed global model at the next ``configure_train``, which is the same array.
+    """
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        if self.momentum_vector is None or self.current_arrays is None:
+            return {}, {"momentum_names": []}
+        names = list(self.current_arrays.keys())
+        arrays = {f"momentum/{k}": np.ascontiguousarray(v) for k, v in zip(names, self.momentum_vector, strict=True)}
+        return arrays, {"momentum_names": names}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        names = meta.get("momentum_names", [])
+        self.momentum_vector = [np.array(arrays[f"momentum/{k}"]) for k in names] if names else None
+        self.current_arrays = None
+
+
+class FetsFedAvgM(StatefulFedAvgM):
+    """FedAvgM as shipped in the FeTS challenge (``FedAvgM_Selection``, Isik-Polat et al., FeTS 2021).
+
+    Not identical to Flower's FedAvgM with the same momentum: FeTS's first round is plain FedAvg and
+    starts the velocity at zero, while Flower's first round already seeds the velocity with that
+    round's pseudo-gradient. From round 2 both apply ``v = mu v + (x - avg)``, ``x -= lr v``.
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Any
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.momentum_vector is not None or not self.server_opt:
+            return super().aggregate_train(server_round, replies)
+        arrays, metrics = FedAvg.aggregate_train(self, server_round, replies)
+        if arrays is not None:
+            self.momentum_vector = [np.zeros_like(a) for a in arrays.to_numpy_ndarrays()]
+            self.current_arrays = arrays
+        return arrays, metrics
+
+
+@register_strategy("fedavgm")
+def fedavgm(*, server_learning_rate: float = 1.0, server_momentum: float = 0.0, **common: Any) -> StatefulFedAvgM:
+    return StatefulFedAvgM(server_learning_rate=server_learning_rate, server_momentum=server_momentum, **common)
+
+
+@register_strategy("fets_fedavgm")
+def fets_fedavgm(*, server_learning_rate: float = 1.0, server_momentum: float = 0.9, **common: Any) -> FetsFedAvgM:
+    return FetsFedAvgM(server_learning_rate=server_learning_rate, server_momentum=server_momentum, **common)
+
+
+# --- adaptive server optimisers (FedOpt family) ------------------------------------------
+class _FedOptState:
+    """Checkpoint of FedOpt's first and second moments (``current_arrays`` is reset every round)."""
+
+    m_t: dict[str, np.ndarray] | None
+    v_t: dict[str, np.ndarray] | None
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays = {f"m_t/{k}": np.ascontiguousarray(v) for k, v in (self.m_t or {}).items()}
+        arrays |= {f"v_t/{k}": np.ascontiguousarray(v) for k, v in (self.v_t or {}).items()}
+        return arrays, {"m_t": list(self.m_t or {}), "v_t": list(self.v_t or {})}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        self.m_t = {k: np.array(arrays[f"m_t/{k}"]) for k in meta.get("m_t", [])} or None
+        self.v_t = {k: np.array(arrays[f"v_t/{k}"]) for k in meta.get("v_t", [])} or None
+
+
+class StatefulFedAdam(_FedOptState, FedAdam):
+    """Flower's FedAdam with checkpointed moments."""
+
+
+class StatefulFedYogi(_FedOptState, FedYogi):
+    """Flower's FedYogi with checkpointed moments."""
+
+
+class StatefulFedAdagrad(_FedOptState, FedAdagrad):
+    """Flower's FedAdagrad with checkpointed moments."""
+
+
+register_strategy("fedadam")(StatefulFedAdam)
+register_strategy("fedyogi")(StatefulFedYogi)
+register_strategy("fedadagrad")(StatefulFedAdagrad)
+
+
+# --- robust aggregation --------------------------------------------------------------------
+register_strategy("fedmedian")(FedMedian)
+register_strategy("fedtrimmedavg")(FedTrimmedAvg)
+
+
+@register_strategy("krum")
+def krum(*, num_malicious_nodes: float = 0, **common: Any) -> Krum:
+    return Krum(num_malicious_nodes=_whole("num_malicious_nodes", num_malicious_nodes), **common)
+
+
+@register_strategy("multikrum")
+def multikrum(*, num_malicious_nodes: float = 0, num_nodes_to_select: float = 1, **common: Any) -> MultiKrum:
+    if num_nodes_to_select < 1:
+        raise ValueError(f"num_nodes_to_select must be >= 1, got {num_nodes_to_select}")
+    return MultiKrum(
+        num_malicious_nodes=_whole("num_malicious_nodes", num_malicious_nodes),
+        num_nodes_to_select=_whole("num_nodes_to_select", num_nodes_to_select),
+        **common,
+    )
+
+
+@register_strategy("bulyan")
+def bulyan(*, num_malicious_nodes: float = 0, **common: Any) -> Bulyan:
+    return Bulyan(num_malicious_nodes=_whole("num_malicious_nodes", num_malicious_nodes), **common)
+
+
+# --- fairness ------------------------------------------------------------------------------
+@register_strategy("qfedavg")
+def qfedavg(*, client_learning_rate: float = 1e-3, q: float = 0.1, **common: Any) -> QFedAvg:
+    if client_learning_rate <= 0:
+        raise ValueError(f"client_learning_rate must be > 0, got {client_learning_rate}")
+    return QFedAvg(client_learning_rate=client_learning_rate, q=q, train_loss_key="train-loss", **common)
+

@@ -1,0 +1,169 @@
+"""SCAFFOLD: control variates correct each site's drift towards its own data.
+
+Karimireddy et al., "SCAFFOLD: stochastic controlled averaging for federated learning",
+ICML 2020 (arXiv:1910.06378). The server keeps a control variate ``c``, sends it with the model
+(ArrayRecord ``"control"``), and each site returns its model and the change of its own control
+variate (ArrayRecord ``"control-delta"``). Server update:
+``x += lr_g * mean_j(y_j - x)``, ``c += (|S|/N) * mean_j(delta c_j)``.
+
+The client side is two pure functions here (numpy, no Flower, no torch), so site code imports
+them: ``gradient_correction`` before local training and ``client_control_update`` after it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from strategies import register_strategy
+from strategies.arithmetic import (
+    apply_update,
+    missing_metrics,
+    ordered,
+    record_views,
+    site_of,
+    to_record,
+    weighted_average,
+)
+
+log = logging.getLogger("fedbrats.strategies")
+
+CONTROL = "control"
+CONTROL_DELTA = "control-delta"
+
+
+# --- client side -------------------------------------------------------------------------
+def gradient_correction(c_global: Mapping[str, np.ndarray], c_local: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """``c - c_i``: add it to each parameter's gradient at every local step (``g + c - c_i``)."""
+    return {k: c - (c_local[k] if c_local else 0.0) for k, c in c_global.items()}
+
+
+def client_control_update(
+    c_local: Mapping[str, np.ndarray] | None,
+    c_global: Mapping[str, np.ndarray],
+    x_global: Mapping[str, np.ndarray],
+    y_local: Mapping[str, np.ndarray],
+    steps: int,
+    lr: float,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Option II of the paper: ``c_i+ = c_i - c + (x - y_i) / (K lr)``; returns ``(c_i+, c_i+ - c_i)``.
+
+    `c_local` is None on a site's first round (``c_i = 0``); `steps` is K, the local SGD steps taken
+    with learning rate `lr`. Only the names in `c_global` (floating-point parameters) are updated."""
+    if steps <= 0 or lr <= 0:
+        raise ValueError(f"SCAFFOLD needs steps > 0 and lr > 0, got steps={steps}, lr={lr}")
+    scale = 1.0 / (steps * lr)
+    new, delta = {}, {}
+    for k, c in c_global.items():
+        old = c_local[k] if c_local else np.zeros_like(c)
+        new[k] = (old - c + (x_global[k] - y_local[k]) * scale).astype(c.dtype, copy=False)
+        delta[k] = new[k] - old
+    return new, delta
+
+
+# --- server side -------------------------------------------------------------------------
+@register_strategy("scaffold")
+class Scaffold(FedAvg):
+    """SCAFFOLD server: FedAvg's messages plus the control variate.
+
+    Parameters
+    ----------
+    server_lr : float (default: 1.0)
+        Global step size ``lr_g``; 1.0 makes the model update the plain mean of the sites' models.
+    num_sites : float (default: 0)
+        N, the federation's size, for the control update's ``|S|/N``. 0: the number of distinct
+        sites seen so far (right whenever every site trains every round). Set it when sampling.
+
+    The mean over sites is unweighted, as in the paper. Plain-SGD caveat: option II estimates each
+    site's mean gradient as ``(x - y_i)/(K lr)``, true for SGD; with Adam it is only a heuristic.
+    """
+
+    required_metrics = ("num-examples",)
+
+    def __init__(self, *, server_lr: float = 1.0, num_sites: float = 0, **kwargs) -> None:
+        if server_lr <= 0 or num_sites < 0:
+            raise ValueError(f"server_lr must be > 0 and num_sites >= 0, got {server_lr}, {num_sites}")
+        super().__init__(**kwargs)
+        self.server_lr = float(server_lr)
+        self.num_sites = int(num_sites)
+        self.control: dict[str, np.ndarray] | None = None
+        self.seen_sites: set[str] = set()
+        self.global_arrays: ArrayRecord | None = None
+
+    def summary(self) -> None:
+        log.info("SCAFFOLD: server_lr %.3g, num_sites %s", self.server_lr, self.num_sites or "sites seen")
+        super().summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.global_arrays = arrays
+        if self.control is None:
+            self.control = {k: np.zeros_like(v) for k, v in record_views(arrays).items() if v.dtype.kind == "f"}
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        control = to_record(self.control)
+        for message in messages:
+            message.content[CONTROL] = control
+        return messages
+
+    def reply_problem(self, reply: Message) -> str | None:
+        """A reply needs its metrics and a finite ``control-delta`` matching the control variate."""
+        if reply.has_error():
+            return f"site error: {reply.error.reason}"
+        problem = missing_metrics(reply, self.required_metrics)
+        if problem:
+            return problem
+        if CONTROL_DELTA not in reply.content.array_records:
+            return f"reply carries no {CONTROL_DELTA!r} record (is the site running SCAFFOLD?)"
+        delta = reply.content.array_records[CONTROL_DELTA]
+        expected = self.control or {}
+        if set(delta.keys()) != set(expected):
+            return f"{CONTROL_DELTA} names differ from the control variate's ({len(delta)} vs {len(expected)} arrays)"
+        for name, array in record_views(delta).items():
+            if array.shape != expected[name].shape or array.dtype != expected[name].dtype:
+                return f"{CONTROL_DELTA} {name!r} is {array.dtype}{array.shape}, expected {expected[name].dtype}{expected[name].shape}"
+            if not np.isfinite(array).all():
+                return f"{CONTROL_DELTA} {name!r} has non-finite values"
+        return None
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.global_arrays is None or self.control is None:
+            raise RuntimeError("Scaffold: configure_train must run before aggregate_train")
+        usable = []
+        for reply in replies:
+            problem = self.reply_problem(reply)
+            if problem:
+                log.warning("round %d: SCAFFOLD leaves out %s: %s", server_round, site_of(reply), problem)
+            else:
+                usable.append(reply)
+        if not usable:
+            return None, None
+        usable = ordered(usable)
+        equal = [1.0] * len(usable)
+        x = record_views(self.global_arrays)
+        mean_y = weighted_average([record_views(r.content[self.arrayrecord_key]) for r in usable], equal)
+        new_x = apply_update(x, {k: mean_y[k] - v for k, v in x.items()}, self.server_lr)
+        mean_dc = weighted_average([record_views(r.content[CONTROL_DELTA]) for r in usable], equal)
+        self.seen_sites.update(site_of(r) for r in usable)
+        total = max(self.num_sites, len(self.seen_sites))
+        self.control = apply_update(self.control, mean_dc, len(usable) / total)
+        metrics = self.train_metrics_aggr_fn([r.content for r in usable], self.weighted_by_key)
+        return to_record(new_x), metrics
+
+    # --- checkpoint ----------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays = {f"{CONTROL}/{k}": np.ascontiguousarray(v) for k, v in (self.control or {}).items()}
+        return arrays, {"seen_sites": sorted(self.seen_sites), "control_names": list(self.control or {})}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        names = meta.get("control_names", [])
+        self.control = {k: np.array(arrays[f"{CONTROL}/{k}"]) for k in names} if names else None
+        self.seen_sites = set(meta.get("seen_sites", []))

@@ -1,0 +1,410 @@
+"""A real FedBraTS deployment on 127.0.0.1 for tests: a TLS SuperLink, SuperNodes, `flwr run`.
+
+The simulation engine hides the parts that break in a hospital (certificates, ports, node
+config, a SuperNode that disappears), so these helpers start the real processes exactly as
+docs/deploy.md tells an administrator to. Every process starts in its own session and is
+stopped with all its descendants when the `Deployment` context exits, on failure too: a test
+must never leave a SuperLink or a ClientApp behind. Plain module, not a conftest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from shared.config import RunConfig
+from shared.partition import read_partition
+from simulations.simulate import FLOWER_ENV, app_pyproject
+
+HOST = "127.0.0.1"
+CONNECTION = "fedbrats-test"
+FLOWER_COMMANDS = ("flower-superlink", "flower-supernode", "flwr")
+
+
+def missing_flower() -> str | None:
+    """Why a deployment cannot run here (a Flower command not on PATH), or None."""
+    missing = [c for c in FLOWER_COMMANDS if shutil.which(c) is None]
+    return f"not on PATH: {', '.join(missing)} (install flwr 1.41)" if missing else None
+
+
+def free_port(taken: Iterable[int] = ()) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (and not one we already handed out)."""
+    for _ in range(50):
+        with socket.socket() as sock:
+            sock.bind((HOST, 0))
+            port = sock.getsockname()[1]
+        if port not in set(taken):
+            return port
+    raise RuntimeError("no free TCP port on 127.0.0.1")
+
+
+# --- certificates and keys ------------------------------------------------------------------
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    path.chmod(0o600)
+
+
+def make_tls(folder: Path, hosts: Iterable[str] = (HOST, "localhost"), days: int = 2) -> TlsFiles:
+    """A CA and a SuperLink certificate whose SAN lists `hosts` (what `openssl` does in docs/deploy.md).
+
+    The SuperLink's own SuperExec connects to 127.0.0.1 with the same CA, so 127.0.0.1 must be
+    among the SANs even when SuperNodes reach the SuperLink by another name.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "FedBraTS test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    sans: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, next(iter(hosts)))]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = TlsFiles(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+    files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(server_key, files.key)
+    return files
+
+
+def make_node_keys(folder: Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode key pair in OpenSSH format (what `ssh-keygen -t ecdsa -b 384` writes): (private, public)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
+    private.chmod(0o600)
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
+    )
+    return private, public
+
+
+def write_connection(flwr_home: Path, name: str, address: str, root_certificates: Path) -> Path:
+    """FLWR_HOME/config.toml with one SuperLink connection, the default (how `flwr run` finds a remote SuperLink)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    path.write_text(
+        f'[superlink]\ndefault = "{name}"\n\n'
+        f'[superlink.{name}]\naddress = "{address}"\nroot-certificates = "{Path(root_certificates).resolve()}"\n'
+    )
+    return path
+
+
+def site_folders(dataset: Path, out: Path, names: Iterable[str]) -> dict[str, Path]:
+    """Copy each partition of `dataset` (its partitioning_1.csv) into its own folder, as a hospital holds only its cases."""
+    partition = read_partition(Path(dataset) / "partitioning_1.csv")
+    names = list(names)
+    if len(names) > len(partition.sites):
+        raise ValueError(f"{len(names)} site names but the partition has {len(partition.sites)} sites")
+    folders = {}
+    for name, subjects in zip(names, partition.sites.values(), strict=False):
+        folder = Path(out) / name
+        for subject in subjects:
+            shutil.copytree(Path(dataset) / subject, folder / subject)
+        folders[name] = folder
+    return folders
+
+
+# --- processes --------------------------------------------------------------------------------
+def _children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (Flower's SuperExec starts in a session of its own, so a process group is not enough)."""
+    children = _children()
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def _signal_all(pids: Iterable[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def stop_processes(pids: Iterable[int], grace: float = 5.0) -> None:
+    """SIGTERM, wait at most `grace` seconds, then SIGKILL whatever is left."""
+    pids = list(pids)
+    _signal_all(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    _signal_all([p for p in pids if _alive(p)], signal.SIGKILL)
+
+
+@dataclass
+class Managed:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.is_file() else ""
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+@dataclass
+class RunResult:
+    returncode: int | None
+    seconds: float
+    log: str
+    timed_out: bool
+
+
+class DeploymentError(RuntimeError):
+    pass
+
+
+class Deployment:
+    """A TLS SuperLink and SuperNodes on 127.0.0.1 under `root`; a context manager that always cleans up."""
+
+    def __init__(self, root: Path, *, node_auth: bool = False, node_env: dict[str, str] | None = None) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.node_auth = node_auth
+        self.node_env = dict(node_env or {})
+        self.tls = make_tls(self.root / "tls")
+        self.processes: list[Managed] = []
+        self.supernodes: dict[str, Managed] = {}
+        self.ports: list[int] = []
+        self.port: int | None = None
+        self.cli_home = self.root / "coordinator-flwr-home"
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- plumbing ---------------------------------------------------------------------------
+    def env(self, home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home), "PYTHONUNBUFFERED": "1", **(extra or {})}
+
+    def spawn(self, name: str, command: list[str], *, home: Path, extra_env: dict[str, str] | None = None) -> Managed:
+        logs = self.root / "logs"
+        logs.mkdir(exist_ok=True)
+        log = logs / f"{name}.log"
+        with open(log, "w") as handle:
+            proc = subprocess.Popen(
+                command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self.env(home, extra_env), cwd=self.root, start_new_session=True,
+            )  # fmt: skip
+        managed = Managed(name, proc, log)
+        self.processes.append(managed)
+        return managed
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """The `flwr` CLI as the coordinator runs it (its FLWR_HOME holds the connection)."""
+        return subprocess.run(
+            ["flwr", *args], capture_output=True, text=True, env=self.env(self.cli_home), cwd=self.root, timeout=timeout
+        )
+
+    # --- the coordinator -------------------------------------------------------------------
+    def start_superlink(self, timeout: float = 60) -> float:
+        """Start the SuperLink with TLS and a database; return the seconds until its port accepts connections."""
+        self.port = free_port(self.ports)
+        self.ports.append(self.port)
+        command = [
+            "flower-superlink",
+            "--ssl-ca-certfile", str(self.tls.ca),
+            "--ssl-certfile", str(self.tls.cert),
+            "--ssl-keyfile", str(self.tls.key),
+            "--database", str(self.root / "superlink" / "state.db"),
+            "--host", HOST,
+            "--port", str(self.port),
+            "--disable-runtime-dependency-installation",
+        ]  # fmt: skip
+        if self.node_auth:
+            command.append("--enable-supernode-auth")
+        (self.root / "superlink").mkdir(exist_ok=True)
+        started = time.monotonic()
+        link = self.spawn("superlink", command, home=self.root / "superlink" / "flwr-home")
+        while True:
+            if link.proc.poll() is not None:
+                raise DeploymentError(f"flower-superlink exited with {link.proc.returncode}:\n{link.tail()}")
+            try:
+                socket.create_connection((HOST, self.port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() - started > timeout:
+                    raise DeploymentError(f"flower-superlink not listening after {timeout} s:\n{link.tail()}") from None
+                time.sleep(0.1)
+        seconds = time.monotonic() - started
+        write_connection(self.cli_home, CONNECTION, f"{HOST}:{self.port}", self.tls.ca)
+        return seconds
+
+    def register(self, public_key: Path, name: str) -> None:
+        """`flwr supernode register` as the coordinator does it for a hospital's public key."""
+        done = self.cli("supernode", "register", str(public_key), CONNECTION, "--name", name)
+        if done.returncode != 0:
+            raise DeploymentError(f"flwr supernode register failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+
+    # --- the hospitals ---------------------------------------------------------------------
+    def start_supernode(self, name: str, data_dir: Path) -> Managed:
+        if self.port is None:
+            raise DeploymentError("start the SuperLink first")
+        home = self.root / name
+        port = free_port(self.ports)
+        self.ports.append(port)
+        node_config = f"data-dir='{Path(data_dir).resolve()}' site-name='{name}' work-dir='{home / 'work'}'"
+        command = [
+            "flower-supernode",
+            "--superlink", f"{HOST}:{self.port}",
+            "--root-certificates", str(self.tls.ca),
+            "--node-config", node_config,
+            "--port", str(port),
+        ]  # fmt: skip
+        if self.node_auth:
+            private, public = make_node_keys(home / "keys", "supernode_key")
+            self.register(public, name)
+            command += ["--auth-supernode-private-key", str(private)]
+        node = self.spawn(name, command, home=home / "flwr-home", extra_env=self.node_env)
+        self.supernodes[name] = node
+        return node
+
+    def wait_connected(self, names: Iterable[str] | None = None, timeout: float = 60) -> float:
+        """Wait until each SuperNode logged its node id (registered and activated at the SuperLink)."""
+        names = list(names or self.supernodes)
+        started = time.monotonic()
+        while True:
+            waiting = [n for n in names if "SuperNode ID:" not in self.supernodes[n].log_text()]
+            if not waiting:
+                return time.monotonic() - started
+            for n in waiting:
+                if self.supernodes[n].proc.poll() is not None:
+                    raise DeploymentError(f"SuperNode {n} exited:\n{self.supernodes[n].tail()}")
+            if time.monotonic() - started > timeout:
+                raise DeploymentError(
+                    f"SuperNodes {waiting} not connected after {timeout} s:\n{self.supernodes[waiting[0]].tail()}"
+                )
+            time.sleep(0.2)
+
+    def kill_supernode(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Stop a hospital abruptly (SIGKILL: a crash or a cut cable) with its SuperExec and ClientApps."""
+        _signal_all(process_tree(self.supernodes[name].proc.pid), sig)
+        self.supernodes[name].proc.wait(timeout=10)
+
+    # --- a run ---------------------------------------------------------------------------------
+    def run(self, config: RunConfig, *, timeout: float, poll: Callable[[], None] | None = None) -> RunResult:
+        """`flwr run APP CONNECTION --stream` with an app folder whose run config is `config`; bounded by `timeout`."""
+        app_dir = self.root / "app"
+        app_dir.mkdir(exist_ok=True)
+        (app_dir / "pyproject.toml").write_text(app_pyproject(config))
+        started = time.monotonic()
+        run = self.spawn("flwr-run", ["flwr", "run", str(app_dir), CONNECTION, "--stream"], home=self.cli_home)
+        timed_out = False
+        while run.proc.poll() is None:
+            if time.monotonic() - started > timeout:
+                timed_out = True
+                break
+            if poll is not None:
+                poll()
+            time.sleep(0.5)
+        if timed_out:
+            stop_processes(process_tree(run.proc.pid))
+            run.proc.wait(timeout=10)
+        return RunResult(run.proc.returncode, time.monotonic() - started, run.log_text(), timed_out)
+
+    def logs(self, lines: int = 30) -> str:
+        """The end of every log, for a failing assertion's message."""
+        return "\n".join(f"--- {m.name} ---\n{m.tail(lines)}" for m in self.processes)
+
+    def stop(self) -> None:
+        """Stop every process started here and all their descendants; safe to call twice."""
+        pids: list[int] = []
+        for managed in reversed(self.processes):
+            if managed.proc.poll() is None:
+                pids += process_tree(managed.proc.pid)
+        stop_processes(dict.fromkeys(pids))
+        for managed in self.processes:
+            try:
+                managed.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                managed.proc.kill()

@@ -1,0 +1,421 @@
+"""Aggregation strategies: hand-computed results on tiny arrays, equality with Flower, resume equality."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    QFedAvg,
+)
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from strategies import available_strategies, build_strategy
+from strategies.arithmetic import array_view, mix, record_views, to_record, weighted_average
+from strategies.base import ReweightedFedAvg
+from strategies.fedbn import keep_local_norms, norm_param_names, split_norm_params
+from strategies.scaffold import client_control_update, gradient_correction
+from strategies.selection import (
+    epochs_at,
+    lr_at,
+    predict_round_seconds,
+    select_by_deadline,
+    select_fastest,
+    select_fraction,
+)
+from shared.wallclock import SiteTiming
+
+COMMON = {"min_train_nodes": 1, "min_evaluate_nodes": 1, "min_available_nodes": 1}
+
+
+class Grid:
+    def __init__(self, nodes):
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def reply(node, arrays, metrics, *, site=None, control_delta=None) -> Message:
+    sent = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type=MessageType.TRAIN)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": 1, **metrics}),
+            "site": ConfigRecord({"name": site or f"s{node}"}),
+        }
+    )
+    if control_delta is not None:
+        content["control-delta"] = ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in control_delta.items()})
+    return Message(content=content, reply_to=sent)
+
+
+def record(**arrays) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()})
+
+
+def round_of(strategy, rnd, global_arrays, replies) -> dict[str, np.ndarray]:
+    nodes = [r.metadata.src_node_id for r in replies]
+    list(strategy.configure_train(rnd, global_arrays, ConfigRecord({}), Grid(nodes)))
+    arrays, _ = strategy.aggregate_train(rnd, replies)
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+# --- shared arithmetic ---------------------------------------------------------------------
+def test_array_view_reads_without_copying():
+    for values in (np.arange(12, dtype=np.float32).reshape(3, 4), np.asfortranarray(np.ones((2, 3))),
+                   np.array(2.5, np.float32), np.arange(4, dtype=np.int64)):
+        view = array_view(Array(values))
+        assert view.dtype == values.dtype and view.shape == values.shape
+        np.testing.assert_array_equal(view, values)
+        assert not view.flags.writeable  # a view into the message's bytes, not a copy
+
+
+def test_weighted_average_matches_flower_bit_for_bit():
+    rng = np.random.default_rng(0)
+    contents = [
+        RecordDict({"arrays": record(w=rng.normal(size=(5, 7)), b=rng.normal(size=3)),
+                    "metrics": MetricRecord({"num-examples": n})})
+        for n in (3, 11, 5)
+    ]
+    flower = aggregate_arrayrecords(contents, "num-examples")
+    ours = weighted_average([record_views(c["arrays"]) for c in contents], [3, 11, 5])
+    for name in ("w", "b"):
+        assert np.array_equal(flower[name].numpy(), ours[name])
+
+
+def test_mix_drops_a_term_without_information():
+    assert mix([(0.5, [1, 3]), (0.5, [2, 2])]) == pytest.approx([0.375, 0.625])
+    assert mix([(0.45, [1, 3]), (0.45, [0, 0]), (0.1, [1, 1])]) == pytest.approx(
+        [(0.45 * 0.25 + 0.05) / 0.55, (0.45 * 0.75 + 0.05) / 0.55])
+    with pytest.raises(ValueError, match=">= 0"):
+        mix([(1.0, [1, -1])])
+
+
+def test_our_fedavg_equals_flowers_in_any_arrival_order():
+    rng = np.random.default_rng(1)
+    replies = [reply(n, {"w": rng.normal(size=6)}, {"num-examples": n * 2}) for n in (1, 2, 3)]
+    start = record(w=np.zeros(6))
+    ours = round_of(ReweightedFedAvg(**COMMON), 1, start, list(reversed(replies)))
+    flower = round_of(FedAvg(**COMMON), 1, start, replies)
+    assert np.array_equal(ours["w"], flower["w"])
+
+
+# --- FeTS aggregations ---------------------------------------------------------------------
+def test_fets_clipped_clips_each_change_to_the_pooled_80th_percentile():
+    start = record(w=[0, 0, 0, 0], b=[1, 1])
+    replies = [
+        reply(1, {"w": [1, 2, 3, 4], "b": [1, 1]}, {"num-examples": 1}),
+        reply(2, {"w": [-1, 0, 10, 2], "b": [1, 1]}, {"num-examples": 3}),
+    ]
+    # |changes| pooled: 0 1 1 2 2 3 4 10 -> 80th percentile (linear) = 3.6
+    # clipped: s1 [1 2 3 3.6], s2 [-1 0 3.6 2]; weights 1/4, 3/4
+    got = round_of(build_strategy("fets_clipped"), 1, start, replies)
+    np.testing.assert_allclose(got["w"], [-0.5, 0.5, 3.45, 2.4], rtol=1e-6)
+    np.testing.assert_allclose(got["b"], [1, 1])
+    assert got["w"].dtype == np.float32
+
+
+def test_fedcostwavg_weights_by_size_and_cost_ratio():
+    start = record(w=[0, 0])
+    replies = [
+        reply(1, {"w": [4, 4]}, {"num-examples": 1, "loss-before": 1.0, "loss-after": 0.5}),  # k = 2
+        reply(2, {"w": [0, 0]}, {"num-examples": 3, "loss-before": 0.9, "loss-after": 0.9}),  # k = 1
+    ]
+    strategy = build_strategy("fedcostwavg")
+    got = round_of(strategy, 1, start, replies)
+    w1 = 0.5 * 1 / 4 + 0.5 * 2 / 3
+    assert strategy.last_weights == pytest.approx({"s1": w1, "s2": 1 - w1})
+    np.testing.assert_allclose(got["w"], [4 * w1] * 2, rtol=1e-6)
+
+
+def _pid_replies(losses):
+    """losses: {node: (size, before, after)}; site n's model is all n."""
+    return [reply(n, {"w": [n, n]}, {"num-examples": s, "loss-before": b, "loss-after": a})
+            for n, (s, b, a) in losses.items()]
+
+
+def test_fedpidavg_hand_computed_over_two_rounds():
+    strategy = build_strategy("fedpidavg")
+    start = record(w=[0, 0])
+    # round 1: k = 0.4, 0.1 (K 0.5); m = 0.6, 0.9 (I 1.5); s = 1, 3
+    round_of(strategy, 1, start, _pid_replies({1: (1, 1.0, 0.6), 2: (3, 1.0, 0.9)}))
+    w1 = 0.45 * 0.25 + 0.45 * 0.8 + 0.1 * 0.4
+    assert strategy.last_weights == pytest.approx({"s1": w1, "s2": 1 - w1})
+    # round 2: site 1's loss rose -> k = 0, 0.1; m = 1.2, 1.6 (I 2.8)
+    got = round_of(strategy, 2, start, _pid_replies({1: (1, 0.5, 0.6), 2: (3, 0.8, 0.7)}))
+    w1 = 0.45 * 0.25 + 0.0 + 0.1 * 1.2 / 2.8
+    assert strategy.last_weights == pytest.approx({"s1": w1, "s2": 1 - w1})
+    np.testing.assert_allclose(got["w"], [w1 * 1 + (1 - w1) * 2] * 2, rtol=1e-6)
+    assert strategy.history == {"s1": pytest.approx([0.6, 0.6]), "s2": pytest.approx([0.9, 0.7])}
+
+
+def test_fedpidavg_keeps_only_the_window_and_survives_no_improvement():
+    strategy = build_strategy("fedpidavg", {"window": 2.0})
+    start = record(w=[0, 0])
+    for rnd, after in enumerate((0.9, 0.8, 0.7), start=1):
+        round_of(strategy, rnd, start, _pid_replies({1: (1, 0.5, after), 2: (1, 0.5, 1.0)}))  # nobody improves
+    assert strategy.history["s1"] == pytest.approx([0.8, 0.7])
+    m1, m2 = 1.5, 2.0  # k term dropped, alpha and gamma rescaled
+    expected = (0.45 * 0.5 + 0.1 * m1 / (m1 + m2)) / 0.55
+    assert strategy.last_weights["s1"] == pytest.approx(expected)
+
+
+def test_missing_loss_metrics_leave_a_site_out_with_a_reason(caplog):
+    strategy = build_strategy("fedcostwavg")
+    bad = reply(2, {"w": [9, 9]}, {"num-examples": 1, "loss-before": 0.0, "loss-afterwards": 1.0})
+    assert "no metric 'loss-after'" in strategy.reply_problem(bad)
+    good = reply(1, {"w": [1, 1]}, {"num-examples": 1, "loss-before": 1.0, "loss-after": 0.5})
+    # Flower's consistency check needs equal metric keys, so check the strategy's own filter alone
+    with caplog.at_level(logging.WARNING, logger="fedbrats.strategies"):
+        got = round_of(build_strategy("fedpidavg"), 1, record(w=[0, 0]), [good])
+    np.testing.assert_allclose(got["w"], [1, 1])
+
+
+def test_fets_fedavgm_starts_its_velocity_after_round_one():
+    start = record(w=[0.0])
+    fets, flower = build_strategy("fets_fedavgm"), FedAvgM(server_momentum=0.9, **COMMON)
+    x_fets, x_flower = start, start
+    results = []
+    for rnd, value in enumerate((1.0, 3.0, 4.0), start=1):
+        a = round_of(fets, rnd, x_fets, [reply(1, {"w": [value]}, {})])
+        b = round_of(flower, rnd, x_flower, [reply(1, {"w": [value]}, {})])
+        x_fets, x_flower = record(**a), record(**b)
+        results.append((float(a["w"][0]), float(b["w"][0])))
+    # round 1: both FedAvg. round 2: FeTS v = pg2 = -2 -> 3; Flower v = 0.9 * -1 - 2 -> 3.9
+    # round 3: FeTS v = 0.9 * -2 - 1 = -2.8 -> 5.8
+    assert results[0] == pytest.approx((1.0, 1.0))
+    assert results[1] == pytest.approx((3.0, 3.9))
+    assert results[2][0] == pytest.approx(5.8)
+
+
+def test_fednova_normalises_by_local_steps():
+    start = record(w=[0, 0])
+    replies = [reply(1, {"w": [1, 1]}, {"local-steps": 1}), reply(2, {"w": [2, 2]}, {"local-steps": 4})]
+    # d = -1, -0.5; sum p d = -0.75; tau_eff = 2.5 -> 1.875 (FedAvg: 1.5)
+    np.testing.assert_allclose(round_of(build_strategy("fednova"), 1, start, replies)["w"], [1.875] * 2)
+    equal = [reply(1, {"w": [1, 3]}, {"local-steps": 7}), reply(2, {"w": [2, 5]}, {"local-steps": 7})]
+    np.testing.assert_allclose(round_of(build_strategy("fednova"), 1, start, equal)["w"], [1.5, 4.0], rtol=1e-6)
+    assert "local-steps must be > 0" in build_strategy("fednova").reply_problem(reply(3, {"w": [0, 0]}, {"local-steps": 0}))
+
+
+# --- FedBN -----------------------------------------------------------------------------
+def test_fedbn_flags_sites_and_finds_norm_layers_by_type():
+    import torch.nn as nn
+
+    strategy = build_strategy("fedbn")
+    msgs = list(strategy.configure_train(1, record(w=[0]), ConfigRecord({}), Grid([1, 2])))
+    assert all(m.content["config"]["fedbn"] is True for m in msgs)
+    msgs = list(strategy.configure_evaluate(1, record(w=[0]), ConfigRecord({}), Grid([1])))
+    assert msgs[0].content["config"]["fedbn"] is True
+
+    model = nn.Sequential(nn.Conv3d(1, 8, 3), nn.GroupNorm(2, 8), nn.Sequential(nn.Conv3d(8, 8, 1), nn.GroupNorm(2, 8)))
+    names = list(model.state_dict())
+    norms = norm_param_names(model)
+    assert norms == ["1.bias", "1.weight", "2.1.bias", "2.1.weight"]
+    norm, other = split_norm_params(names, norm_names=norms)
+    assert norm == ["1.weight", "1.bias", "2.1.weight", "2.1.bias"] and other == ["0.weight", "0.bias", "2.0.weight", "2.0.bias"]
+    by_name = split_norm_params(["enc.conv1.weight", "enc.norm1.weight", "gn.bias", "shortcut.1.weight"])
+    assert by_name == (["enc.norm1.weight", "gn.bias"], ["enc.conv1.weight", "shortcut.1.weight"])
+    assert keep_local_norms({"a": 1, "n": 2}, {"n": 5}) == {"a": 1, "n": 5}
+    assert keep_local_norms({"a": 1, "n": 2}, None) == {"a": 1, "n": 2}
+    with pytest.raises(ValueError, match="not in the global model"):
+        keep_local_norms({"a": 1}, {"gone": 0})
+
+
+# --- SCAFFOLD --------------------------------------------------------------------------
+def test_scaffold_server_and_client_updates():
+    strategy = build_strategy("scaffold", {"num_sites": 4.0})
+    start = record(w=[0, 0])
+    msgs = list(strategy.configure_train(1, start, ConfigRecord({}), Grid([1, 2])))
+    np.testing.assert_array_equal(msgs[0].content["control"]["w"].numpy(), [0, 0])
+    replies = [
+        reply(1, {"w": [1, 1]}, {}, control_delta={"w": [0.5, 0.5]}),
+        reply(2, {"w": [3, 3]}, {}, control_delta={"w": [1.5, 1.5]}),
+        reply(3, {"w": [100, 100]}, {}),  # no control-delta: left out
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), [2, 2])  # x + mean(y - x)
+    np.testing.assert_allclose(strategy.control["w"], [0.5, 0.5])  # 0 + (2/4) * mean(0.5, 1.5)
+    msgs = list(strategy.configure_train(2, arrays, ConfigRecord({}), Grid([1])))
+    np.testing.assert_allclose(msgs[0].content["control"]["w"].numpy(), [0.5, 0.5])
+    assert "no 'control-delta'" in strategy.reply_problem(replies[2])
+
+    c = {"w": np.array([0.5], np.float32)}
+    new, delta = client_control_update(None, c, {"w": np.array([1.0], np.float32)}, {"w": np.array([0.8], np.float32)}, 2, 0.1)
+    np.testing.assert_allclose(new["w"], [0.5])  # 0 - 0.5 + 0.2 / (2 * 0.1)
+    np.testing.assert_allclose(delta["w"], [0.5])
+    np.testing.assert_allclose(gradient_correction(c, new)["w"], [0.0])
+    with pytest.raises(ValueError, match="steps > 0"):
+        client_control_update(None, c, c, c, 0, 0.1)
+
+
+# --- Flower equality and the registry ------------------------------------------------------
+def _rounds(strategy, n_rounds=3, n_sites=5, seed=0):
+    """Run rounds of random updates; return the global arrays after each round."""
+    rng = np.random.default_rng(seed)
+    arrays = record(w=rng.normal(size=(3, 4)), b=rng.normal(size=2))
+    outputs = []
+    for rnd in range(1, n_rounds + 1):
+        views = record_views(arrays)
+        replies = [
+            reply(n, {k: v + rng.normal(scale=0.1 * n, size=v.shape) for k, v in views.items()},
+                  {"num-examples": n + 1, "train-loss": 0.5 + 0.1 * n,
+                   "loss-before": 1.0 - 0.02 * rnd, "loss-after": 0.9 - 0.03 * n - 0.01 * rnd, "local-steps": 2 + n},
+                  control_delta={k: rng.normal(size=v.shape) for k, v in views.items()})
+            for n in range(1, n_sites + 1)
+        ]
+        if not isinstance(strategy, type(build_strategy("scaffold"))):
+            for r in replies:  # Flower's strategies expect exactly one ArrayRecord
+                del r.content["control-delta"]
+        result = round_of(strategy, rnd, arrays, replies)
+        arrays = record(**result)
+        outputs.append(result)
+    return outputs
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "flower"),
+    [
+        ("fedavgm", {"server_momentum": 0.9, "server_learning_rate": 0.5}, lambda: FedAvgM(server_momentum=0.9, server_learning_rate=0.5, **COMMON)),
+        ("fedadam", {"eta": 0.01}, lambda: FedAdam(eta=0.01, **COMMON)),
+        ("fedyogi", {}, lambda: FedYogi(**COMMON)),
+        ("fedadagrad", {}, lambda: FedAdagrad(**COMMON)),
+        ("fedmedian", {}, lambda: FedMedian(**COMMON)),
+        ("fedtrimmedavg", {"beta": 0.2}, lambda: FedTrimmedAvg(beta=0.2, **COMMON)),
+        ("krum", {"num_malicious_nodes": 1.0}, lambda: Krum(num_malicious_nodes=1, **COMMON)),
+        ("multikrum", {"num_malicious_nodes": 1.0, "num_nodes_to_select": 2.0},
+         lambda: MultiKrum(num_malicious_nodes=1, num_nodes_to_select=2, **COMMON)),
+        ("bulyan", {"num_malicious_nodes": 0.0}, lambda: Bulyan(**COMMON)),
+        ("qfedavg", {"client_learning_rate": 0.01}, lambda: QFedAvg(0.01, train_loss_key="train-loss", **COMMON)),
+    ],
+)
+def test_registered_flower_strategies_equal_flowers_classes(name, params, flower):
+    ours, theirs = _rounds(build_strategy(name, params)), _rounds(flower())
+    for a, b in zip(ours, theirs, strict=True):
+        for key in a:
+            assert np.array_equal(a[key], b[key]), (name, key)
+
+
+def test_every_registered_name_builds_and_summarises():
+    names = available_strategies()
+    for expected in ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg",
+                     "krum", "multikrum", "bulyan", "qfedavg", "fets_clipped", "fets_fedavgm", "fedcostwavg",
+                     "fedpidavg", "fednova", "fedbn", "scaffold"):
+        assert expected in names
+    for name in names:
+        build_strategy(name).summary()
+    with pytest.raises(ValueError, match="whole number"):
+        build_strategy("krum", {"num_malicious_nodes": 1.5})
+    with pytest.raises(ValueError, match="bad parameters"):
+        build_strategy("fedpidavg", {"kappa": 1.0})
+
+
+# --- resume equality -------------------------------------------------------------------------
+def _through_disk(state):
+    arrays, meta = state
+    blob = st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()}) if arrays else b""
+    return (st_load(blob) if blob else {}), json.loads(json.dumps(meta))
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedavgm", "fets_fedavgm", "fedpidavg", "scaffold"])
+def test_a_resumed_strategy_continues_identically(name):
+    params = {"server_momentum": 0.9} if name == "fedavgm" else {}
+    uninterrupted = _rounds(build_strategy(name, params), n_rounds=4)
+
+    first = build_strategy(name, params)
+    before = _rounds(first, n_rounds=2)
+    resumed = build_strategy(name, params)
+    resumed.load_state_dict(*_through_disk(first.state_dict()))
+    fresh = build_strategy(name, params)  # no state: must differ, or the test proves nothing
+
+    def continue_with(strategy):
+        rng = np.random.default_rng(0)
+        # replay the random stream of _rounds up to round 2, then run rounds 3 and 4 from round 2's model
+        outputs = _rounds_from(strategy, before[-1], rng_state=_rng_after_rounds(2))
+        return outputs
+
+    got, unstated = continue_with(resumed), continue_with(fresh)
+    for key in uninterrupted[-1]:
+        assert np.array_equal(got[-1][key], uninterrupted[-1][key]), key
+    assert any(not np.array_equal(unstated[-1][k], uninterrupted[-1][k]) for k in uninterrupted[-1])
+
+
+def _rng_after_rounds(n_rounds, n_sites=5):
+    """The generator of `_rounds` positioned after `n_rounds` rounds (same draws, same order)."""
+    rng = np.random.default_rng(0)
+    arrays = {"w": rng.normal(size=(3, 4)), "b": rng.normal(size=2)}
+    for _ in range(n_rounds):
+        for n in range(1, n_sites + 1):
+            for v in arrays.values():
+                rng.normal(scale=0.1 * n, size=v.shape)
+            for v in arrays.values():
+                rng.normal(size=v.shape)
+    return rng
+
+
+def _rounds_from(strategy, start, *, rng_state, first_round=3, last_round=4, n_sites=5):
+    rng, arrays, outputs = rng_state, record(**start), []
+    for rnd in range(first_round, last_round + 1):
+        views = record_views(arrays)
+        replies = [
+            reply(n, {k: v + rng.normal(scale=0.1 * n, size=v.shape) for k, v in views.items()},
+                  {"num-examples": n + 1, "train-loss": 0.5 + 0.1 * n,
+                   "loss-before": 1.0 - 0.02 * rnd, "loss-after": 0.9 - 0.03 * n - 0.01 * rnd, "local-steps": 2 + n},
+                  control_delta={k: rng.normal(size=v.shape) for k, v in views.items()})
+            for n in range(1, n_sites + 1)
+        ]
+        if not isinstance(strategy, type(build_strategy("scaffold"))):
+            for r in replies:
+                del r.content["control-delta"]
+        result = round_of(strategy, rnd, arrays, replies)
+        arrays = record(**result)
+        outputs.append(result)
+    return outputs
+
+
+# --- site selection and schedules ------------------------------------------------------------
+def test_selection_helpers():
+    nodes = [5, 1, 4, 2, 3]
+    picked = select_fraction(nodes, 0.4, min_sites=1, seed=0, server_round=3)
+    assert len(picked) == 2 and picked == select_fraction(nodes, 0.4, min_sites=1, seed=0, server_round=3)
+    assert select_fraction(nodes, 0.2, min_sites=3, seed=0, server_round=1).__len__() == 3
+    seconds = {1: 50.0, 2: 10.0, 3: 30.0, 4: 500.0}  # node 5 never measured -> 0 s
+    assert select_fastest(nodes, seconds, 2) == [2, 5]
+    assert select_by_deadline(nodes, seconds, 40.0, min_sites=2) == [2, 3, 5]
+    assert select_by_deadline(nodes, seconds, 5.0, min_sites=3) == [2, 3, 5]
+    timing = SiteTiming(2.0, 3.0, 10.0, 20.0)
+    predicted = predict_round_seconds([1, 2], {1: "a", 2: "b"}, {1: (4, 1)}, {"a": timing}, epochs=2)
+    assert predicted == {1: pytest.approx(10 + 3 + 4 * 2 * 2 + 3 + 20)}
+
+
+def test_schedules_per_round():
+    assert [epochs_at(r, 4) for r in (1, 2, 3)] == [4, 4, 3]  # 4, 3.6, 3.24
+    assert epochs_at(11, 4) == epochs_at(50, 4) == 1  # capped at 0.9 ** 10
+    assert epochs_at(5, 1) == 1
+    assert lr_at(1, 1e-3, "cosine", rounds=11) == pytest.approx(1e-3)
+    assert lr_at(11, 1e-3, "cosine", rounds=11, min_lr=1e-5) == pytest.approx(1e-5)
+    assert lr_at(3, 1.0, "exponential", decay=0.5) == pytest.approx(0.25)
+    assert lr_at(4, 1.0, "step", milestone=5, decay=0.1) == 1.0 and lr_at(5, 1.0, "step", milestone=5, decay=0.1) == 0.1
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(1, 1.0, "warm")
+
+
+def test_to_record_round_trip():
+    arrays = {"a": np.arange(3, dtype=np.float32)}
+    assert np.array_equal(record_views(to_record(arrays))["a"], arrays["a"])
