@@ -107,6 +107,8 @@ def mix(terms: Sequence[tuple[float, Sequence[float]]]) -> list[float]:
     mixed = [0.0] * n
     used = 0.0
     for coefficient, values in terms:
+        if any(not math.isfinite(v) or v < 0 for v in values):
+            raise ValueError(f"weighting term values must be finite and >= 0, got {list(values)}")
         if coefficient == 0 or sum(values) <= 0:
             continue
         for j, share in enumerate(normalise(values)):

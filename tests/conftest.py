@@ -3,6 +3,10 @@
 import os
 
 import pytest
+import torch
+
+# Tests use tiny tensors: one thread avoids oversubscription on small CI machines.
+torch.set_num_threads(1)
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")

@@ -28,7 +28,9 @@ CONTRAST = {
 TUMOR_TEXTURE = 0.10
 
 
-def tissue_means(modality: str, scanner: ModalityScanner, enhancement: float, rng: np.random.Generator) -> np.ndarray:
+def tissue_means(
+    modality: str, scanner: ModalityScanner, enhancement: float, rng: np.random.Generator
+) -> np.ndarray:
     """Class means for one site's sequence, with a per-patient jitter of the tumor classes.
 
     Each class moves differently (a single linear stretch would be undone by z-scoring).
