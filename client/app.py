@@ -17,8 +17,9 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.algorithms import CONTROL, CONTROL_DELTA, ControlVariate, LocalNorms
 from client.site import Site, SiteError, cached_site
-from client.trainer import TrainConfig, evaluate_local, flat_metrics, get_device, train_local
+from client.trainer import TrainConfig, evaluate_local, flat_metrics, get_device, loss_on, lr_at, train_local
 from shared.config import RunConfig
 from shared.models import create_model
 from shared.records import model_to_record, record_to_model
@@ -61,8 +62,15 @@ def handle_train(msg: Message, context: Context) -> Message:
     if len(site.train) == 0:
         return _error(msg, SITE_UNUSABLE, f"site {site.name} has no usable training case ({site.skipped_count} skipped)")
     round_config = msg.content["config"]
+    server_round = int(round_config.get("server-round", 0))
+    incoming = msg.content["arrays"]
     model = _model(msg, config)
+    norms = LocalNorms(site.work_dir) if round_config.get("fedbn", False) else None
+    if norms:
+        norms.apply(model)
+    control = ControlVariate(site.work_dir, msg.content[CONTROL]) if CONTROL in msg.content.array_records else None
     state = site.load_state()
+    start_step = int(state.get("step", 0))
     per_round = steps_per_round(site, config)
     train_config = TrainConfig(
         epochs=None if config.local_steps > 0 else int(round_config.get("local-epochs", config.local_epochs)),
@@ -75,19 +83,40 @@ def handle_train(msg: Message, context: Context) -> Message:
         seed=config.seed,
         proximal_mu=float(round_config.get("proximal-mu", config.proximal_mu)),
     )
-    result = train_local(model, site.train, train_config, start_step=int(state.get("step", 0)), device=get_device("auto"))
-    site.save_state({**state, "step": result.end_step, "last_round": int(round_config.get("server-round", 0))})
-    metrics = {
-        "num-examples": len(site.train),
-        "num-val": len(site.val),
-        "examples-seen": result.examples,
-        "train-loss": result.mean_loss,
-        "local-steps": result.steps,
-        "seconds": result.seconds,
-        "lr": result.last_lr,
-        "skipped-cases": site.skipped_count,
-    }
-    return _reply(msg, site, metrics, model_to_record(model))
+    device = get_device("auto")
+    metrics: dict[str, float] = {}
+    report_loss = bool(round_config.get("report-loss", False))
+    loss_batches = min(4, len(site.train))
+    if report_loss:
+        metrics["loss-before"] = loss_on(model, site.train, loss_batches, seed=config.seed + server_round, device=device)
+    if control:
+        control.attach(model)
+    result = train_local(model, site.train, train_config, start_step=start_step, device=device)
+    if report_loss:
+        metrics["loss-after"] = loss_on(model, site.train, loss_batches, seed=config.seed + server_round, device=device)
+    site.save_state({**state, "step": result.end_step, "last_round": server_round})
+    metrics.update(
+        {
+            "num-examples": len(site.train),
+            "num-val": len(site.val),
+            "examples-seen": result.examples,
+            "train-loss": result.mean_loss,
+            "local-steps": result.steps,
+            "seconds": result.seconds,
+            "lr": result.last_lr,
+            "skipped-cases": site.skipped_count,
+        }
+    )
+    reply = model_to_record(model)
+    if norms:
+        norms.keep(model)
+        reply = LocalNorms.hide(model, reply, incoming)
+    out = _reply(msg, site, metrics, reply)
+    if control:
+        steps = max(result.steps, 1)
+        mean_lr = sum(lr_at(s, train_config) for s in range(start_step, start_step + steps)) / steps
+        out.content[CONTROL_DELTA] = control.finish(model, incoming, steps, mean_lr)
+    return out
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
@@ -96,6 +125,8 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     if len(site.val) == 0:
         return _error(msg, SITE_UNUSABLE, f"site {site.name} has no usable validation case")
     model = _model(msg, config)
+    if msg.content["config"].get("fedbn", False):
+        LocalNorms(site.work_dir).apply(model)  # each site is scored with its own normalisation
     evaluation = evaluate_local(model, site.val, patch_size=config.patch, device=get_device("auto"))
     metrics = {k.replace("_", "-"): v for k, v in flat_metrics(evaluation).items()}
     metrics.update({"num-examples": len(site.val), "eval-seconds": evaluation["seconds"]})

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from shared.constants import REGIONS
-from shared.inference import get_device, predict_probabilities
+from shared.inference import fast_layout, get_device, predict_probabilities
 
 __all__ = [
     "TrainConfig", "TrainResult", "evaluate_local", "flat_metrics", "get_device", "loss_on", "lr_at",
@@ -197,7 +197,7 @@ def train_local(
         for images, targets in _batches(loader, config.steps if steps_mode else None):
             if len(images) == 0:  # Poisson sampling (DP) may draw an empty batch
                 continue
-            images = images.to(device, non_blocking=True)
+            images = fast_layout(images.to(device, non_blocking=True))
             targets = targets.to(device, non_blocking=True)
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
@@ -267,7 +267,7 @@ def loss_on(
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(seed))
         for images, targets in _batches(loader, max(int(batches), 1)):
-            outputs = model(images.to(device))
+            outputs = model(fast_layout(images.to(device)))
             total += float(loss_fn(outputs, targets.to(device).float()))
             count += 1
     model.train(was_training)

@@ -9,7 +9,6 @@ strategies still configure the messages and aggregate the replies.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,6 +26,15 @@ from shared.config import RunConfig
 from shared.constants import REGIONS
 from shared.records import record_digest, record_nbytes
 from shared.wallclock import SiteTiming, timing_for
+from strategies.arithmetic import ordered
+from strategies.selection import (
+    epochs_at,
+    predict_round_seconds,
+    select_all,
+    select_by_deadline,
+    select_fastest,
+    select_fraction,
+)
 
 log = logging.getLogger("fedbrats.server")
 
@@ -53,8 +61,18 @@ class SiteResult:
     dropped: str | None = None
 
 
-def _site_name(reply: Message, node_names: dict[int, str]) -> str:
-    node = reply.metadata.src_node_id
+def _destinations(messages: list[Message]) -> dict[str, int]:
+    """Message id -> the node it went to (ids are set by the grid when it sends)."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+
+
+def _reply_node(reply: Message, destinations: dict[str, int]) -> int:
+    """The site a reply answers for. When a SuperNode is gone, the SuperLink itself writes the error
+    reply ("node unavailable") with its own node id as the source; the reply still names our message."""
+    return destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
+def _site_name(reply: Message, node: int, node_names: dict[int, str]) -> str:
     if not reply.has_error() and "site" in reply.content.config_records:
         node_names[node] = str(reply.content.config_records["site"]["name"])
     return node_names.get(node, f"node-{node}")
@@ -87,6 +105,7 @@ class Federation:
         self.out_dir = Path(out_dir or config.out_dir)
         self.history = RunHistory(self.out_dir / "history.jsonl")
         self.node_names: dict[int, str] = {}
+        self.sizes: dict[int, tuple[int, int]] = {}  # node -> (training cases, validation cases)
         self.start_round = 0
         self.simulated_seconds = 0.0
         self._resume()
@@ -121,18 +140,27 @@ class Federation:
                 return nodes
             time.sleep(0.5)
 
+    def _epochs(self, rnd: int) -> int:
+        return epochs_at(rnd, self.config.local_epochs, decay=self.config.epoch_decay)
+
     def _select(self, rnd: int, nodes: list[int]) -> list[int]:
-        count = max(self.config.min_sites, round(self.config.fraction_train * len(nodes)))
-        if count >= len(nodes):
-            return nodes
-        return sorted(random.Random(self.config.seed * 100_003 + rnd).sample(nodes, count))
+        """The FeTS site-selection hooks: all, a random fraction, the fastest k, or a deadline."""
+        c = self.config
+        if c.selection == "all":
+            return select_all(nodes)
+        if c.selection == "fraction":
+            return select_fraction(nodes, c.fraction_train, min_sites=c.min_sites, seed=c.seed, server_round=rnd)
+        predicted = predict_round_seconds(nodes, self.node_names, self.sizes, self.timings, self._epochs(rnd))
+        if c.selection == "fastest":
+            return select_fastest(nodes, predicted, max(c.min_sites, c.select_k or (len(nodes) + 1) // 2))
+        return select_by_deadline(nodes, predicted, c.deadline_seconds, min_sites=c.min_sites)
 
     def _train_config(self, rnd: int) -> ConfigRecord:
         return ConfigRecord(
             {
                 "server-round": rnd,
                 "lr": self.config.lr,
-                "local-epochs": self.config.local_epochs,
+                "local-epochs": self._epochs(rnd),
                 "local-steps": self.config.local_steps,
             }
         )
@@ -141,11 +169,15 @@ class Federation:
         view = SelectedSites(self.grid, selected)
         messages = list(self.strategy.configure_train(rnd, self.arrays, self._train_config(rnd), view))
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.timeout))
-        answered = {r.metadata.src_node_id for r in replies}
+        destinations = _destinations(messages)
+        answered = {_reply_node(r, destinations) for r in replies}
         results, good = [], []
         for reply in replies:
-            result = SiteResult(reply.metadata.src_node_id, _site_name(reply, self.node_names), _metrics(reply))
-            result.dropped = update_problem(reply, self.arrays)
+            node = _reply_node(reply, destinations)
+            result = SiteResult(node, _site_name(reply, node, self.node_names), _metrics(reply))
+            result.dropped = update_problem(reply, self.arrays) or self._strategy_problem(reply)
+            if "num-examples" in result.metrics:
+                self.sizes[node] = (int(result.metrics["num-examples"]), int(result.metrics.get("num-val", 0)))
             if result.dropped:
                 log.warning("round %d: dropped update of %s: %s", rnd, result.site, result.dropped)
             else:
@@ -154,14 +186,16 @@ class Federation:
         for node in sorted(set(selected) - answered):
             results.append(SiteResult(node, self.node_names.get(node, f"node-{node}"), dropped="no reply before timeout"))
         info = {
-            "bytes_sent": record_nbytes(self.arrays) * len(messages),
+            "bytes_sent": sum(sum(record_nbytes(r) for r in m.content.array_records.values()) for m in messages),
             "bytes_received": sum(record_nbytes(r.content.array_records["arrays"]) for r in good),
         }
         if len(good) < self.config.min_sites:
             info["status"] = f"failed: {len(good)} usable updates, fewer than min_sites={self.config.min_sites}"
             log.error("round %d %s; the global model is unchanged", rnd, info["status"])
             return results, info
-        arrays, _ = self.strategy.aggregate_train(rnd, good)
+        # Replies in site order: aggregation (float sums) must not depend on arrival order,
+        # or a resumed run would not reproduce the weights of an uninterrupted one.
+        arrays, _ = self.strategy.aggregate_train(rnd, ordered(good))
         if arrays is None:
             info["status"] = "failed: the strategy returned no aggregate"
             return results, info
@@ -169,26 +203,36 @@ class Federation:
         info["status"] = "ok"
         return results, info
 
+    def _strategy_problem(self, reply: Message) -> str | None:
+        """A strategy's own needs (e.g. FedPIDAvg's loss metrics) drop one site, not the round."""
+        check = getattr(self.strategy, "reply_problem", None)
+        return check(reply) if check and not reply.has_error() else None
+
     def evaluate_round(self, rnd: int, nodes: list[int]) -> list[SiteResult]:
         messages = list(
             self.strategy.configure_evaluate(rnd, self.arrays, ConfigRecord({"server-round": rnd}), SelectedSites(self.grid, nodes))
         )
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.timeout))
+        destinations = _destinations(messages)
         results = []
         for reply in replies:
-            result = SiteResult(reply.metadata.src_node_id, _site_name(reply, self.node_names), _metrics(reply))
+            node = _reply_node(reply, destinations)
+            result = SiteResult(node, _site_name(reply, node, self.node_names), _metrics(reply))
             if reply.has_error():
                 result.dropped = f"site error: {reply.error.reason}"
             results.append(result)
+        answered = {r.node_id for r in results}
+        for node in sorted({m.metadata.dst_node_id for m in messages} - answered):
+            results.append(SiteResult(node, self.node_names.get(node, f"node-{node}"), dropped="no reply before timeout"))
         return results
 
-    def _round_seconds(self, results: list[SiteResult]) -> float:
+    def _round_seconds(self, rnd: int, results: list[SiteResult]) -> float:
         times = []
         for r in results:
             if r.dropped:
                 continue
             timing = timing_for(self.timings, r.site)
-            epochs = self.config.local_epochs if self.config.local_steps <= 0 else 1.0
+            epochs = self._epochs(rnd) if self.config.local_steps <= 0 else 1.0
             times.append(timing.round_seconds(int(r.metrics.get("num-examples", 0)), int(r.metrics.get("num-val", 0)), epochs))
         return max(times, default=0.0)
 
@@ -198,7 +242,7 @@ class Federation:
             nodes = self._wait_for_sites()
             selected = self._select(rnd, nodes)
             train_results, info = self.train_round(rnd, selected)
-            round_seconds = self._round_seconds(train_results)
+            round_seconds = self._round_seconds(rnd, train_results)
             self.simulated_seconds += round_seconds
             evaluated = []
             if rnd % self.config.eval_every == 0 or rnd == self.config.rounds:

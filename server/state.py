@@ -49,6 +49,7 @@ def save_state(folder: Path, state: ServerState) -> None:
         "weights": f"{WEIGHTS}.r{state.round}",
         "strategy": f"{STRATEGY}.r{state.round}",
         "strategy_meta": state.strategy_meta,
+        "array_order": list(state.arrays.keys()),  # safetensors sorts names; positional strategies need the model's order
         **state.meta,
     }
     tmp = folder / (META + ".tmp")
@@ -74,4 +75,5 @@ def load_state(folder: Path) -> ServerState | None:
     rnd = int(meta.pop("round"))
     strategy_meta = meta.pop("strategy_meta", {})
     meta.pop("weights"), meta.pop("strategy")
-    return ServerState(rnd, ArrayRecord({k: Array(v) for k, v in weights.items()}), meta, strategy_arrays, strategy_meta)
+    order = meta.pop("array_order", None) or list(weights)
+    return ServerState(rnd, ArrayRecord({k: Array(weights[k]) for k in order}), meta, strategy_arrays, strategy_meta)

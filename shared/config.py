@@ -32,6 +32,9 @@ class RunConfig:
     rounds: int = 20
     strategy: str = "fedavg"
     fraction_train: float = 1.0
+    selection: str = "fraction"  # all | fraction | fastest | deadline (FeTS hooks, strategies.selection)
+    select_k: int = 0  # sites per round for "fastest" (0: half of them)
+    deadline_seconds: float = 0.0  # simulated seconds for "deadline"
     min_sites: int = 2
     eval_every: int = 1
     timeout: float = 3600.0
@@ -39,6 +42,7 @@ class RunConfig:
     # local training
     local_epochs: int = 1
     local_steps: int = 0  # > 0 replaces epochs with a fixed number of steps
+    epoch_decay: float = 1.0  # FeTS "train less each round": epochs x decay^min(round-1, 10)
     lr: float = 1e-3
     lr_schedule: str = "cosine"
     warmup_steps: int = 10
@@ -70,6 +74,12 @@ class RunConfig:
             problems.append(f"rounds must be >= 1, got {self.rounds}")
         if not 0.0 < self.fraction_train <= 1.0:
             problems.append(f"fraction_train must be in (0, 1], got {self.fraction_train}")
+        if self.selection not in ("all", "fraction", "fastest", "deadline"):
+            problems.append(f"selection must be all, fraction, fastest or deadline, got {self.selection!r}")
+        if self.selection == "deadline" and self.deadline_seconds <= 0:
+            problems.append("selection 'deadline' needs deadline_seconds > 0")
+        if not 0.0 < self.epoch_decay <= 1.0:
+            problems.append(f"epoch_decay must be in (0, 1], got {self.epoch_decay}")
         if self.min_sites < 1:
             problems.append(f"min_sites must be >= 1, got {self.min_sites}")
         if self.local_epochs < 1 and self.local_steps < 1:

@@ -54,6 +54,14 @@ def first_output(output: Any) -> torch.Tensor:
     return output
 
 
+def fast_layout(x: torch.Tensor) -> torch.Tensor:
+    """Channels-last copy of a CPU batch [B, C, X, Y, Z]: oneDNN's 3D convolutions run about 2x faster on it
+    (measured on the width-8 ResUNet, 32^3 patches, batch 2-4). Unchanged on GPU and for other shapes."""
+    if x.device.type == "cpu" and x.ndim == 5:
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
 def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
@@ -91,7 +99,7 @@ def predict_logits(
         total = None
         with _autocast(device):
             for dims in passes:
-                out = first_output(model(torch.flip(window, dims) if dims else window)).float()
+                out = first_output(model(fast_layout(torch.flip(window, dims) if dims else window))).float()
                 out = torch.flip(out, dims) if dims else out
                 total = out if total is None else total + out
         return total / len(passes)

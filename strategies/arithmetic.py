@@ -14,38 +14,49 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
-_HEADER_PREFIX = 4096  # .npy headers are 64-byte aligned and short; longer ones fall back to Array.numpy
+_CHUNK = 1 << 16  # elements per block in weighted_average: the block and its scratch stay in cache
 
 
 def array_view(array: Array) -> np.ndarray:
-    """A read-only view of an Array's values, without copying them when the bytes allow it."""
+    """A read-only view of an Array's values, without copying them when the bytes allow it.
+
+    The Array's own dtype and shape say where the values start (the ``.npy`` header is what
+    precedes them); the header is checked for the same dtype, else ``Array.numpy`` parses it.
+    """
     data = array.data
-    if array.stype != "numpy.ndarray" or not isinstance(data, bytes | bytearray | memoryview):
+    if array.stype != "numpy.ndarray" or not isinstance(data, bytes):
         return array.numpy()
     try:
-        head = io.BytesIO(bytes(data[:_HEADER_PREFIX]))
-        version = np.lib.format.read_magic(head)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(head)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(head)
-        else:
-            return array.numpy()
-    except (ValueError, OSError, EOFError):
+        dtype = np.dtype(array.dtype)
+    except TypeError:
         return array.numpy()
-    if dtype.hasobject:
+    shape = tuple(int(n) for n in array.shape)
+    offset = len(data) - math.prod(shape) * dtype.itemsize
+    header = data[:offset] if 10 <= offset <= 65_536 else b""
+    if dtype.hasobject or not header.startswith(b"\x93NUMPY") or f"'descr': '{dtype.str}'".encode() not in header:
         return array.numpy()
-    count = math.prod(shape)
-    values = np.frombuffer(data, dtype=dtype, count=count, offset=head.tell())
-    return values.reshape(shape, order="F" if fortran else "C")
+    values = np.frombuffer(data, dtype=dtype, offset=offset)
+    return values.reshape(shape, order="F" if b"'fortran_order': True" in header else "C")
 
 
 def record_views(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array_view(array) for name, array in record.items()}
 
 
+def to_array(value: np.ndarray) -> Array:
+    """An Array with the same bytes ``Array(value)`` would hold, built with one copy instead of three."""
+    value = np.ascontiguousarray(value)
+    try:
+        head = io.BytesIO()
+        np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(value))
+        data = b"".join((head.getvalue(), memoryview(value).cast("B")))
+    except (ValueError, TypeError):  # 0-d or exotic arrays: let Flower serialise
+        return Array(value)
+    return Array(dtype=str(value.dtype), shape=tuple(value.shape), stype="numpy.ndarray", data=data)
+
+
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
+    return ArrayRecord({name: to_array(value) for name, value in arrays.items()})
 
 
 def site_of(reply: Message) -> str:
@@ -132,8 +143,9 @@ def weighted_average(
 ) -> dict[str, np.ndarray]:
     """``sum_j w_j x_j`` with ``w`` normalised, in the arrays' own dtype and key order.
 
-    Accumulates ``x_j * w_j`` in order, as Flower's ``aggregate_arrayrecords`` does, so both give
-    identical bits for the same inputs in the same order.
+    Element for element the same operations as Flower's ``aggregate_arrayrecords`` (``x_j * w_j``
+    added in order), so both give identical bits; done block by block so each update is read
+    from memory once.
     """
     if len(arrays) != len(weights) or not arrays:
         raise ValueError(f"need one weight per update, got {len(weights)} weights for {len(arrays)} updates")
@@ -141,15 +153,20 @@ def weighted_average(
     result: dict[str, np.ndarray] = {}
     for name, first in arrays[0].items():
         if first.dtype.kind != "f":
-            stacked = sum(np.asarray(a[name], np.float64) * w for a, w in zip(arrays, shares, strict=True))
-            result[name] = _cast_like(np.asarray(stacked), first)
+            total = sum(np.asarray(a[name], np.float64) * w for a, w in zip(arrays, shares, strict=True))
+            result[name] = _cast_like(np.asarray(total), first)
             continue
-        total = first * shares[0]
-        scratch = np.empty_like(total)
-        for values, share in zip(arrays[1:], shares[1:], strict=True):
-            np.multiply(values[name], share, out=scratch)
-            total += scratch
-        result[name] = total
+        flat = [np.ravel(a[name]) for a in arrays]  # views, except for the rare Fortran-ordered array
+        out = np.empty(first.size, first.dtype)
+        scratch = np.empty(min(_CHUNK, first.size), first.dtype)
+        for lo in range(0, first.size, _CHUNK):
+            hi = min(lo + _CHUNK, first.size)
+            block, tmp = out[lo:hi], scratch[: hi - lo]
+            np.multiply(flat[0][lo:hi], shares[0], out=block)
+            for values, share in zip(flat[1:], shares[1:], strict=True):
+                np.multiply(values[lo:hi], share, out=tmp)
+                block += tmp
+        result[name] = out.reshape(first.shape)
     return result
 
 

@@ -49,6 +49,8 @@ class ReweightedFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.global_arrays = arrays  # the model the sites start from; updates are measured against it
+        if "loss-before" in self.required_metrics:
+            config["report-loss"] = True  # sites measure losses (extra forward passes) only when asked
         return super().configure_train(server_round, arrays, config, grid)
 
     def reply_problem(self, reply: Message) -> str | None:

@@ -13,7 +13,14 @@ import numpy as np
 from flwr.app import Message
 
 from strategies import register_strategy
-from strategies.arithmetic import apply_update, metric, missing_metrics, normalise, record_views
+from strategies.arithmetic import (
+    apply_update,
+    metric,
+    missing_metrics,
+    normalise,
+    record_views,
+    weighted_average,
+)
 from strategies.base import ReweightedFedAvg
 
 log = logging.getLogger("fedbrats.strategies")
@@ -23,7 +30,7 @@ log = logging.getLogger("fedbrats.strategies")
 class FedNova(ReweightedFedAvg):
     """FedNova in its plain-SGD form (sites report ``local-steps``).
 
-    With equal ``tau_j`` it is exactly FedAvg. The normalisation assumes each local step moves the
+    With equal ``tau_j`` it is FedAvg (up to float rounding). The normalisation assumes each local step moves the
     model by a comparable amount, as plain SGD does; with Adam (our trainer's default) the step
     size adapts per parameter and ``1/tau_j`` only approximates the paper's normalisation vector,
     so treat FedNova with Adam as a heuristic. No parameters.
@@ -46,19 +53,10 @@ class FedNova(ReweightedFedAvg):
         shares = normalise(weights)
         steps = [metric(r, "local-steps") for r in replies]
         tau_eff = sum(p * tau for p, tau in zip(shares, steps, strict=True))
+        # x - tau_eff * sum_j p_j (x - x_j) / tau_j  ==  x + tau_eff * Q * (avg_q(x_j) - x)
+        # with q_j = p_j / tau_j, Q = sum_j q_j and avg_q the q-weighted average: one pass over the updates
+        q = [p / tau for p, tau in zip(shares, steps, strict=True)]
+        average = weighted_average([record_views(r.content[self.arrayrecord_key]) for r in replies], q)
         floats = {name: x for name, x in start.items() if x.dtype.kind == "f"}
-        # x_new = x + tau_eff * sum_j (p_j / tau_j) (x_j - x)
-        direction: dict[str, np.ndarray] = {}
-        for reply, p, tau in zip(replies, shares, steps, strict=True):
-            local = record_views(reply.content[self.arrayrecord_key])
-            for name, x in floats.items():
-                step = (local[name] - x) * (p / tau)
-                if name in direction:
-                    direction[name] += step
-                else:
-                    direction[name] = step
-        result = apply_update(floats, direction, tau_eff)
-        if len(floats) < len(start):  # integer buffers, if any, are averaged plainly
-            plain = super().combine(server_round, replies, weights)
-            result.update({name: plain[name] for name in start if name not in floats})
-        return {name: result[name] for name in start}
+        result = apply_update(floats, {name: average[name] - x for name, x in floats.items()}, tau_eff * sum(q))
+        return {name: result.get(name, average[name]) for name in start}  # integer buffers: averaged

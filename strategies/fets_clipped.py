@@ -47,13 +47,20 @@ class FetsClippedAvg(ReweightedFedAvg):
         reference = self.global_views()
         updates = [record_views(r.content[self.arrayrecord_key]) for r in replies]
         shares = normalise(weights)
+        largest = max((x.size for x in reference.values() if x.dtype.kind == "f"), default=0)
+        changes_buffer = np.empty(len(updates) * largest, np.float32)  # reused for every tensor
+        magnitude_buffer = np.empty_like(changes_buffer)
         result: dict[str, np.ndarray] = {}
         for name, start in reference.items():
             if start.dtype.kind != "f" or start.size == 0:
                 result[name] = weighted_average([{name: u[name]} for u in updates], shares)[name]
                 continue
-            changes = np.stack([u[name] for u in updates]) - start
-            bound = start.dtype.type(np.percentile(np.abs(changes), self.percentile))
+            n = len(updates) * start.size
+            changes = changes_buffer[:n].astype(start.dtype, copy=False).reshape(len(updates), *start.shape)
+            for row, update in zip(changes, updates, strict=True):
+                np.subtract(update[name], start, out=row)
+            magnitudes = np.abs(changes.reshape(-1), out=magnitude_buffer[:n].astype(start.dtype, copy=False))
+            bound = start.dtype.type(np.percentile(magnitudes, self.percentile, overwrite_input=True))
             np.clip(changes, -bound, bound, out=changes)
             mean_change = weighted_average([{name: c} for c in changes], shares)[name]
             result[name] = start + mean_change

@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     Bulyan,
     FedAdagrad,
@@ -54,23 +54,61 @@ def _whole(name: str, value: float) -> int:
 
 
 # --- server momentum ---------------------------------------------------------------------
+def _reply_names(replies: list[Message], key: str) -> list[str]:
+    """Array names in the order the sites sent them (Flower aggregates in this order)."""
+    for reply in replies:
+        if not reply.has_error() and key in reply.content.array_records:
+            return list(reply.content.array_records[key].keys())
+    return []
+
+
+def _in_order(record: ArrayRecord, names: list[str]) -> ArrayRecord:
+    """`record` with its arrays in `names` order. Flower's FedAvgM and QFedAvg pair the global
+    model's arrays with the sites' by position; a model read back from a checkpoint may list its
+    arrays in another order (safetensors sorts names), which would pair the wrong arrays."""
+    if list(record.keys()) == names or set(record.keys()) != set(names):
+        return record
+    return ArrayRecord({name: record[name] for name in names})
+
+
 class StatefulFedAvgM(FedAvgM):
-    """Flower's FedAvgM whose momentum is checkpointed.
+    """Flower's FedAvgM whose momentum is checkpointed, pairing arrays by name.
 
     The model the momentum applies to (``current_arrays``) is not saved: after a restart it is
     taken from the resumed global model at the next ``configure_train``, which is the same array.
     """
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.momentum_names: list[str] = []  # the array name of each entry of momentum_vector
+
+    def _align(self, replies: list[Message]) -> list[str]:
+        names = _reply_names(replies, self.arrayrecord_key)
+        if names and self.current_arrays is not None:
+            self.current_arrays = _in_order(self.current_arrays, names)
+        if names and self.momentum_vector is not None and self.momentum_names not in ([], names):
+            by_name = dict(zip(self.momentum_names, self.momentum_vector, strict=True))
+            self.momentum_vector = [by_name[name] for name in names]
+        return names
+
+    def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        names = self._align(replies)
+        result = super().aggregate_train(server_round, replies)
+        if self.momentum_vector is not None:
+            self.momentum_names = names
+        return result
+
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        if self.momentum_vector is None or self.current_arrays is None:
+        if self.momentum_vector is None:
             return {}, {"momentum_names": []}
-        names = list(self.current_arrays.keys())
+        names = self.momentum_names
         arrays = {f"momentum/{k}": np.ascontiguousarray(v) for k, v in zip(names, self.momentum_vector, strict=True)}
         return arrays, {"momentum_names": names}
 
     def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        names = meta.get("momentum_names", [])
-        self.momentum_vector = [np.array(arrays[f"momentum/{k}"]) for k in names] if names else None
+        self.momentum_names = list(meta.get("momentum_names", []))
+        self.momentum_vector = [np.array(arrays[f"momentum/{k}"]) for k in self.momentum_names] or None
         self.current_arrays = None
 
 
@@ -82,14 +120,15 @@ class FetsFedAvgM(StatefulFedAvgM):
     round's pseudo-gradient. From round 2 both apply ``v = mu v + (x - avg)``, ``x -= lr v``.
     """
 
-    def aggregate_train(
-        self, server_round: int, replies: Any
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self.momentum_vector is not None or not self.server_opt:
             return super().aggregate_train(server_round, replies)
+        replies = list(replies)
+        names = self._align(replies)
         arrays, metrics = FedAvg.aggregate_train(self, server_round, replies)
         if arrays is not None:
             self.momentum_vector = [np.zeros_like(a) for a in arrays.to_numpy_ndarrays()]
+            self.momentum_names = names
             self.current_arrays = arrays
         return arrays, metrics
 
@@ -165,9 +204,20 @@ def bulyan(*, num_malicious_nodes: float = 0, **common: Any) -> Bulyan:
 
 
 # --- fairness ------------------------------------------------------------------------------
+class NamedQFedAvg(QFedAvg):
+    """Flower's QFedAvg pairing the global arrays with the sites' by name, not position."""
+
+    def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        names = _reply_names(replies, self.arrayrecord_key)
+        if names and self.current_arrays is not None:
+            self.current_arrays = _in_order(self.current_arrays, names)
+        return super().aggregate_train(server_round, replies)
+
+
 @register_strategy("qfedavg")
-def qfedavg(*, client_learning_rate: float = 1e-3, q: float = 0.1, **common: Any) -> QFedAvg:
+def qfedavg(*, client_learning_rate: float = 1e-3, q: float = 0.1, **common: Any) -> NamedQFedAvg:
     if client_learning_rate <= 0:
         raise ValueError(f"client_learning_rate must be > 0, got {client_learning_rate}")
-    return QFedAvg(client_learning_rate=client_learning_rate, q=q, train_loss_key="train-loss", **common)
+    return NamedQFedAvg(client_learning_rate=client_learning_rate, q=q, train_loss_key="train-loss", **common)
 

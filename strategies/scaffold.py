@@ -54,8 +54,10 @@ def client_control_update(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Option II of the paper: ``c_i+ = c_i - c + (x - y_i) / (K lr)``; returns ``(c_i+, c_i+ - c_i)``.
 
-    `c_local` is None on a site's first round (``c_i = 0``); `steps` is K, the local SGD steps taken
-    with learning rate `lr`. Only the names in `c_global` (floating-point parameters) are updated."""
+    `c_local` is None on a site's first round (``c_i = 0``); `steps` is K, the local steps taken
+    with learning rate `lr`; with a schedule, pass the mean learning rate over those steps (then
+    ``K lr`` is the sum of the step sizes, as the estimate needs). Only the names in `c_global`
+    (floating-point parameters) are updated."""
     if steps <= 0 or lr <= 0:
         raise ValueError(f"SCAFFOLD needs steps > 0 and lr > 0, got steps={steps}, lr={lr}")
     scale = 1.0 / (steps * lr)

@@ -199,7 +199,7 @@ def _signal_all(pids: Iterable[int], sig: int) -> None:
             pass
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
@@ -212,9 +212,9 @@ def stop_processes(pids: Iterable[int], grace: float = 5.0) -> None:
     pids = list(pids)
     _signal_all(pids, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(is_alive(p) for p in pids):
         time.sleep(0.1)
-    _signal_all([p for p in pids if _alive(p)], signal.SIGKILL)
+    _signal_all([p for p in pids if is_alive(p)], signal.SIGKILL)
 
 
 @dataclass

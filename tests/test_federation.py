@@ -114,3 +114,23 @@ def test_history_ignores_a_torn_last_line(tmp_path):
     assert history.records() == [{"round": 1}]
     history.truncate_after(0)
     assert history.records() == []
+
+
+def test_checkpoint_keeps_the_model_array_order(tmp_path):
+    from server.state import ServerState, save_state
+
+    arrays = ArrayRecord({"z": Array(np.ones(2, np.float32)), "a": Array(np.zeros(2, np.float32))})
+    save_state(tmp_path, ServerState(1, arrays))
+    assert list(load_state(tmp_path).arrays.keys()) == ["z", "a"]
+
+
+def test_fastest_selection_uses_reported_sizes(tmp_path):
+    grid = FakeGrid(nodes=(1, 2, 3, 4))
+    config = RunConfig(rounds=2, min_sites=1, out_dir=str(tmp_path), selection="fastest", select_k=2)
+    federation = Federation(grid, config, build_strategy("fedavg"), _arrays(), out_dir=tmp_path)
+    federation.run()
+    rounds = read_history(tmp_path / "history.jsonl")
+    assert rounds[0]["selected"] == 2 and rounds[1]["selected"] == 2
+    trained = [{t["site"] for t in r["train"]} for r in rounds]
+    assert trained[0] == {"s1", "s2"}  # unmeasured sites count as 0 s: lowest ids first
+    assert trained[1] == {"s3", "s4"}  # s1, s2 are now measured (> 0 s); s3, s4 are not yet

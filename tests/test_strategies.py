@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 
@@ -98,6 +99,9 @@ def test_weighted_average_matches_flower_bit_for_bit():
     ours = weighted_average([record_views(c["arrays"]) for c in contents], [3, 11, 5])
     for name in ("w", "b"):
         assert np.array_equal(flower[name].numpy(), ours[name])
+    mixed_order = [{"w": np.asfortranarray(c["arrays"]["w"].numpy())} if i == 1 else {"w": c["arrays"]["w"].numpy()}
+                   for i, c in enumerate(contents)]
+    assert np.array_equal(weighted_average(mixed_order, [3, 11, 5])["w"], flower["w"].numpy())
 
 
 def test_mix_drops_a_term_without_information():
@@ -177,15 +181,16 @@ def test_fedpidavg_keeps_only_the_window_and_survives_no_improvement():
     assert strategy.last_weights["s1"] == pytest.approx(expected)
 
 
-def test_missing_loss_metrics_leave_a_site_out_with_a_reason(caplog):
+def test_unusable_loss_metrics_leave_a_site_out_with_a_reason(caplog):
     strategy = build_strategy("fedcostwavg")
-    bad = reply(2, {"w": [9, 9]}, {"num-examples": 1, "loss-before": 0.0, "loss-afterwards": 1.0})
-    assert "no metric 'loss-after'" in strategy.reply_problem(bad)
+    missing = reply(2, {"w": [9, 9]}, {"num-examples": 1, "loss-before": 0.0, "loss-afterwards": 1.0})
+    assert "no metric 'loss-after'" in strategy.reply_problem(missing)
     good = reply(1, {"w": [1, 1]}, {"num-examples": 1, "loss-before": 1.0, "loss-after": 0.5})
-    # Flower's consistency check needs equal metric keys, so check the strategy's own filter alone
+    broken = reply(2, {"w": [9, 9]}, {"num-examples": 1, "loss-before": 1.0, "loss-after": float("nan")})
     with caplog.at_level(logging.WARNING, logger="fedbrats.strategies"):
-        got = round_of(build_strategy("fedpidavg"), 1, record(w=[0, 0]), [good])
+        got = round_of(build_strategy("fedpidavg"), 1, record(w=[0, 0]), [good, broken])
     np.testing.assert_allclose(got["w"], [1, 1])
+    assert "leaves out s2" in caplog.text and "nan" in caplog.text
 
 
 def test_fets_fedavgm_starts_its_velocity_after_round_one():
@@ -268,7 +273,8 @@ def test_scaffold_server_and_client_updates():
 
 # --- Flower equality and the registry ------------------------------------------------------
 def _start(rng):
-    return record(w=rng.normal(size=(3, 4)), b=rng.normal(size=2))
+    w, b = rng.normal(size=(3, 4)), rng.normal(size=2)
+    return record(b=b, w=w)  # the order the fake sites send (sorted), as real sites send their model's order
 
 
 def _rounds(strategy, rounds=range(1, 4), arrays=None, rng=None, n_sites=5):
@@ -278,7 +284,7 @@ def _rounds(strategy, rounds=range(1, 4), arrays=None, rng=None, n_sites=5):
     scaffold = type(strategy).__name__ == "Scaffold"
     outputs = []
     for rnd in rounds:
-        views = record_views(arrays)
+        views = dict(sorted(record_views(arrays).items()))  # same draws whatever order the arrays come in
         replies = [
             reply(n, {k: v + rng.normal(scale=0.1 * n, size=v.shape) for k, v in views.items()},
                   {"num-examples": n + 1, "train-loss": 0.5 + 0.1 * n, "local-steps": 2 + n,
@@ -308,11 +314,20 @@ def _rounds(strategy, rounds=range(1, 4), arrays=None, rng=None, n_sites=5):
         ("qfedavg", {"client_learning_rate": 0.01}, lambda: QFedAvg(0.01, train_loss_key="train-loss", **COMMON)),
     ],
 )
-def test_registered_flower_strategies_equal_flowers_classes(name, params, flower):
+def test_registered_flower_strategies_equal_flowers_classes(name, params, flower, monkeypatch):
+    monkeypatch.setattr(gc, "collect", lambda *args: 0)  # Bulyan and QFedAvg force a 1 s gc every round
     ours, theirs = _rounds(build_strategy(name, params)), _rounds(flower())
     for a, b in zip(ours, theirs, strict=True):
         for key in a:
             assert np.array_equal(a[key], b[key]), (name, key)
+
+
+def test_qfedavg_pairs_arrays_by_name():
+    replies = lambda: [reply(n, {"w": [n, 2 * n, 0], "b": [n]}, {"train-loss": 0.1 * n}) for n in (1, 2)]  # noqa: E731
+    forward = round_of(build_strategy("qfedavg"), 1, record(w=[0, 0, 0], b=[1]), replies())
+    backward = round_of(build_strategy("qfedavg"), 1, record(b=[1], w=[0, 0, 0]), replies())
+    for key in forward:
+        assert np.array_equal(forward[key], backward[key])
 
 
 def test_every_registered_name_builds_and_summarises():
@@ -340,21 +355,26 @@ def _through_disk(state):
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedavgm", "fets_fedavgm", "fedpidavg", "scaffold"])
 def test_a_resumed_strategy_continues_identically(name):
     params = {"server_momentum": 0.9} if name == "fedavgm" else {}
-    uninterrupted = _rounds(build_strategy(name, params), range(1, 5))
+    full = build_strategy(name, params)
+    uninterrupted = _rounds(full, range(1, 5))[-1]
 
     rng = np.random.default_rng(0)
     first = build_strategy(name, params)
     after_two = _rounds(first, range(1, 3), rng=rng)[-1]
-    resumed = build_strategy(name, params)
+    resumed, stateless = build_strategy(name, params), build_strategy(name, params)
     resumed.load_state_dict(*_through_disk(first.state_dict()))
     fresh_rng = copy.deepcopy(rng)
-    got = _rounds(resumed, range(3, 5), arrays=record(**after_two), rng=rng)[-1]
-    stateless = _rounds(build_strategy(name, params), range(3, 5), arrays=record(**after_two), rng=fresh_rng)[-1]
+    # a checkpoint gives the model back with its arrays in another order (safetensors sorts names)
+    from_disk = dict(reversed(list(after_two.items())))
+    got = _rounds(resumed, range(3, 5), arrays=record(**from_disk), rng=rng)[-1]
+    without = _rounds(stateless, range(3, 5), arrays=record(**from_disk), rng=fresh_rng)[-1]
 
-    for key in uninterrupted[-1]:
-        assert np.array_equal(got[key], uninterrupted[-1][key]), key
+    if name == "scaffold":  # its state steers the sites (control variate), not the model average
+        got, without, uninterrupted = resumed.control, stateless.control, full.control
+    for key in uninterrupted:
+        assert np.array_equal(got[key], uninterrupted[key]), key
     # without its state the strategy would continue differently, so the equality above means something
-    assert any(not np.array_equal(stateless[k], uninterrupted[-1][k]) for k in uninterrupted[-1])
+    assert any(not np.array_equal(without[k], uninterrupted[k]) for k in uninterrupted)
 
 
 # --- site selection and schedules ------------------------------------------------------------
@@ -384,6 +404,56 @@ def test_schedules_per_round():
         lr_at(1, 1.0, "warm")
 
 
-def test_to_record_round_trip():
-    arrays = {"a": np.arange(3, dtype=np.float32)}
-    assert np.array_equal(record_views(to_record(arrays))["a"], arrays["a"])
+def test_to_record_holds_the_bytes_flower_would_write():
+    arrays = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "s": np.array(2.5, np.float32),
+              "f": np.asfortranarray(np.ones((2, 3))), "i": np.arange(4)}
+    ours = to_record(arrays)
+    for name, value in arrays.items():
+        assert ours[name].data == Array(np.ascontiguousarray(value)).data
+        np.testing.assert_array_equal(record_views(ours)[name], value)
+
+
+# --- through the server's round loop ---------------------------------------------------------
+class LossGrid(Grid):
+    """Sites that add node/10 to every weight, report losses that depend on round and site, and
+    answer SCAFFOLD's control variate; replies come back in a different order every round."""
+
+    def __init__(self, nodes=(1, 2, 3)):
+        super().__init__(nodes)
+        self.calls = 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.calls += 1
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            rnd = msg.content["config"]["server-round"]
+            content = RecordDict({"metrics": MetricRecord({"num-examples": node, "num-val": 1,
+                                                           "loss-before": 1.0 / rnd, "loss-after": 0.9 / rnd - 0.05 * node}),
+                                  "site": ConfigRecord({"name": f"s{node}"})})
+            if msg.metadata.message_type == MessageType.TRAIN:
+                new = {k: v.numpy() + node / 10 for k, v in msg.content["arrays"].items()}
+                if "control" in msg.content.array_records:  # the control variate steers local training
+                    control = {k: v.numpy() for k, v in msg.content["control"].items()}
+                    new = {k: v - 0.5 * control[k] for k, v in new.items()}
+                    content["control-delta"] = ArrayRecord({k: Array(v * 0 + node / 100) for k, v in control.items()})
+                content["arrays"] = ArrayRecord({k: Array(v) for k, v in new.items()})
+            replies.append(Message(content=content, reply_to=msg))
+        return replies[self.calls % 2:] + replies[: self.calls % 2]
+
+
+@pytest.mark.parametrize("name", ["fedpidavg", "scaffold", "fets_clipped"])
+def test_server_resume_gives_identical_weights(tmp_path, name):
+    from server.federation import Federation
+    from shared.config import RunConfig
+    from shared.records import record_digest
+
+    def run(out, rounds):
+        config = RunConfig(rounds=rounds, min_sites=2, out_dir=str(out))
+        start = record(w=np.linspace(0, 1, 6).reshape(2, 3), b=[0.5, -0.5, 0.0])
+        return Federation(LossGrid(), config, build_strategy(name), start, out_dir=out).run()
+
+    full = run(tmp_path / "full", 4)
+    run(tmp_path / "part", 2)
+    resumed = run(tmp_path / "part", 4)
+    assert record_digest(resumed) == record_digest(full)

@@ -169,3 +169,17 @@ def test_bad_configs_and_devices_are_explained():
             get_device("cuda")
     with pytest.raises(ValueError, match="empty"):
         train_local(_model(), BlobDataset(n=0), TrainConfig(steps=1))
+
+
+def test_deep_supervision_outputs_and_the_wrap_hook():
+    torch.manual_seed(0)
+    model = create_model("resunet", width=8, depth=3, deep_supervision=True)
+    calls = []
+
+    def wrap(m, optimizer, loader):  # what a DP engine does: may replace all three
+        calls.append(type(optimizer).__name__)
+        return m, optimizer, loader
+
+    result = train_local(model, BlobDataset(), TrainConfig(steps=2), wrap=wrap)
+    assert calls == ["Adam"] and result.steps == 2 and math.isfinite(result.mean_loss)
+    assert math.isfinite(loss_on(model, BlobDataset(), 1))

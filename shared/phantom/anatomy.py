@@ -20,7 +20,7 @@ FIELD_OF_VIEW_MM = (240.0, 240.0, 155.0)
 #: Work box margin around the template brain: the deformation never moves the brain further.
 MARGIN_MM = 12.0
 #: Brain top sits this far below the top of the field of view (the brainstem bottom is cropped).
-TOP_MARGIN_MM = 8.0
+TOP_MARGIN_MM = 12.0
 
 
 @dataclass(frozen=True)
@@ -136,12 +136,12 @@ class Deformation:
 
 
 def draw_deformation(rng: np.random.Generator, template: Template) -> Deformation:
-    """Small random affine (5 deg, 6 % scale, 3 mm) and a cheap smooth elastic field (about 2 mm)."""
+    """Small random affine (5 deg, 6 % scale, 3 mm) and a cheap smooth elastic field (about 2 mm rms)."""
     matrix = random_rotation(rng, 5.0) @ np.diag(np.exp(rng.uniform(-0.06, 0.06, 3)))
     shift = rng.uniform(-3.0, 3.0, 3)
     elastic = []
     for _ in range(3):  # per displaced axis: 4 separable cosine products, wavelengths 60-160 mm
-        amp = rng.normal(0.0, 1.0, 4)
+        amp = rng.normal(0.0, 2.5, 4)
         freq = 2 * np.pi / rng.uniform(60.0, 160.0, (4, 3))
         phase = rng.uniform(0, 2 * np.pi, (4, 3))
         elastic.append((amp, freq, phase))

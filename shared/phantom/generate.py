@@ -92,10 +92,11 @@ def make_case(
 
 
 def _dominant_tissue(anatomy: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """Tissue filling >= 60 % of the voxel (fractions sum to <= 1, so at most one does)."""
     mask, gm, wm = anatomy
-    fractions = np.stack([np.clip(mask - gm - wm, 0.0, 1.0), gm, wm])
-    tissue = (fractions.argmax(axis=0) + 1).astype(np.uint8)
-    tissue[(fractions.max(axis=0) < 0.6) | ~brain] = 0
+    tissue = np.where(wm >= 0.6, 3, np.where(gm >= 0.6, 2, 0)).astype(np.uint8)
+    tissue[(mask - gm - wm >= 0.6) & brain] = 1
+    tissue[~brain] = 0
     return tissue
 
 
@@ -134,6 +135,8 @@ def _run_key(sites: int, cases_per_site: int | None, voxel_size: float, seed: in
 def _prepare_out(out: Path, key: dict, case_ids: list[str], layout: Layout) -> bool:
     """True if `out` already holds this exact phantom. Stale phantom cases of an older run are removed."""
     manifest = out / "sites.json"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: is a file; expected a folder for the phantom dataset")
     if out.exists() and any(out.iterdir()):
         if not manifest.exists():
             raise ValueError(

@@ -25,7 +25,7 @@ CONTRAST = {
     "flair": (0.16, 0.85, 0.64, 0.80, 1.22, 1.38, 1.05),
 }
 #: Tumor intensity heterogeneity (fraction of the mean, smooth noise).
-TUMOR_TEXTURE = 0.10
+TUMOR_TEXTURE = 0.07
 
 
 def tissue_means(
@@ -40,6 +40,8 @@ def tissue_means(
     mu[1] = wm + scanner.contrast * (mu[1] - wm)
     mu[0] *= scanner.csf
     mu[3:] = wm + scanner.lesion * (mu[3:] - wm)
+    if modality != "flair":  # necrosis is mostly fluid: it follows the CSF level (FLAIR: proteinaceous)
+        mu[3] *= np.sqrt(scanner.csf)
     if modality == "t1ce":
         mu[6] = wm + enhancement * (mu[6] - wm)
     mu[3:] *= np.exp(rng.normal(0.0, 0.06, 4)).astype(np.float32)
@@ -96,7 +98,7 @@ def render(
         img[sub] = img[sub] * (1.0 - f_tumor) + m_sub * tumor_mix * texture
         sigma = site.blur_mm / spacing
         if sigma > 0.2:
-            img = ndimage.gaussian_filter(img, sigma, mode="constant")
+            img = ndimage.gaussian_filter(img, sigma, mode="constant", truncate=3.0)
         strength = site.bias_strength * float(np.exp(rng.normal(0.0, 0.15)))
         img *= np.exp(strength * poly)
         values = np.power(np.maximum(img[brain], 0.0), scanner.gamma)

@@ -16,7 +16,7 @@ import numpy as np
 from shared.constants import LAYOUTS, MODALITIES, Layout
 
 #: BraTS-figure colours: necrosis red, edema green, enhancing yellow.
-LABEL_COLOURS = {"NCR": (0.9, 0.15, 0.15), "ED": (0.2, 0.8, 0.2), "ET": (1.0, 0.9, 0.1)}
+LABEL_COLOURS = {"NCR/NET": (0.9, 0.15, 0.15), "ED": (0.2, 0.8, 0.2), "ET": (1.0, 0.9, 0.1)}
 
 
 def _find_layout(folder: Path, case_id: str) -> Layout:
@@ -87,7 +87,7 @@ def save_montage(root: Path, case_ids: list[str], out_png: Path) -> Path:
         flair = _window(vols["flair"], brain)[crop].T
         rgb = np.repeat(flair[..., None], 3, axis=2)
         et_value = 4 if layout.name == "brats2021" else 3
-        for name, value in (("NCR", 1), ("ED", 2), ("ET", et_value)):
+        for name, value in (("NCR/NET", 1), ("ED", 2), ("ET", et_value)):
             hit = seg[crop].T == value
             rgb[hit] = 0.35 * rgb[hit] + 0.65 * np.array(LABEL_COLOURS[name])
         row[4].imshow(rgb, origin="lower")

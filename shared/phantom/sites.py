@@ -122,13 +122,13 @@ def draw_site_profile(seed: int, site: int, cases_per_site: int | None = None) -
             offset=round(float(rng.uniform(0.0, 0.2)), 4),
             gamma=round(_log_uniform(rng, 0.55, 1.8), 4),
             contrast=round(float(rng.uniform(0.6, 1.4)), 4),
-            csf=round(_log_uniform(rng, 0.6, 1.7), 4),
-            lesion=round(float(rng.uniform(0.65, 1.4)), 4),
+            csf=round(_log_uniform(rng, 0.6, 1.6), 4),
+            lesion=round(float(rng.uniform(0.75, 1.4)), 4),
         )
     bias_strength = float(rng.uniform(0.05, 0.5))
     coefficients = rng.standard_normal(9)  # x, y, z, x2, y2, z2, xy, xz, yz
     coefficients /= np.abs(coefficients).sum()
-    noise = _log_uniform(rng, 0.01, 0.065) * (1.4 if field_t == 1.5 else 1.0)
+    noise = _log_uniform(rng, 0.01, 0.065) * (1.25 if field_t == 1.5 else 1.0)
     enhancement = float(rng.uniform(0.6, 1.4))
     blur_mm = float(rng.uniform(0.0, 1.6))
     hgg_share = float(np.clip(rng.beta(4.0, 1.3), 0.3, 1.0))

@@ -116,7 +116,7 @@ def grow_tumor(
 
     sigma = max(0.3 * spec.radius_mm / spacing, 0.8)
     n_core, n_nec, n_edema = (_smooth_noise(rng, shape, sigma) for _ in range(3))
-    texture = _smooth_noise(rng, shape, max(1.5 / spacing, 0.5))
+    texture = _smooth_noise(rng, shape, max(2.5 / spacing, 0.5))
     centre_mask = np.zeros(shape, bool)
     centre_mask[tuple(np.clip(np.round(centre - lo).astype(int), 0, np.array(shape) - 1))] = True
 

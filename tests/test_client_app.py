@@ -1,0 +1,93 @@
+"""The real ServerApp loop and ClientApp handlers on a tiny phantom, in process."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from server.app import run_server
+from server.history import read_history
+from shared.checkpoint import load_checkpoint
+from shared.config import RunConfig
+from shared.phantom import generate_phantom
+
+from .local_grid import LocalGrid
+
+TINY = dict(model_width=8, model_depth=2, patch_size=16, batch_size=2, local_steps=2, local_epochs=1, cache="memory")
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantom")
+    generate_phantom(root, sites=2, cases_per_site=3, voxel_size=5.0, seed=3, progress=False)
+    return root
+
+
+def _config(phantom, out, **changes):
+    values = dict(rounds=2, min_sites=1, data_dir=str(phantom), partition=str(phantom / "partitioning_1.csv"), out_dir=str(out))
+    return RunConfig(**{**values, **TINY, **changes})
+
+
+def test_two_rounds_end_to_end_and_nothing_private_leaves_a_site(phantom, tmp_path):
+    config = _config(phantom, tmp_path)
+    grid = LocalGrid(config.to_flower(), sites=2)
+    checkpoint = run_server(grid, config)
+    history = read_history(tmp_path / "history.jsonl")
+    assert [h["status"] for h in history] == ["ok", "ok"]
+    assert {e["site"] for e in history[-1]["evaluate"]} == {"1", "2"}
+    assert all(0.0 <= e["dice-WT"] <= 1.0 for e in history[-1]["evaluate"])
+    model, meta = load_checkpoint(checkpoint)
+    assert meta["model_name"] == "resunet" and meta["round"] == 2
+    # Every reply: weights, numbers and the site's name only.
+    case_ids = [p.name for p in phantom.iterdir() if p.is_dir()]
+    for reply in grid.replies:
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        content = reply.content
+        assert set(content.keys()) <= {"arrays", "metrics", "site"}
+        assert set(content.config_records["site"].keys()) == {"name"}
+        for value in content.metric_records["metrics"].values():
+            assert isinstance(value, int | float)
+        text = repr(dict(content.config_records["site"])) + repr(dict(content.metric_records["metrics"]))
+        assert not any(case in text for case in case_ids) and str(phantom) not in text
+        if "arrays" in content:
+            model_names = set(model.state_dict())
+            assert set(content["arrays"].keys()) == model_names  # parameters only, no voxels
+            assert all(np.isfinite(a.numpy()).all() for a in content["arrays"].values())
+
+
+def test_schedule_position_persists_across_rounds(phantom, tmp_path):
+    config = _config(phantom, tmp_path)
+    run_server(LocalGrid(config.to_flower(), sites=2), config)
+    import json
+
+    state = json.loads((tmp_path / "sites" / "1" / "site_state.json").read_text())
+    assert state["step"] == 2 * config.local_steps and state["last_round"] == 2
+
+
+def test_site_without_usable_cases_replies_with_an_error(phantom, tmp_path):
+    config = _config(phantom, tmp_path, rounds=1)
+    nodes = {1: {"partition-id": 0}, 2: {"site-name": "ghost", "data-dir": str(tmp_path / "missing")}}
+    grid = LocalGrid(config.to_flower(), sites=2, node_configs=nodes)
+    run_server(grid, config)
+    record = read_history(tmp_path / "history.jsonl")[0]
+    assert record["status"] == "ok"
+    dropped = [t["dropped"] for t in record["train"] if t["dropped"]]
+    assert len(dropped) == 1 and "data folder does not exist" in dropped[0]
+    assert not re.search(r"/tmp|missing", dropped[0])  # no path leaves the site
+
+
+@pytest.mark.parametrize("strategy", ["fedpidavg", "fedbn", "scaffold"])
+def test_strategies_with_site_side_parts_run(phantom, tmp_path, strategy):
+    config = _config(phantom, tmp_path, strategy=strategy)
+    grid = LocalGrid(config.to_flower(), sites=2)
+    run_server(grid, config)
+    history = read_history(tmp_path / "history.jsonl")
+    assert [h["status"] for h in history] == ["ok", "ok"], history[-1]["train"]
+    if strategy == "fedpidavg":
+        assert all("loss-before" in t and "loss-after" in t for t in history[0]["train"])
+    if strategy == "fedbn":
+        assert (tmp_path / "sites" / "1" / "fedbn_norms.safetensors").is_file()
+    if strategy == "scaffold":
+        assert (tmp_path / "sites" / "2" / "scaffold_control.safetensors").is_file()
