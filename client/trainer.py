@@ -25,7 +25,7 @@ from shared.inference import fast_layout, get_device, predict_probabilities
 
 __all__ = [
     "TrainConfig", "TrainResult", "evaluate_local", "flat_metrics", "get_device", "loss_on", "lr_at",
-    "train_local",
+    "train_config_from_run", "train_local",
 ]  # fmt: skip
 
 SCHEDULES = ("cosine", "poly", "constant")
@@ -93,6 +93,21 @@ class TrainResult:
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
+
+
+def train_config_from_run(run_config: Any, num_cases: int) -> TrainConfig:
+    """The local TrainConfig of a federated run (shared.config.RunConfig) at a site with `num_cases` training cases.
+
+    The schedule spans the whole run (rounds x local steps per round), so every site's lr decays to 0
+    at the last round whatever its size; a site passes its own step count as `start_step`.
+    """
+    rc = run_config
+    per_round = rc.local_steps if rc.local_steps > 0 else rc.local_epochs * -(-max(num_cases, 1) // rc.batch_size)
+    return TrainConfig(
+        epochs=rc.local_epochs, steps=rc.local_steps or None, lr=rc.lr, warmup_steps=rc.warmup_steps,
+        schedule=rc.lr_schedule, total_steps=rc.rounds * per_round, batch_size=rc.batch_size, seed=rc.seed,
+        proximal_mu=rc.proximal_mu,
+    )  # fmt: skip
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -231,7 +246,6 @@ def train_local(
         raise FloatingPointError(
             f"no finite training step in {skipped} attempts; check the data (NaN in an image?) and lower the lr"
         )
-    model.eval()
     return TrainResult(
         examples=examples, steps=steps, mean_loss=loss_sum / steps, seconds=time.perf_counter() - start,
         end_step=step, last_lr=lr, skipped_steps=skipped,

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from shared.config import DEMO, RunConfig
@@ -159,9 +160,9 @@ def run_flower(app_dir: Path, out: Path, sites: int, *, cpus_per_site: float, gp
                 match = round_line.search(clean)
                 if match:
                     progress.update(task, completed=int(match.group(1)))
-                    progress.console.print(clean[clean.index("round") :])
+                    progress.console.print(escape(clean[clean.index("round") :]))
                 elif "ERROR" in clean or "Traceback" in clean or "dropped update" in clean:
-                    progress.console.print(f"[red]{clean}")
+                    progress.console.print(f"[red]{escape(clean)}")
             code = proc.wait()
         finally:
             if proc.poll() is None:

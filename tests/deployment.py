@@ -320,34 +320,52 @@ class Deployment:
         write_connection(self.cli_home, CONNECTION, f"{HOST}:{self.port}", self.tls.ca)
         return seconds
 
-    def register(self, public_key: Path, name: str) -> None:
-        """`flwr supernode register` as the coordinator does it for a hospital's public key."""
-        done = self.cli("supernode", "register", str(public_key), CONNECTION, "--name", name)
-        if done.returncode != 0:
-            raise DeploymentError(f"flwr supernode register failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    def register(self, public_keys: dict[str, Path], timeout: float = 60) -> None:
+        """`flwr supernode register KEY CONNECTION --name NAME` for each hospital's public key (concurrently)."""
+        running = {
+            name: subprocess.Popen(
+                ["flwr", "supernode", "register", str(key), CONNECTION, "--name", name],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env(self.cli_home), cwd=self.root,
+            )  # fmt: skip
+            for name, key in public_keys.items()
+        }
+        failed = []
+        for name, proc in running.items():
+            try:
+                output, _ = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                output, _ = proc.communicate()
+            if proc.returncode != 0:
+                failed.append(f"{name} ({proc.returncode}): {output[-2000:]}")
+        if failed:
+            raise DeploymentError("flwr supernode register failed for " + "\n".join(failed))
 
     # --- the hospitals ---------------------------------------------------------------------
-    def start_supernode(self, name: str, data_dir: Path) -> Managed:
+    def start_supernodes(self, data_dirs: dict[str, Path]) -> dict[str, Managed]:
+        """One SuperNode per hospital, its data folder and site name in its node config (and its key registered)."""
         if self.port is None:
             raise DeploymentError("start the SuperLink first")
-        home = self.root / name
-        port = free_port(self.ports)
-        self.ports.append(port)
-        node_config = f"data-dir='{Path(data_dir).resolve()}' site-name='{name}' work-dir='{home / 'work'}'"
-        command = [
-            "flower-supernode",
-            "--superlink", f"{HOST}:{self.port}",
-            "--root-certificates", str(self.tls.ca),
-            "--node-config", node_config,
-            "--port", str(port),
-        ]  # fmt: skip
+        keys = {}
         if self.node_auth:
-            private, public = make_node_keys(home / "keys", "supernode_key")
-            self.register(public, name)
-            command += ["--auth-supernode-private-key", str(private)]
-        node = self.spawn(name, command, home=home / "flwr-home", extra_env=self.node_env)
-        self.supernodes[name] = node
-        return node
+            keys = {name: make_node_keys(self.root / name / "keys", "supernode_key") for name in data_dirs}
+            self.register({name: public for name, (_, public) in keys.items()})
+        for name, data_dir in data_dirs.items():
+            home = self.root / name
+            port = free_port(self.ports)
+            self.ports.append(port)
+            node_config = f"data-dir='{Path(data_dir).resolve()}' site-name='{name}' work-dir='{home / 'work'}'"
+            command = [
+                "flower-supernode",
+                "--superlink", f"{HOST}:{self.port}",
+                "--root-certificates", str(self.tls.ca),
+                "--node-config", node_config,
+                "--port", str(port),
+            ]  # fmt: skip
+            if self.node_auth:
+                command += ["--auth-supernode-private-key", str(keys[name][0])]
+            self.supernodes[name] = self.spawn(name, command, home=home / "flwr-home", extra_env=self.node_env)
+        return {name: self.supernodes[name] for name in data_dirs}
 
     def wait_connected(self, names: Iterable[str] | None = None, timeout: float = 60) -> float:
         """Wait until each SuperNode logged its node id (registered and activated at the SuperLink)."""
@@ -403,6 +421,11 @@ class Deployment:
             if managed.proc.poll() is None:
                 pids += process_tree(managed.proc.pid)
         stop_processes(dict.fromkeys(pids))
+        for managed in self.processes:  # orphans left in a session whose leader already exited
+            try:
+                os.killpg(managed.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         for managed in self.processes:
             try:
                 managed.proc.wait(timeout=5)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from flwr.app import Context, Message, RecordDict
 
-from client.app import handle_evaluate, handle_train
 from client.app import _guarded as guarded
+from client.app import handle_evaluate, handle_train
 
 
 class LocalGrid:
@@ -29,7 +29,6 @@ class LocalGrid:
             context = Context(1, node, self.node_configs[node], RecordDict(), self.run_config)
             handler = guarded(handle_train if msg.metadata.message_type.startswith("train") else handle_evaluate)
             reply = handler(msg, context)
-            reply.metadata.__dict__  # noqa: B018 - replies are plain Messages
             replies.append(reply)
         self.replies += replies
         return replies

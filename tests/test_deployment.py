@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from deployment import Deployment, is_alive, missing_flower, process_tree, site_folders
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from server.federation import Federation
@@ -19,6 +18,7 @@ from shared.checkpoint import load_checkpoint
 from shared.config import RunConfig
 from shared.records import record_digest
 from strategies import build_strategy
+from tests.deployment import Deployment, is_alive, missing_flower, process_tree, site_folders
 
 SITES = ("hospital-a", "hospital-b")
 #: two sites train at once on a 2-core machine: one thread each avoids oversubscription
@@ -62,8 +62,7 @@ def _gone(pids: list[int]) -> bool:
 
 def _start(deployment: Deployment, folders) -> None:
     deployment.start_superlink()
-    for name, folder in folders.items():
-        deployment.start_supernode(name, folder)
+    deployment.start_supernodes(folders)
     deployment.wait_connected()
 
 

@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from client.trainer import TrainConfig, evaluate_local, flat_metrics, get_device, loss_on, lr_at, train_local
+from client.trainer import (
+    TrainConfig,
+    evaluate_local,
+    flat_metrics,
+    get_device,
+    loss_on,
+    lr_at,
+    train_config_from_run,
+    train_local,
+)
+from shared.config import RunConfig
 from shared.constants import REGIONS
 from shared.models import create_model
 
@@ -183,3 +193,11 @@ def test_deep_supervision_outputs_and_the_wrap_hook():
     result = train_local(model, BlobDataset(), TrainConfig(steps=2), wrap=wrap)
     assert calls == ["Adam"] and result.steps == 2 and math.isfinite(result.mean_loss)
     assert math.isfinite(loss_on(model, BlobDataset(), 1))
+
+
+def test_run_config_schedule_spans_every_round():
+    by_epochs = train_config_from_run(RunConfig(rounds=10, local_epochs=2, batch_size=2, lr_schedule="poly"), 5)
+    assert by_epochs.total_steps == 10 * 2 * 3 and by_epochs.steps is None and by_epochs.schedule == "poly"
+    by_steps = train_config_from_run(RunConfig(rounds=4, local_steps=7, proximal_mu=0.1), 5)
+    assert (by_steps.steps, by_steps.total_steps, by_steps.proximal_mu) == (7, 28, 0.1)
+    assert lr_at(by_steps.total_steps, by_steps) == 0.0

@@ -6,12 +6,12 @@ import csv
 import json
 
 import pytest
-from data_fixtures import case_id_for, write_case
 from rich.console import Console
 
 from client.training_run import run_train, select_cases
 from shared.checkpoint import load_checkpoint
 from shared.evaluation import METRIC_COLUMNS, evaluate_checkpoint
+from tests.data_fixtures import case_id_for, write_case
 
 SITES = {"1": [1, 2, 3], "2": [4, 5]}
 

@@ -29,6 +29,9 @@ VAL_S = (9.7, 15.3, 40.2)  # seconds per validation case
 DOWNLOAD_S = (13.0, 217.0)
 UPLOAD_S = (20.0, 431.0)
 
+#: CSF level per sequence: FLAIR suppression varies most; T2 keeps CSF bright on every scanner.
+CSF_RANGE = {"t1": (0.7, 1.4), "t1ce": (0.7, 1.4), "t2": (0.85, 1.4), "flair": (0.6, 1.8)}
+
 _SITE_STREAM, _SIZE_STREAM = 0x517E, 0x512E
 
 
@@ -118,11 +121,11 @@ def draw_site_profile(seed: int, site: int, cases_per_site: int | None = None) -
     scanner = {}
     for modality in MODALITIES:
         scanner[modality] = ModalityScanner(
-            scale=round(_log_uniform(rng, 150.0, 3000.0), 3),
+            scale=round(_log_uniform(rng, 150.0, 2000.0), 3),
             offset=round(float(rng.uniform(0.0, 0.2)), 4),
             gamma=round(_log_uniform(rng, 0.55, 1.8), 4),
             contrast=round(float(rng.uniform(0.6, 1.4)), 4),
-            csf=round(_log_uniform(rng, 0.6, 1.6), 4),
+            csf=round(_log_uniform(rng, *CSF_RANGE[modality]), 4),
             lesion=round(float(rng.uniform(0.75, 1.4)), 4),
         )
     bias_strength = float(rng.uniform(0.05, 0.5))
