@@ -88,6 +88,10 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str) -
     ax_dice.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title="validation Dice (sliding window)")
     if validated:
         ax_dice.legend()
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_loss, ax_dice):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)

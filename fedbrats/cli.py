@@ -51,6 +51,13 @@ def _data_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_montage(args: argparse.Namespace) -> int:
+    from shared.phantom import save_montage
+
+    print(save_montage(args.root, args.cases, args.out))
+    return 0
+
+
 def _data_partition(args: argparse.Namespace) -> int:
     from simulations.partitioning import run_partition
 
@@ -131,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=["brats2021", "brats2023"], default="brats2021")
     p.add_argument("--check", action="store_true", help="run `data check` on the result")
     p.set_defaults(func=_data_phantom)
+
+    p = data_sub.add_parser("montage", help="PNG of the four modalities and labels of some cases")
+    p.add_argument("root", type=Path)
+    p.add_argument("--cases", nargs="+", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_data_montage)
 
     p = data_sub.add_parser("partition", help="split cases into sites (FeTS partition CSV)")
     p.add_argument("root", type=Path)

@@ -17,7 +17,7 @@ from shared.phantom.anatomy import load_template, make_grid
 from shared.phantom.sites import draw_case_count
 
 VOXEL = 3.0
-SEED = 0  # with 2 sites x 3 cases: site 1 all HGG, site 2 has an LGG (asserted below)
+SEED = 0  # with 2 sites x 3 cases this gives both grades (asserted in test_files_and_csvs)
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -9,7 +9,7 @@ at one site lose accuracy at another, as real multi-institution data does.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +74,6 @@ class SiteProfile:
     upload_mbps: float
     compute_speed: float  # relative to the median FeTS site (> 1 is faster)
     timing_cv: float = 0.15  # coefficient of variation for per-round draws of the times above
-    extra: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
