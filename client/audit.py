@@ -96,8 +96,11 @@ def independent_epsilons(rows: Sequence[LedgerRow]) -> list[float]:
     """Epsilon after each row from Google's dp_accounting (RDP for "rdp" rows, PLD otherwise), at each row's delta."""
     if not rows:
         return []
+    kinds = {r.accountant == "rdp" for r in rows}
     with _quiet_absl():
-        return _independent_rdp(rows) if rows[-1].accountant == "rdp" else _independent_pld(rows)
+        rdp = _independent_rdp(rows) if True in kinds else []
+        pld = _independent_pld(rows) if False in kinds else []
+    return [rdp[i] if row.accountant == "rdp" else pld[i] for i, row in enumerate(rows)]
 
 
 def _independent_rdp(rows: Sequence[LedgerRow]) -> list[float]:
@@ -171,8 +174,9 @@ def audit_ledger(path: Path, *, site: str | None = None, budget: float | None = 
 
 
 def _site_table(audit: SiteAudit) -> Table:
-    independent = "PLD" if audit.rounds and audit.rounds[-1].row.accountant != "rdp" else "RDP"
-    accountant = audit.rounds[-1].row.accountant if audit.rounds else "-"
+    kinds = {c.row.accountant == "rdp" for c in audit.rounds}
+    independent = "RDP/PLD" if len(kinds) > 1 else "RDP" if True in kinds else "PLD"
+    accountant = "/".join(sorted({c.row.accountant for c in audit.rounds})) or "-"
     table = Table(title=f"site {audit.site}: {audit.path}", caption=(
         f"eps: recorded ({accountant}); Opacus: recomputed from the history; {independent}: dp_accounting"))
     for name in ("row", "run:round", "sigma", "q", "steps", "total", "delta", "eps", "Opacus", independent,

@@ -27,7 +27,7 @@ import math
 import secrets
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
@@ -288,8 +288,13 @@ def train_private(
     device: torch.device | str | None = None,
     progress: Progress | None = None,
     loss_fn: LossFn | None = None,
+    grad_correction: Mapping[str, torch.Tensor] | None = None,
 ) -> PrivateResult:
     """One round of DP-SGD (Adam on the noisy gradients) on `dataset`, recorded in `ledger`.
+
+    `grad_correction` (parameter name -> tensor, e.g. SCAFFOLD's c - c_i) is added to the noisy
+    gradient at every step: it depends on the data only through earlier releases, so it is
+    post-processing. Parameter hooks (`ControlVariate.attach`) would be lost: Opacus replaces p.grad.
 
     Raises PrivacyBudgetExhausted (nothing trained, nothing recorded) when the round would exceed
     `dp.epsilon`, IncompatibleModelError for a model Opacus cannot handle, LedgerError if this run's
@@ -318,6 +323,12 @@ def train_private(
                            force_functorch=mode == "functorch")  # fmt: skip
     params = [p for p in gsm.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if config.proximal_mu > 0 else None
+    named = dict(model.named_parameters())
+    unknown = sorted(set(grad_correction or {}) - set(named))
+    if unknown:
+        raise ValueError(f"grad_correction names parameters the model does not have: {unknown[:5]}")
+    offsets = [(named[k], torch.as_tensor(v, dtype=named[k].dtype, device=device).reshape(named[k].shape))
+               for k, v in (grad_correction or {}).items()]  # fmt: skip
     optimizer = DPOptimizer(
         torch.optim.Adam(params, lr=lr_at(start_step, config), weight_decay=config.weight_decay),
         noise_multiplier=plan.noise_multiplier, max_grad_norm=dp.max_grad_norm,
@@ -333,6 +344,8 @@ def train_private(
         if anchor is not None:  # FedProx pull: data-independent, so added after the noise (post-processing)
             for p, a in zip(params, anchor, strict=True):
                 p.grad.add_(p.detach() - a, alpha=config.proximal_mu)
+        for p, offset in offsets:  # SCAFFOLD-style correction: post-processing too
+            p.grad.add_(offset)
 
     optimizer.attach_step_hook(after_noise)
     loader = poisson_loader(dataset, plan.sample_rate, plan.steps, generator=_secret_generator(torch.device("cpu")),

@@ -60,7 +60,7 @@ def _site_name(node_config: dict[str, Any], partition_ids: list[str]) -> str:
         if index >= len(partition_ids):
             raise SiteError(f"partition-id {index} but the partition has only {len(partition_ids)} sites")
         return partition_ids[index]
-    return "site"
+    raise SiteError("the SuperNode's node config names no site: set site-name (or partition-id in simulation)")
 
 
 def _work_dir(node_config: dict[str, Any], config: RunConfig, name: str) -> Path:

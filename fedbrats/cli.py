@@ -115,6 +115,19 @@ def _simulate(args: argparse.Namespace) -> int:
     return run_simulate(args)
 
 
+def _deploy_app(args: argparse.Namespace) -> int:
+    from shared.config import RunConfig
+    from simulations.simulate import app_pyproject
+
+    config = RunConfig.from_toml(args.config) if args.config else RunConfig()
+    if args.out_dir:
+        config = config.replace(out_dir=str(Path(args.out_dir).resolve()))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "pyproject.toml").write_text(app_pyproject(config))
+    print(f"Flower app written to {args.out / 'pyproject.toml'}; run it with: flwr run {args.out} <connection> --stream")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedbrats", description="Federated brain tumor segmentation on BraTS-style MRI."
@@ -203,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-site", type=float, default=0.0)
     p.add_argument("--out", type=Path, default=None)
     p.set_defaults(func=_simulate)
+
+    deploy = sub.add_parser("deploy", help="coordinator tools for a real deployment (docs/deploy.md)")
+    deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
+    p = deploy_sub.add_parser("app", help="write a Flower app folder whose run config is your TOML file")
+    p.add_argument("--config", type=Path, default=None, help="TOML run configuration")
+    p.add_argument("--out-dir", type=Path, default=None, help="where the coordinator writes results (absolute)")
+    p.add_argument("--out", type=Path, required=True, help="app folder to write")
+    p.set_defaults(func=_deploy_app)
     return parser
 
 

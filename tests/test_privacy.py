@@ -30,7 +30,7 @@ from client.privacy import (
     poisson_loader,
     train_private,
     validate_model,
-)  # fmt: skip
+)
 from client.site import SiteError
 from client.trainer import TrainConfig
 from shared.models import create_model
@@ -40,7 +40,7 @@ from strategies.client_dp import (
     adaptive_effective_noise,
     client_level_epsilons,
     with_client_dp,
-)  # fmt: skip
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Opacus notes when the best RDP order is at the end of its grid (tiny or huge epsilons): expected here.
@@ -155,6 +155,17 @@ def test_three_rounds_compose_like_one_shot_and_report_epsilon(tmp_path):
     assert not hasattr(next(model.parameters()), "grad_sample")  # handed back as a plain module
     with pytest.raises(LedgerError, match="already trained"):
         train_private(model, data, CONFIG, DP, ledger, round=3, run_id="run")
+
+
+def test_a_gradient_correction_survives_the_dp_optimizer(tmp_path):
+    model = _model()
+    name, param = next(iter(model.named_parameters()))
+    before = param.detach().clone()
+    correction = {name: torch.full_like(param, 1e6)}  # dwarfs gradient and noise: Adam steps by -lr each time
+    train_private(model, _data(), CONFIG, DP, PrivacyLedger.at(tmp_path), round=1, grad_correction=correction)
+    assert torch.allclose(param.detach(), before - 2 * CONFIG.lr, atol=2e-4)
+    with pytest.raises(ValueError, match="does not have"):
+        train_private(model, _data(), CONFIG, DP, PrivacyLedger.at(tmp_path), round=2, grad_correction={"x": param})
 
 
 def test_budget_exhausted_refuses_before_training(tmp_path):

@@ -6,11 +6,16 @@ import csv
 import json
 
 import pytest
+import torch
 from rich.console import Console
 
+from client.trainer import TrainConfig, train_local
 from client.training_run import run_train, select_cases
+from shared.cases import discover_cases
 from shared.checkpoint import load_checkpoint
+from shared.dataset import PatientDataset
 from shared.evaluation import METRIC_COLUMNS, evaluate_checkpoint
+from shared.models import create_model
 from tests.data_fixtures import case_id_for, write_case
 
 SITES = {"1": [1, 2, 3], "2": [4, 5]}
@@ -40,6 +45,20 @@ def test_select_cases_splits_each_site(data):
     assert set(train1 + val1) == {case_id_for(s + 1) for s in SITES["1"]}
     with pytest.raises(ValueError, match="--partition"):
         select_cases(ids, None, "1", seed=0, val_fraction=0.2)
+
+
+def test_training_on_patient_dataset_is_reproducible(data):
+    """Augmented random patches come from the dataset's own RNG: train_local must reseed it."""
+    cases, _ = discover_cases(data)
+    dataset = PatientDataset(cases, (16, 16, 16), augment=True, progress=False)
+    states = []
+    for start_step in (0, 0, 5):
+        torch.manual_seed(0)
+        model = create_model("resunet", width=8, depth=2)
+        train_local(model, dataset, TrainConfig(steps=3, lr=1e-2, seed=1), start_step=start_step)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])  # a later round draws other patches
 
 
 def test_train_then_evaluate(data, tmp_path):
