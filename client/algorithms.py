@@ -61,8 +61,12 @@ class ControlVariate:
         self.c_local = _load(self.path)
         self._handles: list = []
 
+    def correction(self) -> dict[str, np.ndarray]:
+        """c - c_i per parameter name (DP-SGD adds it after the noise, not through hooks)."""
+        return gradient_correction(self.c_global, self.c_local)
+
     def attach(self, model: torch.nn.Module) -> None:
-        correction = gradient_correction(self.c_global, self.c_local)
+        correction = self.correction()
         for name, param in model.named_parameters():
             if name in correction:
                 delta = torch.from_numpy(np.asarray(correction[name], dtype=np.float32))

@@ -18,6 +18,8 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from client.algorithms import CONTROL, CONTROL_DELTA, ControlVariate, LocalNorms
+from client.ledger import PrivacyLedger
+from client.privacy import DPConfig, PrivacyBudgetExhausted, round_steps, train_private
 from client.site import Site, SiteError, cached_site
 from client.trainer import TrainConfig, evaluate_local, flat_metrics, get_device, loss_on, lr_at, train_local
 from shared.config import RunConfig
@@ -32,11 +34,14 @@ app = ClientApp()
 #: Error codes a site sends; the server records the reason next to the site's name.
 SITE_UNUSABLE = 1001
 SITE_FAILED = 1002
+PRIVACY_BUDGET_EXHAUSTED = 1003
 
 
 def steps_per_round(site: Site, config: RunConfig) -> int:
     if config.local_steps > 0:
         return config.local_steps
+    if config.dp:  # Opacus counts an epoch as int(1/q) Poisson steps
+        return round_steps(len(site.train), config.batch_size, epochs=config.local_epochs)
     return config.local_epochs * max(1, math.ceil(len(site.train) / config.batch_size))
 
 
@@ -86,21 +91,32 @@ def handle_train(msg: Message, context: Context) -> Message:
     device = get_device("auto")
     metrics: dict[str, float] = {}
     report_loss = bool(round_config.get("report-loss", False))
+    if report_loss and config.dp:
+        raise SiteError("the strategy asks for raw training losses, which DP-SGD does not protect; use another strategy")
     loss_batches = min(4, len(site.train))
     if report_loss:
         metrics["loss-before"] = loss_on(model, site.train, loss_batches, seed=config.seed + server_round, device=device)
-    if control:
-        control.attach(model)
-    result = train_local(model, site.train, train_config, start_step=start_step, device=device)
+    if config.dp:
+        result = train_private(
+            model, site.train, train_config, DPConfig.from_run_config(config), PrivacyLedger.at(site.work_dir),
+            round=server_round, run_id=str(msg.metadata.run_id), start_step=start_step, device=device,
+            grad_correction=control.correction() if control else None,
+        )  # fmt: skip
+        metrics.update(result.metrics())
+    else:
+        if control:
+            control.attach(model)
+        result = train_local(model, site.train, train_config, start_step=start_step, device=device)
     if report_loss:
         metrics["loss-after"] = loss_on(model, site.train, loss_batches, seed=config.seed + server_round, device=device)
     site.save_state({**state, "step": result.end_step, "last_round": server_round})
+    if not config.dp:  # a raw loss is not protected by DP-SGD's noise
+        metrics["train-loss"] = result.mean_loss
     metrics.update(
         {
             "num-examples": len(site.train),
             "num-val": len(site.val),
             "examples-seen": result.examples,
-            "train-loss": result.mean_loss,
             "local-steps": result.steps,
             "seconds": result.seconds,
             "lr": result.last_lr,
@@ -139,6 +155,9 @@ def _guarded(handler):
     def run(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
+        except PrivacyBudgetExhausted as err:
+            log.warning("privacy budget: %s", err)
+            return _error(msg, PRIVACY_BUDGET_EXHAUSTED, f"budget exhausted: {err}")
         except SiteError as err:
             log.error("site unusable: %s", err)
             return _error(msg, SITE_UNUSABLE, str(err))

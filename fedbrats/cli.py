@@ -128,6 +128,21 @@ def _deploy_app(args: argparse.Namespace) -> int:
     return 0
 
 
+def _privacy_audit(args: argparse.Namespace) -> int:
+    from client.audit import run_audit
+
+    return run_audit(args.path, budget=args.budget, out_png=args.png)
+
+
+def _privacy_plan(args: argparse.Namespace) -> int:
+    from client.audit import run_plan
+
+    return run_plan(
+        args.cases, args.batch_size, args.rounds, args.local_epochs, args.epsilon, args.delta,
+        local_steps=args.local_steps, accountant=args.accountant,
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedbrats", description="Federated brain tumor segmentation on BraTS-style MRI."
@@ -216,6 +231,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-site", type=float, default=0.0)
     p.add_argument("--out", type=Path, default=None)
     p.set_defaults(func=_simulate)
+
+    privacy = sub.add_parser("privacy", help="privacy budgets: audit a run's ledgers, plan the noise")
+    privacy_sub = privacy.add_subparsers(dest="privacy_command", required=True)
+    p = privacy_sub.add_parser("audit", help="per-site, per-round epsilon; non-zero exit if a budget is exceeded")
+    p.add_argument("path", type=Path, help="a run folder (sites/*/privacy_ledger.sqlite) or one ledger file")
+    p.add_argument("--budget", type=float, default=None, help="override the budget recorded in the ledger")
+    p.add_argument("--png", type=Path, default=None, help="epsilon over rounds per site")
+    p.set_defaults(func=_privacy_audit)
+    p = privacy_sub.add_parser("plan", help="the noise multiplier a consortium needs for a budget")
+    p.add_argument("--cases", type=int, required=True, help="cases at the (smallest) site")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--local-steps", type=int, default=0)
+    p.add_argument("--epsilon", type=float, default=8.0)
+    p.add_argument("--delta", type=float, default=None)
+    p.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
+    p.set_defaults(func=_privacy_plan)
 
     deploy = sub.add_parser("deploy", help="coordinator tools for a real deployment (docs/deploy.md)")
     deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)

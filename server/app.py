@@ -34,6 +34,29 @@ def initial_model(config: RunConfig) -> torch.nn.Module:
     return create_model(config.model, **config.model_config)
 
 
+def make_strategy(config: RunConfig, total_sites: int | None = None):
+    """The configured strategy, wrapped in client-level DP when asked for."""
+    params = dict(config.strategy_params)
+    if config.strategy == "qfedavg":
+        params.setdefault("client_learning_rate", config.lr)
+    strategy = build_strategy(config.strategy, params)
+    if config.client_dp_noise_multiplier > 0:
+        from strategies.client_dp import with_client_dp
+
+        sites = total_sites or config.min_sites
+        strategy = with_client_dp(
+            strategy,
+            noise_multiplier=config.client_dp_noise_multiplier,
+            clipping_norm=config.client_dp_clipping_norm,
+            num_sampled_sites=max(1, round(config.fraction_train * sites)),
+            total_sites=sites,
+            adaptive=config.client_dp_adaptive,
+            delta=config.client_dp_delta,
+            clipped_count_stddev=config.client_dp_clipped_count_stddev or None,
+        )
+    return strategy
+
+
 def site_profiles_path(config: RunConfig) -> Path | None:
     for candidate in (Path(config.data_dir) / "sites.json",):
         if config.data_dir and candidate.is_file():
@@ -48,7 +71,7 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "run_config.json").write_text(json.dumps(config.to_flower(), indent=2, sort_keys=True))
     model = initial_model(config)
-    strategy = build_strategy(config.strategy, config.strategy_params)
+    strategy = make_strategy(config)
     federation = Federation(
         grid, config, strategy, model_to_record(model), timings=load_timings(site_profiles_path(config)), out_dir=out
     )

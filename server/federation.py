@@ -195,7 +195,9 @@ class Federation:
             return results, info
         # Replies in site order: aggregation (float sums) must not depend on arrival order,
         # or a resumed run would not reproduce the weights of an uninterrupted one.
-        arrays, _ = self.strategy.aggregate_train(rnd, ordered(good))
+        arrays, aggregated = self.strategy.aggregate_train(rnd, ordered(good))
+        if aggregated and "client-epsilon" in aggregated:
+            info["client_epsilon"] = float(aggregated["client-epsilon"])
         if arrays is None:
             info["status"] = "failed: the strategy returned no aggregate"
             return results, info

@@ -57,6 +57,22 @@ class RunConfig:
     foreground_prob: float = 0.5
     val_fraction: float = 0.2
     cache: str = "disk"
+    # differential privacy at each site (DP-SGD, client/privacy.py); 0 means "work it out"
+    dp: bool = False
+    dp_epsilon: float = 8.0  # the site's budget over all rounds
+    dp_delta: float = 0.0  # 0: min(1e-5, 0.1 / cases at the site)
+    dp_max_grad_norm: float = 1.0
+    dp_noise_multiplier: float = 0.0  # 0: calibrated once from dp_target_epsilon over all planned rounds
+    dp_target_epsilon: float = 0.0  # 0: the budget
+    dp_accountant: str = "rdp"
+    dp_max_physical_batch: int = 0
+    dp_grad_sample_mode: str = "auto"
+    # client-level DP at the server (DP-FedAvg, strategies/client_dp.py); noise 0 = off
+    client_dp_noise_multiplier: float = 0.0
+    client_dp_clipping_norm: float = 1.0
+    client_dp_adaptive: bool = False
+    client_dp_delta: float = 1e-5
+    client_dp_clipped_count_stddev: float = 0.0
     # where data and results live
     data_dir: str = ""
     partition: str = ""
@@ -98,6 +114,10 @@ class RunConfig:
             problems.append(f"cache must be memory, disk or none, got {self.cache!r}")
         if not 0.0 <= self.foreground_prob <= 1.0:
             problems.append(f"foreground_prob must be in [0, 1], got {self.foreground_prob}")
+        if self.dp and self.dp_epsilon <= 0:
+            problems.append(f"dp_epsilon (the site's budget) must be > 0, got {self.dp_epsilon}")
+        if self.dp_accountant not in ("rdp", "prv"):
+            problems.append(f"dp_accountant must be rdp or prv, got {self.dp_accountant!r}")
         if problems:
             raise ValueError("invalid run configuration: " + "; ".join(problems))
 

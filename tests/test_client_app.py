@@ -91,3 +91,31 @@ def test_strategies_with_site_side_parts_run(phantom, tmp_path, strategy):
         assert (tmp_path / "sites" / "1" / "fedbn_norms.safetensors").is_file()
     if strategy == "scaffold":
         assert (tmp_path / "sites" / "2" / "scaffold_control.safetensors").is_file()
+
+
+def test_dp_sites_keep_a_ledger_and_stop_at_their_budget(phantom, tmp_path):
+    from client.audit import run_audit
+    from client.ledger import PrivacyLedger
+
+    # sigma fixed: with q = 1 rounds cost about 11.8, 18.3, 23.8 in total, so round 3 exceeds 20
+    config = _config(phantom, tmp_path, rounds=3, dp=True, dp_noise_multiplier=0.8, dp_epsilon=20.0, local_steps=3)
+    run_server(LocalGrid(config.to_flower(), sites=2), config)
+    history = read_history(tmp_path / "history.jsonl")
+    first = {t["site"]: t for t in history[0]["train"]}
+    assert all(t["dropped"] is None and 0 < t["epsilon"] <= 20.0 for t in first.values())
+    assert all("train-loss" not in t for t in first.values())  # raw losses stay at the site under DP
+    exhausted = [t for t in history[2]["train"] if t["dropped"] and "budget exhausted" in t["dropped"]]
+    assert len(exhausted) == 2, "a site whose next round exceeds its budget must refuse to train"
+    assert history[2]["status"].startswith("failed")  # no site left to train: the model is kept
+    for site in ("1", "2"):
+        rows = PrivacyLedger.at(tmp_path / "sites" / site).rows()
+        assert rows and max(r.epsilon for r in rows) <= 20.0
+    assert run_audit(tmp_path) == 0
+
+
+def test_client_level_dp_reports_epsilon(phantom, tmp_path):
+    config = _config(phantom, tmp_path, rounds=2, client_dp_noise_multiplier=1.0, client_dp_clipping_norm=5.0)
+    run_server(LocalGrid(config.to_flower(), sites=2), config)
+    history = read_history(tmp_path / "history.jsonl")
+    assert [h["status"] for h in history] == ["ok", "ok"]
+    assert 0 < history[0]["client_epsilon"] < history[1]["client_epsilon"]
