@@ -172,19 +172,22 @@ def run_flower(app_dir: Path, out: Path, sites: int, *, cpus_per_site: float, gp
     return code
 
 
-def run_simulate(args: argparse.Namespace) -> int:
-    config = resolve_config(args)
-    if args.data is None:
-        data = phantom_for(config, args.sites or 4)
-    else:
-        data = args.data
-        if not data.is_dir():
-            raise ValueError(f"--data {data} is not a folder")
-    partition = args.partition or data / "partitioning_1.csv"
+def prepare_data(config: RunConfig, data: Path | None, partition: Path | None, sites: int | None) -> tuple[Path, Path]:
+    """The dataset and partition to simulate: given ones, or the cached phantom split by institution."""
+    if data is None:
+        data = phantom_for(config, sites or 4)
+    elif not data.is_dir():
+        raise ValueError(f"--data {data} is not a folder")
+    partition = partition or data / "partitioning_1.csv"
     if not partition.is_file():
         raise ValueError(f"no partition CSV: {partition} does not exist (make one with `fedbrats data partition`)")
+    return data, partition
+
+
+def simulate(config: RunConfig, data: Path, partition: Path, out: Path, *, gpus_per_site: float = 0.0) -> bool:
+    """Run (or resume) one simulated federation into `out`; True when every round completed."""
     sites = len(read_partition(partition).sites)
-    out = (args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")).resolve()
+    out = out.resolve()
     config = config.replace(
         data_dir=str(data.resolve()),
         partition=str(partition.resolve()),
@@ -199,10 +202,9 @@ def run_simulate(args: argparse.Namespace) -> int:
         f"(model {config.model} width {config.model_width}, patch {config.patch_size}) -> {out}"
     )
     code = run_flower(
-        app_dir, out, sites, cpus_per_site=float(os.cpu_count() or 1), gpus_per_site=args.gpus_per_site, rounds=config.rounds
+        app_dir, out, sites, cpus_per_site=float(os.cpu_count() or 1), gpus_per_site=gpus_per_site, rounds=config.rounds
     )
     from server.state import load_state
-    from simulations.report import write_report
 
     state = load_state(out / "server")
     if code != 0 or state is None or state.round < config.rounds:
@@ -211,7 +213,18 @@ def run_simulate(args: argparse.Namespace) -> int:
             f"[red]the federation stopped after {done} of {config.rounds} rounds; see {out / 'flower.log'} "
             f"and {out / '.flwr' / 'local-superlink' / 'superlink.log'}. Run the same command with --out {out} to resume."
         )
+        return False
+    return True
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    config = resolve_config(args)
+    data, partition = prepare_data(config, args.data, args.partition, args.sites)
+    out = (args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")).resolve()
+    if not simulate(config, data, partition, out, gpus_per_site=args.gpus_per_site):
         return 1
+    from simulations.report import write_report
+
     report = write_report(out)
     console.print(f"report: {report}\nglobal model: {out / 'global_model.safetensors'}")
     return 0
