@@ -80,7 +80,7 @@ def _train(args: argparse.Namespace) -> int:
         partition=args.partition,
         site=args.site,
         model=args.model,
-        model_config={"width": args.width, "depth": args.depth},
+        model_config={"width": args.width, "depth": args.depth, "deep_supervision": args.deep_supervision},
         epochs=args.epochs,
         patch_size=args.patch_size,
         batch_size=args.batch_size,
@@ -88,6 +88,8 @@ def _train(args: argparse.Namespace) -> int:
         out=args.out,
         seed=args.seed,
         device=args.device,
+        val_fraction=args.val_fraction,
+        schedule=args.schedule,
     )
 
 
@@ -104,8 +106,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from shared.evaluation import evaluate_checkpoint
 
     evaluate_checkpoint(
-        args.checkpoint, args.data, args.partition, out_csv=args.out, tta=args.tta, device=args.device
-    )
+        args.checkpoint, args.data, args.partition, out_csv=args.out, tta=args.tta, device=args.device,
+        split=args.split, seed=args.seed, val_fraction=args.val_fraction,
+    )  # fmt: skip
     return 0
 
 
@@ -196,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--schedule", choices=["cosine", "poly"], default="cosine")
+    p.add_argument("--deep-supervision", action="store_true")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_train)
 
@@ -213,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="CSV of per-case metrics")
     p.add_argument("--tta", action="store_true")
+    p.add_argument("--split", choices=["all", "train", "val"], default="all",
+                   help="val: only the held-out cases of each site (same split as training)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_evaluate)
 

@@ -90,13 +90,13 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
 
 
 def _setup_logging() -> None:
+    """Our INFO lines (one per round) must reach Flower's log stream; keep any handlers a host set up."""
     logger = logging.getLogger("fedbrats")
-    if not logger.handlers:
+    logger.setLevel(logging.INFO)
+    if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
 
 
 @app.main()

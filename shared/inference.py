@@ -24,8 +24,9 @@ TTA_FLIPS: tuple[tuple[int, ...], ...] = tuple(
     axes for n in range(4) for axes in itertools.combinations((0, 1, 2), n)
 )
 
-#: Windows per forward pass. Batch 1 is the slowest choice on CPU: PyTorch runs a 3D convolution
-#: of batch 1 through its generic `slow_conv3d` kernel and larger batches through oneDNN.
+#: Windows per forward pass. Batch 1 is the slowest choice on CPU: PyTorch runs a small 3D convolution
+#: of batch 1 through its generic `slow_conv3d` kernel and larger batches through oneDNN (measured
+#: about 9x faster per 32^3 window with 4 windows a pass on the width-8 ResUNet).
 SW_BATCH_SIZE = 4
 
 #: The 500-voxel ET rule of the seed papers is meant for 1 mm voxels: predict_case scales it by voxel volume.
@@ -58,8 +59,9 @@ def first_output(output: Any) -> torch.Tensor:
 
 
 def fast_layout(x: torch.Tensor) -> torch.Tensor:
-    """Channels-last copy of a CPU batch [B, C, X, Y, Z]: oneDNN's 3D convolutions run about 2x faster on it
-    (measured on the width-8 ResUNet, 32^3 patches, batch 2-4). Unchanged on GPU and for other shapes."""
+    """Channels-last copy of a CPU batch [B, C, X, Y, Z]: oneDNN's 3D convolutions run 1.3-1.4x faster on it
+    (measured: width-8 ResUNet, 32^3 patches, training batch 2 and inference batch 4; no gain at batch 1).
+    Unchanged on GPU and for other shapes."""
     if x.device.type == "cpu" and x.ndim == 5:
         return x.contiguous(memory_format=torch.channels_last_3d)
     return x

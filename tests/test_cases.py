@@ -5,11 +5,11 @@ from __future__ import annotations
 import gzip
 
 import pytest
-from data_fixtures import case_id_for, write_case
 
 from shared.cases import discover_cases, find_case
 from shared.constants import BRATS2021, BRATS2023, MODALITIES
 from shared.validation import CaseError
+from tests.data_fixtures import case_id_for, write_case
 
 
 def test_discovers_both_layouts_per_case(tmp_path):

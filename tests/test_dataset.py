@@ -10,7 +10,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from data_fixtures import AFFINE, SHAPE, case_id_for, synthetic_arrays, write_case
 from monai.transforms import NormalizeIntensity
 
 from shared.cases import discover_cases, find_case
@@ -19,6 +18,7 @@ from shared.dataset import PatientDataset
 from shared.transforms import ForegroundBiasedCropd, preprocess, train_augmentation, zscore_nonzero
 from shared.validation import CaseError
 from shared.volumes import labels_to_regions, load_case, regions_to_labels
+from tests.data_fixtures import AFFINE, SHAPE, case_id_for, synthetic_arrays, write_case
 
 PATCH = (16, 16, 16)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from data_fixtures import AFFINE, SHAPE, case_id_for, synthetic_arrays, truncate, write_case
 from rich.console import Console
 
 from shared.cases import find_case
 from shared.constants import BRATS2021, BRATS2023, LABELS_2021, LABELS_2023, LABELS_2024
 from shared.validation import CaseError, CaseProblem, check_case, check_root, format_report, run_check
 from shared.volumes import detect_label_set, load_case
+from tests.data_fixtures import AFFINE, SHAPE, case_id_for, synthetic_arrays, truncate, write_case
 
 CID = case_id_for(1)
 
