@@ -151,6 +151,7 @@ def run_flower(app_dir: Path, out: Path, sites: int, *, cpus_per_site: float, gp
         TimeElapsedColumn(), console=console,
     ) as progress:  # fmt: skip
         task = progress.add_task("rounds", total=rounds)
+        shown: set[int] = set()
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=out)
         try:
             for line in proc.stdout:  # type: ignore[union-attr]
@@ -158,7 +159,8 @@ def run_flower(app_dir: Path, out: Path, sites: int, *, cpus_per_site: float, gp
                 log.flush()
                 clean = re.sub(r"\x1b\[[0-9;]*m", "", line).rstrip()
                 match = round_line.search(clean)
-                if match:
+                if match and int(match.group(1)) not in shown:  # Flower may relay a log line twice
+                    shown.add(int(match.group(1)))
                     progress.update(task, completed=int(match.group(1)))
                     progress.console.print(escape(clean[clean.index("round") :]))
                 elif "ERROR" in clean or "Traceback" in clean or "dropped update" in clean:
