@@ -1,0 +1,267 @@
+"""`fedbrats compare`: several strategies and seeds on the same partition, then one report.
+
+Each (strategy, seed) is a plain `simulate` into ``OUT/runs/<strategy>-seed<k>/``, one after the
+other, so the whole comparison resumes: a finished run is skipped, a partial one continues from its
+checkpoint. The dataset is prepared once, so every run sees the same sites; the server seeds the
+initial model from the run's seed, so two strategies on one seed start from identical weights.
+The report (`simulations.compare_report`) reads only the run folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from rich.table import Table
+
+from shared.config import RunConfig
+from simulations.compare_report import TARGET_REGIONS, summarise_runs, table_columns, write_comparison
+from simulations.simulate import console, prepare_data, resolve_config, simulate
+
+#: FedProx with mu = 0 is FedAvg; this is the value compared when none is given (Li et al. try 0.001 to 1).
+FEDPROX_DEFAULT_MU = 0.01
+#: Keys that may differ between a run folder and a resumed comparison (paths are resolved per machine).
+RESUMABLE_CHANGES = {"rounds", "data-dir", "partition", "out-dir", "min-sites", "timeout"}
+PACKAGES = ("fedbrats", "flwr", "torch", "monai", "opacus", "numpy")
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    label: str  # the run folder's name and the report's row: name, plus the parameters given
+    name: str
+    params: dict[str, float]  # given in --strategies (name:key=value:key=value)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    label: str
+    seed: int
+    config: RunConfig
+
+    @property
+    def folder(self) -> str:
+        return f"{self.label}-seed{self.seed}"
+
+
+def parse_strategies(text: str) -> list[StrategySpec]:
+    """'fedavg,fedprox:proximal_mu=0.1,fedadam:eta=0.001:tau=0.001' -> specs, checked against the registry."""
+    from strategies import available_strategies
+
+    specs = []
+    for item in (p.strip() for p in text.split(",")):
+        if not item:
+            continue
+        name, *assignments = (part.strip() for part in item.split(":"))
+        name = name.lower()
+        if name not in available_strategies():
+            raise ValueError(f"unknown strategy {name!r} in --strategies; available: {', '.join(available_strategies())}")
+        params: dict[str, float] = {}
+        for assignment in assignments:
+            key, sep, value = assignment.partition("=")
+            try:
+                if not sep or not key.strip():
+                    raise ValueError
+                params[key.strip().replace("-", "_")] = float(value)
+            except ValueError:
+                raise ValueError(
+                    f"strategy parameter {assignment!r} in {item!r}: expected KEY=NUMBER, e.g. fedprox:proximal_mu=0.01"
+                ) from None
+        label = name + "".join(f"-{k}{v:g}" for k, v in params.items())
+        specs.append(StrategySpec(label, name, params))
+    if not specs:
+        raise ValueError("--strategies is empty; give a comma-separated list, e.g. fedavg,fedprox")
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--strategies names a strategy twice with the same parameters: {', '.join(labels)}")
+    return specs
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds expects whole numbers separated by commas, e.g. 0,1,2; got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds expects distinct whole numbers >= 0, e.g. 0,1,2; got {text!r}")
+    return seeds
+
+
+def plan_runs(config: RunConfig, specs: list[StrategySpec], seeds: list[int]) -> tuple[list[PlannedRun], list[str]]:
+    """Every (strategy, seed) run with its exact configuration, and notes on defaults we chose."""
+    from server.app import make_strategy
+
+    notes, runs = [], []
+    if config.proximal_mu > 0:
+        notes.append(
+            f"proximal-mu = {config.proximal_mu:g} is set for the whole run, so the sites of every strategy "
+            "add the proximal term (not only FedProx)."
+        )
+    for spec in specs:
+        params = {**config.strategy_params, **spec.params}
+        if spec.name == "fedprox" and "proximal_mu" not in params:
+            params["proximal_mu"] = config.proximal_mu or FEDPROX_DEFAULT_MU
+            notes.append(
+                f"{spec.label}: proximal_mu = {params['proximal_mu']:g} (not given; with 0 FedProx is FedAvg). "
+                "Choose it with fedprox:proximal_mu=VALUE in --strategies."
+            )
+        strategy_config = config.replace(strategy=spec.name, strategy_params=params)
+        try:
+            make_strategy(strategy_config)
+        except ValueError as err:
+            raise ValueError(
+                f"{spec.label}: {err}. Parameters given with --set strategy-KEY apply to every strategy; "
+                "give one strategy's parameters as NAME:KEY=VALUE in --strategies."
+            ) from err
+        runs += [PlannedRun(spec.label, seed, strategy_config.replace(seed=seed)) for seed in seeds]
+    return runs, notes
+
+
+def rounds_done(run_dir: Path) -> int:
+    """The last completed round of a run folder (its server checkpoint), 0 when it has none."""
+    meta = Path(run_dir) / "server" / "server_state.json"
+    if not meta.is_file():
+        return 0
+    try:
+        return int(json.loads(meta.read_text())["round"])
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{meta} is unreadable ({err}); remove {run_dir} to run it again") from err
+
+
+def check_resumable(run_dir: Path, config: RunConfig) -> None:
+    """A run folder may only be continued with the configuration it was started with."""
+    path = Path(run_dir) / "run_config.json"
+    if not path.is_file():
+        return
+    before = json.loads(path.read_text())
+    now = config.to_flower()
+    changed = sorted(k for k in set(before) | set(now) if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
+    if changed:
+        detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ValueError(f"{run_dir} was run with another configuration ({detail}); use a new --out or remove it")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def compare(
+    config: RunConfig,
+    specs: list[StrategySpec],
+    seeds: list[int],
+    data: Path,
+    partition: Path,
+    out: Path,
+    *,
+    target_dice: float = 0.7,
+    target_region: str = "mean",
+    gpus_per_site: float = 0.0,
+    command: str = "",
+) -> bool:
+    """Run (or resume) every (strategy, seed) in turn, then write the report; True when all runs completed."""
+    if not 0.0 < target_dice <= 1.0:
+        raise ValueError(f"--target-dice must be in (0, 1], got {target_dice}")
+    if target_region not in TARGET_REGIONS:
+        raise ValueError(f"--target-region must be one of {', '.join(TARGET_REGIONS)}, got {target_region!r}")
+    out = Path(out).resolve()
+    config = config.replace(data_dir=str(Path(data).resolve()), partition=str(Path(partition).resolve()))
+    runs, notes = plan_runs(config, specs, seeds)
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}")
+    for run in runs:
+        check_resumable(out / "runs" / run.folder, run.config.replace(out_dir=str(out / "runs" / run.folder)))
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "command": command or shlex.join(sys.argv),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "config": config.to_flower(),
+        "strategies": [
+            {"label": s.label, "name": s.name, "given": s.params,
+             "params": next(r.config.strategy_params for r in runs if r.label == s.label)}
+            for s in specs
+        ],
+        "seeds": seeds,
+        "rounds": config.rounds,
+        "target_dice": target_dice,
+        "target_region": target_region,
+        "notes": notes,
+        "versions": package_versions(),
+        "runs": {r.folder: r.config.replace(out_dir=str(out / "runs" / r.folder)).to_flower() for r in runs},
+    }  # fmt: skip
+    (out / "comparison_config.json").write_text(json.dumps(settings, indent=2))
+    pending = [r for r in runs if rounds_done(out / "runs" / r.folder) < config.rounds]
+    console.print(
+        f"comparing {len(specs)} strategies x {len(seeds)} seed(s) = {len(runs)} runs of {config.rounds} rounds "
+        f"({len(runs) - len(pending)} already complete) -> {out}"
+    )
+    durations: list[float] = []
+    failed: list[str] = []
+    for i, run in enumerate(runs, 1):
+        folder = out / "runs" / run.folder
+        done = rounds_done(folder)
+        if done >= config.rounds:
+            console.print(f"run {i}/{len(runs)} {run.label} seed {run.seed}: complete, skipped ({folder})")
+            continue
+        resuming = f", resuming after round {done}" if done else ""
+        console.rule(f"run {i}/{len(runs)}: {run.label} seed {run.seed}{resuming}")
+        started = time.monotonic()
+        if not simulate(run.config, data, partition, folder, gpus_per_site=gpus_per_site):
+            failed.append(run.folder)
+        durations.append(time.monotonic() - started)
+        left = len(pending) - len(durations)
+        eta = f"about {_duration(statistics.fmean(durations) * left)} left" if left else "all runs done"
+        console.print(
+            f"[bold]run {i}/{len(runs)} {run.label} seed {run.seed} {'FAILED' if run.folder in failed else 'done'} "
+            f"in {_duration(durations[-1])}; {left} run(s) to go, {eta}"
+        )
+    report = write_comparison(out)
+    print_tables(summarise_runs(out), target_dice, target_region)
+    console.print(f"report: {report}\ntable: {out / 'comparison.csv'}\nsettings: {out / 'comparison_config.json'}")
+    if failed:
+        console.print(f"[red]{len(failed)} run(s) did not complete: {', '.join(failed)}; run the same command to resume them.")
+    return not failed
+
+
+def print_tables(rows: list[dict], target_dice: float, target_region: str) -> None:
+    accuracy, cost = table_columns(rows)
+    what = "mean of ET/TC/WT" if target_region == "mean" else target_region
+    titles = ("Dice (mean ± std over seeds)", f"Convergence (target: mean Dice {what} >= {target_dice:g}) and cost")
+    for title, columns in zip(titles, (accuracy, cost), strict=True):
+        table = Table(title=title, header_style="bold")
+        for header, _ in columns:
+            table.add_column(header, overflow="fold")
+        for row in rows:
+            table.add_row(*(cell(row) for _, cell in columns))
+        console.print(table)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """The `fedbrats compare` command."""
+    config = resolve_config(args)
+    specs = parse_strategies(args.strategies)
+    seeds = parse_seeds(args.seeds) if args.seeds else [config.seed]
+    data, partition = prepare_data(config, args.data, args.partition, args.sites)
+    out = args.out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")
+    ok = compare(
+        config, specs, seeds, data, partition, out, target_dice=args.target_dice, target_region=args.target_region,
+        gpus_per_site=args.gpus_per_site, command=shlex.join(["fedbrats", *sys.argv[1:]]),
+    )  # fmt: skip
+    return 0 if ok else 1
