@@ -250,9 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="compare strategies (and seeds) on the same partition; one report")
     p.add_argument("--strategies", required=True, metavar="LIST",
-                   help="comma-separated, with optional parameters: fedavg,fedprox:proximal_mu=0.01,fedadam:eta=0.001 "
-                        "(fedprox without proximal_mu gets 0.01)")
-    p.add_argument("--seeds", default=None, metavar="LIST", help="comma-separated seeds, e.g. 0,1,2 (default: the config's seed)")
+                   help="comma-separated, with optional parameters: "
+                        "fedavg,fedprox:proximal_mu=0.01,fedadam:eta=0.001 (fedprox without proximal_mu gets 0.01)")
+    p.add_argument("--seeds", default=None, metavar="LIST",
+                   help="comma-separated seeds, e.g. 0,1,2 (default: the config's seed)")
     p.add_argument("--data", type=Path, default=None, help="default: a phantom generated and cached by seed")
     p.add_argument("--partition", type=Path, default=None)
     p.add_argument("--config", type=Path, default=None, help="TOML run configuration")
@@ -261,12 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--sites", type=int, default=None, help="phantom sites when no data is given")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any run configuration key for every run, e.g. --set local-steps=2 or --set strategy-eta=0.001")
+                   help="any run configuration key, for every run: --set local-steps=2, --set strategy-eta=0.001")
     p.add_argument("--target-dice", type=float, default=0.7, help="report rounds and simulated time to reach it")
     p.add_argument("--target-region", choices=["mean", "ET", "TC", "WT"], default="mean",
                    help="the Dice the target applies to: mean of ET/TC/WT (default) or one region")
     p.add_argument("--gpus-per-site", type=float, default=0.0)
-    p.add_argument("--out", type=Path, default=None, help="default: runs/compare-<time>; run again with it to resume")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: runs/compare-<time>; the same command with the same --out resumes")
     p.set_defaults(func=_compare)
 
     privacy = sub.add_parser("privacy", help="privacy budgets: audit a run's ledgers, plan the noise")

@@ -13,6 +13,7 @@ import argparse
 import json
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -61,7 +62,9 @@ def parse_strategies(text: str) -> list[StrategySpec]:
         name, *assignments = (part.strip() for part in item.split(":"))
         name = name.lower()
         if name not in available_strategies():
-            raise ValueError(f"unknown strategy {name!r} in --strategies; available: {', '.join(available_strategies())}")
+            raise ValueError(
+                f"unknown strategy {name!r} in --strategies; available: {', '.join(available_strategies())}"
+            )
         params: dict[str, float] = {}
         for assignment in assignments:
             key, sep, value = assignment.partition("=")
@@ -87,17 +90,21 @@ def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"--seeds expects whole numbers separated by commas, e.g. 0,1,2; got {text!r}") from None
+        raise ValueError(
+            f"--seeds expects whole numbers separated by commas, e.g. 0,1,2; got {text!r}"
+        ) from None
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ValueError(f"--seeds expects distinct whole numbers >= 0, e.g. 0,1,2; got {text!r}")
     return seeds
 
 
-def plan_runs(config: RunConfig, specs: list[StrategySpec], seeds: list[int]) -> tuple[list[PlannedRun], list[str]]:
-    """Every (strategy, seed) run with its exact configuration, and notes on defaults we chose."""
+def plan_runs(
+    config: RunConfig, specs: list[StrategySpec], seeds: list[int]
+) -> tuple[list[PlannedRun], list[str]]:
+    """Every (strategy, seed) run with its exact configuration, seed-major, and notes on defaults we chose."""
     from server.app import make_strategy
 
-    notes, runs = [], []
+    notes, configs = [], []
     if config.proximal_mu > 0:
         notes.append(
             f"proximal-mu = {config.proximal_mu:g} is set for the whole run, so the sites of every strategy "
@@ -119,8 +126,9 @@ def plan_runs(config: RunConfig, specs: list[StrategySpec], seeds: list[int]) ->
                 f"{spec.label}: {err}. Parameters given with --set strategy-KEY apply to every strategy; "
                 "give one strategy's parameters as NAME:KEY=VALUE in --strategies."
             ) from err
-        runs += [PlannedRun(spec.label, seed, strategy_config.replace(seed=seed)) for seed in seeds]
-    return runs, notes
+        configs.append((spec.label, strategy_config))
+    # Seed by seed: an interrupted comparison already compares every strategy on the first seeds.
+    return [PlannedRun(label, seed, c.replace(seed=seed)) for seed in seeds for label, c in configs], notes
 
 
 def rounds_done(run_dir: Path) -> int:
@@ -141,26 +149,47 @@ def check_resumable(run_dir: Path, config: RunConfig) -> None:
         return
     before = json.loads(path.read_text())
     now = config.to_flower()
-    changed = sorted(k for k in set(before) | set(now) if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
+    changed = sorted(
+        k for k in set(before) | set(now) if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k)
+    )
     if changed:
         detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        raise ValueError(f"{run_dir} was run with another configuration ({detail}); use a new --out or remove it")
+        raise ValueError(
+            f"{run_dir} was run with another configuration ({detail}); use a new --out or remove it"
+        )
 
 
 def package_versions() -> dict[str, str]:
+    """Python and package versions, plus the commit of this source tree (the code the runs imported)."""
     versions = {"python": sys.version.split()[0]}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
+    root = Path(__file__).resolve().parents[1]
+    try:
+        git = ["git", "-C", str(root)]
+        commit = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain"], capture_output=True, text=True, check=True
+        ).stdout
+        versions["fedbrats-source"] = f"{root} @ {commit}" + (
+            " (with uncommitted changes)" if dirty.strip() else ""
+        )
+    except (OSError, subprocess.CalledProcessError):
+        versions["fedbrats-source"] = str(root)
     return versions
 
 
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+    return (
+        f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+    )
 
 
 def compare(
@@ -234,16 +263,23 @@ def compare(
         )
     report = write_comparison(out)
     print_tables(summarise_runs(out), target_dice, target_region)
-    console.print(f"report: {report}\ntable: {out / 'comparison.csv'}\nsettings: {out / 'comparison_config.json'}")
+    console.print(
+        f"report: {report}\ntable: {out / 'comparison.csv'}\nsettings: {out / 'comparison_config.json'}"
+    )
     if failed:
-        console.print(f"[red]{len(failed)} run(s) did not complete: {', '.join(failed)}; run the same command to resume them.")
+        console.print(
+            f"[red]{len(failed)} run(s) did not complete: {', '.join(failed)}; run the same command to resume them."
+        )
     return not failed
 
 
 def print_tables(rows: list[dict], target_dice: float, target_region: str) -> None:
     accuracy, cost = table_columns(rows)
-    what = "mean of ET/TC/WT" if target_region == "mean" else target_region
-    titles = ("Dice (mean ± std over seeds)", f"Convergence (target: mean Dice {what} >= {target_dice:g}) and cost")
+    what = "the mean of ET, TC and WT" if target_region == "mean" else target_region
+    titles = (
+        "Dice (mean ± std over seeds)",
+        f"Convergence (target: mean Dice over sites >= {target_dice:g} on {what}) and cost",
+    )
     for title, columns in zip(titles, (accuracy, cost), strict=True):
         table = Table(title=title, header_style="bold")
         for header, _ in columns:

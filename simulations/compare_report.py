@@ -21,6 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from server.history import read_history  # noqa: E402
 from shared.constants import REGIONS  # noqa: E402
@@ -38,7 +39,9 @@ METRICS = (
 )  # fmt: skip
 
 
-def convergence_scores(dice: list[float | None], round_seconds: list[float], window: float = ONE_WEEK) -> list[float]:
+def convergence_scores(
+    dice: list[float | None], round_seconds: list[float], window: float = ONE_WEEK
+) -> list[float]:
     """The FeTS projected convergence score after each round.
 
     After each round: best = best mean Dice so far (this round's model included; a round without
@@ -49,7 +52,9 @@ def convergence_scores(dice: list[float | None], round_seconds: list[float], win
     so its score for the same curve is slightly lower.
     """
     if len(dice) != len(round_seconds):
-        raise ValueError(f"one Dice per round expected: {len(dice)} Dice values for {len(round_seconds)} rounds")
+        raise ValueError(
+            f"one Dice per round expected: {len(dice)} Dice values for {len(round_seconds)} rounds"
+        )
     best = auc = elapsed = 0.0
     scores = []
     for value, seconds in zip(dice, round_seconds, strict=True):
@@ -80,7 +85,9 @@ def site_dice(record: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def summarise_run(history: list[dict[str, Any]], *, target_dice: float, target_region: str = "mean") -> dict[str, Any]:
+def summarise_run(
+    history: list[dict[str, Any]], *, target_dice: float, target_region: str = "mean"
+) -> dict[str, Any]:
     """The numbers of one run (one strategy, one seed)."""
     if target_region not in TARGET_REGIONS:
         raise ValueError(f"target region must be one of {', '.join(TARGET_REGIONS)}, got {target_region!r}")
@@ -89,7 +96,9 @@ def summarise_run(history: list[dict[str, Any]], *, target_dice: float, target_r
     s: dict[str, Any] = {"rounds_done": history[-1]["round"] if history else 0}
     for region in (*REGIONS, "mean"):
         s[f"final_dice_{region}"] = region_value(final.get("mean_dice", {}), region)
-        s[f"best_dice_{region}"] = max((region_value(h["mean_dice"], region) for h in evaluated), default=math.nan)
+        s[f"best_dice_{region}"] = max(
+            (region_value(h["mean_dice"], region) for h in evaluated), default=math.nan
+        )
     s["site_dice"] = site_dice(final) if final else {}
     worst = min(s["site_dice"].items(), key=lambda kv: kv[1], default=(None, math.nan))
     s["worst_site"], s["worst_site_dice"] = worst
@@ -109,8 +118,12 @@ def summarise_run(history: list[dict[str, Any]], *, target_dice: float, target_r
                 epsilon[str(t["site"])] = max(epsilon.get(str(t["site"]), 0.0), float(t["epsilon"]))
     s["site_epsilon"] = epsilon
     s["max_site_epsilon"] = max(epsilon.values(), default=math.nan)
-    s["client_epsilon"] = next((float(h["client_epsilon"]) for h in reversed(history) if "client_epsilon" in h), math.nan)
-    s["curve"] = [(h["round"], h["simulated_seconds"] / 3600, region_value(h["mean_dice"], "mean")) for h in evaluated]
+    s["client_epsilon"] = next(
+        (float(h["client_epsilon"]) for h in reversed(history) if "client_epsilon" in h), math.nan
+    )
+    s["curve"] = [
+        (h["round"], h["simulated_seconds"] / 3600, region_value(h["mean_dice"], "mean")) for h in evaluated
+    ]
     return s
 
 
@@ -136,7 +149,9 @@ def read_settings(out: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def collect_runs(out: Path, *, target_dice: float | None = None, target_region: str | None = None) -> list[Run]:
+def collect_runs(
+    out: Path, *, target_dice: float | None = None, target_region: str | None = None
+) -> list[Run]:
     """Every run folder under OUT/runs with at least one recorded round, in the comparison's order."""
     out = Path(out)
     settings = read_settings(out)
@@ -171,7 +186,9 @@ def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
     for label in dict.fromkeys(r.label for r in runs):
         mine = [r for r in runs if r.label == label]
         config = mine[0].config
-        params = {k.removeprefix("strategy-"): v for k, v in sorted(config.items()) if k.startswith("strategy-")}
+        params = {
+            k.removeprefix("strategy-"): v for k, v in sorted(config.items()) if k.startswith("strategy-")
+        }
         row: dict[str, Any] = {
             "strategy": label,
             "name": config.get("strategy", label),
@@ -188,7 +205,9 @@ def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
     return rows
 
 
-def summarise_runs(out: Path, *, target_dice: float | None = None, target_region: str | None = None) -> list[dict[str, Any]]:
+def summarise_runs(
+    out: Path, *, target_dice: float | None = None, target_region: str | None = None
+) -> list[dict[str, Any]]:
     """The comparison table (one row per strategy) from the run folders under OUT/runs."""
     return aggregate(collect_runs(out, target_dice=target_dice, target_region=target_region))
 
@@ -205,8 +224,8 @@ def _natural(name: str) -> tuple:
     return (0, int(name), "") if str(name).isdigit() else (1, 0, str(name))
 
 
-def plot_curves(runs: list[Run], path: Path) -> Path:
-    """Mean Dice against rounds and against simulated time: mean over seeds, min-max band."""
+def plot_curves(runs: list[Run], path: Path, target: float | None = None) -> Path:
+    """Mean Dice against rounds and against simulated time: mean over seeds, min-max band, target dashed."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for i, (label, mine) in enumerate(_by_label(runs).items()):
         points: dict[int, list[tuple[float, float]]] = {}
@@ -222,11 +241,22 @@ def plot_curves(runs: list[Run], path: Path) -> Path:
         high = [max(d for _, d in points[k]) for k in rounds]
         color = f"C{i % 10}"
         for ax, xs in ((axes[0], rounds), (axes[1], hours)):
-            ax.plot(xs, mean, marker="o", color=color, label=f"{label} ({len(mine)} seed{'s' * (len(mine) > 1)})")
+            ax.plot(
+                xs, mean, marker="o", color=color, label=f"{label} ({len(mine)} seed{'s' * (len(mine) > 1)})"
+            )
             ax.fill_between(xs, low, high, color=color, alpha=0.2, linewidth=0)
-    axes[0].set(title="Mean Dice (ET, TC, WT; mean over sites)", xlabel="round", ylabel="Dice", ylim=(0, 1))
-    axes[1].set(title="Mean Dice against simulated time", xlabel="simulated hours (FeTS timing model)", ylim=(0, 1))
+    top = min(
+        1.0,
+        1.2 * max((d for r in runs for *_, d in r.summary["curve"] if not math.isnan(d)), default=1) + 0.05,
+    )
+    axes[0].set(title="Mean Dice (ET, TC, WT; mean over sites)", xlabel="round", ylabel="Dice", ylim=(0, top))
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[1].set(
+        title="Mean Dice against simulated time", xlabel="simulated hours (FeTS timing model)", ylim=(0, top)
+    )
     for ax in axes:
+        if target is not None and target <= top:
+            ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -244,7 +274,7 @@ def plot_site_bars(runs: list[Run], path: Path) -> Path:
     for i, (label, mine) in enumerate(grouped.items()):
         stats = [mean_std([r.summary["site_dice"].get(s, math.nan) for r in mine]) for s in sites]
         xs = [j + (i - (len(grouped) - 1) / 2) * width for j in range(len(sites))]
-        errors = [0.0 if math.isnan(sd) else sd for _, sd in stats]
+        errors = None if len(mine) < 2 else [0.0 if math.isnan(sd) else sd for _, sd in stats]
         ax.bar(xs, [m for m, _ in stats], width, yerr=errors, capsize=3, color=f"C{i % 10}", label=label)
     ax.set_xticks(range(len(sites)), [f"site {s}" for s in sites])
     ax.set(title="Final Dice per site (mean of ET, TC, WT; mean over seeds)", ylabel="Dice", ylim=(0, 1))
@@ -259,13 +289,18 @@ def plot_site_bars(runs: list[Run], path: Path) -> Path:
 def plot_fairness(runs: list[Run], path: Path) -> Path:
     """Spread of the sites' final Dice per strategy: a box per strategy, one dot per site and seed."""
     grouped = _by_label(runs)
-    values = [[d for r in mine for d in r.summary["site_dice"].values() if not math.isnan(d)] for mine in grouped.values()]
+    values = [
+        [d for r in mine for d in r.summary["site_dice"].values() if not math.isnan(d)]
+        for mine in grouped.values()
+    ]
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(grouped) + 2), 4.5))
     ax.boxplot([v or [math.nan] for v in values], tick_labels=list(grouped), showfliers=False)
     for i, v in enumerate(values):
         jitter = [(j % 7 - 3) * 0.03 for j in range(len(v))]
         ax.scatter([i + 1 + x for x in jitter], v, s=18, color=f"C{i % 10}", alpha=0.8, zorder=3)
-    ax.set(title="Fairness: final Dice of every site (and seed)", ylabel="Dice (mean of ET, TC, WT)", ylim=(0, 1))
+    ax.set(
+        title="Fairness: final Dice of every site (and seed)", ylabel="Dice (mean of ET, TC, WT)", ylim=(0, 1)
+    )
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -327,11 +362,21 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows)
+        writer.writerows(
+            {k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows
+        )
     return path
 
 
-def write_comparison(out: Path, *, target_dice: float | None = None, target_region: str | None = None) -> Path:
+def _local_work(config: dict[str, Any]) -> str:
+    if int(config.get("local-steps", 0) or 0) > 0:
+        return f"{config['local-steps']} local steps"
+    return f"{config.get('local-epochs', '?')} local epoch(s)"
+
+
+def write_comparison(
+    out: Path, *, target_dice: float | None = None, target_region: str | None = None
+) -> Path:
     """Write comparison.md (with PNGs), comparison.csv (per strategy) and comparison_runs.csv (per run)."""
     out = Path(out)
     settings = read_settings(out)
@@ -339,7 +384,9 @@ def write_comparison(out: Path, *, target_dice: float | None = None, target_regi
     target_region = settings.get("target_region", "mean") if target_region is None else target_region
     runs = collect_runs(out, target_dice=target_dice, target_region=target_region)
     if not runs:
-        raise ValueError(f"no run under {out / 'runs'} has a completed round (expected runs/<strategy>-seed<k>/history.jsonl)")
+        raise ValueError(
+            f"no run under {out / 'runs'} has a completed round (expected runs/<strategy>-seed<k>/history.jsonl)"
+        )
     rows = aggregate(runs)
     for row in rows:
         row.update(target_dice=target_dice, target_region=target_region)
@@ -350,7 +397,9 @@ def write_comparison(out: Path, *, target_dice: float | None = None, target_regi
         for r in runs
     ]  # fmt: skip
     _write_csv(out / "comparison_runs.csv", per_run)
-    curves = plot_curves(runs, out / "comparison_curves.png")
+    curves = plot_curves(
+        runs, out / "comparison_curves.png", target_dice if target_region == "mean" else None
+    )
     bars = plot_site_bars(runs, out / "comparison_sites.png")
     fairness = plot_fairness(runs, out / "comparison_fairness.png")
     accuracy, cost = table_columns(rows)
@@ -361,7 +410,7 @@ def write_comparison(out: Path, *, target_dice: float | None = None, target_regi
         f"Data `{config.get('data-dir', '?')}`, partition `{config.get('partition', '?')}`; "
         f"{max(r['rounds'] for r in rows)} rounds; seeds {', '.join(sorted({r['seeds'] for r in rows}))}; "
         f"model `{config.get('model', '?')}` (width {config.get('model-width', '?')}, depth {config.get('model-depth', '?')}), "
-        f"patch {config.get('patch-size', '?')}, local steps {config.get('local-steps', '?')} / epochs {config.get('local-epochs', '?')}.",
+        f"patch {config.get('patch-size', '?')}, {_local_work(config)} per round.",
         "",
         "Every strategy ran on the same partition with the same seeds; a seed fixes the initial weights, "
         "each site's train/validation split and the training randomness. Values are mean ± sample std over "

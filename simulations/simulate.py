@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -133,10 +134,24 @@ def stop_local_superlink(flwr_home: Path) -> None:
                 pass
 
 
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def run_flower(app_dir: Path, out: Path, sites: int, *, cpus_per_site: float, gpus_per_site: float, rounds: int) -> int:
     """Run the app on the simulation engine, showing one progress step per round."""
     flwr_home = out / ".flwr"
-    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(flwr_home)}
+    # Flower's local SuperLink listens on fixed ports (39091, 39093) unless told otherwise: a second
+    # simulation would silently submit its run to the first one's SuperLink. Each run gets its own.
+    env = {
+        **os.environ,
+        **FLOWER_ENV,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+    }
     federation = (
         f"num-supernodes={sites} client-resources-num-cpus={cpus_per_site:g} "
         f"client-resources-num-gpus={gpus_per_site:g}"
