@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import tempfile
 import threading
@@ -183,6 +184,7 @@ class MemoryPoll:
     peak_pss: float = 0.0
     peak_processes: int = 0
     samples: int = 0
+    peak_names: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def _sample(self) -> None:
@@ -191,6 +193,7 @@ class MemoryPoll:
         pss = sum(_kib(Path(f"/proc/{p}/smaps_rollup"), b"Pss:") for p in pids) / 1024
         if rss > self.peak_rss:
             self.peak_rss, self.peak_processes = rss, len(pids)
+            self.peak_names = sorted(_read(Path(f"/proc/{p}/comm")).decode().strip() for p in pids)
         self.peak_pss = max(self.peak_pss, pss)
         self.samples += 1
 
@@ -222,6 +225,25 @@ def stop_leftovers(flwr_home: Path, grace: float = 15.0) -> int:
     return len(left)
 
 
+def own_superlink(flwr_home: Path) -> None:
+    """Give this run a SuperLink of its own. `flwr run` starts its local SuperLink on a fixed port
+    (39091) and reuses any SuperLink already listening there, so a run next to another simulation
+    on this machine would be served by that one (under its FLWR_HOME). Fresh free ports avoid it."""
+    for name in ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ[name] = str(sock.getsockname()[1])
+    flwr_home.mkdir(parents=True, exist_ok=True)
+
+
+def check_own_superlink(out: Path) -> None:
+    log = (out / "flower.log").read_text(errors="replace")
+    if "Starting local SuperLink" not in log or str(out / ".flwr" / "apps") not in log:
+        raise RuntimeError(
+            f"{out}: the run was not served by its own local SuperLink; see {out / 'flower.log'}"
+        )
+
+
 # --- the two runs -------------------------------------------------------------------------------------------
 def tiny_config(rounds: int) -> RunConfig:
     return RunConfig(
@@ -240,12 +262,14 @@ def run_ours(config: RunConfig, sites: int, work: Path) -> dict:
     data = generate_phantom(
         work / f"phantom-{sites}", sites=sites, cases_per_site=2, voxel_size=5.0, seed=0, progress=False
     )
-    out = work / f"ours-{sites}"
+    out = (work / f"ours-{sites}").resolve()
+    own_superlink(out / ".flwr")
     started = time.monotonic()
-    with MemoryPoll(out.resolve() / ".flwr") as memory:
+    with MemoryPoll(out / ".flwr") as memory:
         ok = simulate(config, data, data / "partitioning_1.csv", out)
     total = time.monotonic() - started
-    left = stop_leftovers(out.resolve() / ".flwr")
+    left = stop_leftovers(out / ".flwr")
+    check_own_superlink(out)
     if not ok:
         raise RuntimeError(f"our simulation with {sites} sites failed; see {out / 'flower.log'}")
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if line.strip()]
@@ -275,6 +299,7 @@ def run_plain(spec: dict, sites: int, rounds: int, work: Path) -> dict:
     (app / "plainflower" / "__init__.py").write_text("")
     (app / "plainflower" / "server_app.py").write_text(PLAIN_SERVER)
     (app / "plainflower" / "client_app.py").write_text(PLAIN_CLIENT)
+    own_superlink(out / ".flwr")
     started = time.monotonic()
     with MemoryPoll(out / ".flwr") as memory:
         code = run_flower(
@@ -282,6 +307,7 @@ def run_plain(spec: dict, sites: int, rounds: int, work: Path) -> dict:
         )
     total = time.monotonic() - started
     left = stop_leftovers(out / ".flwr")
+    check_own_superlink(out)
     if code != 0 or not result_file.is_file():
         raise RuntimeError(f"the plain Flower run with {sites} sites failed; see {out / 'flower.log'}")
     result = json.loads(result_file.read_text())
@@ -347,6 +373,7 @@ def main() -> None:
             plain = run_plain(spec, sites, args.rounds, work)
             results[sites] = (ours, plain)
             for name, run in (("ours", ours), ("plain", plain)):
+                print(f"{name}, {sites} sites, processes at peak RSS: {', '.join(run['memory'].peak_names)}")
                 if run["leftover"]:
                     print(
                         f"warning: {run['leftover']} process(es) of the {name} run with {sites} sites outlived it"
