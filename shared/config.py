@@ -14,11 +14,11 @@ from typing import Any
 
 #: Settings sized for a 2-core CPU: the README's first command must finish in minutes.
 DEMO = {
-    "rounds": 3,
-    "local_epochs": 2,
-    "model_width": 8,
-    "model_depth": 3,
-    "patch_size": 32,
+    "rounds": 8,
+    "local_epochs": 1,
+    "model_width": 16,
+    "model_depth": 4,
+    "patch_size": 48,
     "batch_size": 2,
     "phantom_voxel_size": 3.0,
 }

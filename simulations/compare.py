@@ -118,6 +118,10 @@ def plan_runs(
                 f"{spec.label}: proximal_mu = {params['proximal_mu']:g} (not given; with 0 FedProx is FedAvg). "
                 "Choose it with fedprox:proximal_mu=VALUE in --strategies."
             )
+        if spec.name == "fedprox" and config.local_steps == 1:
+            notes.append(
+                f"{spec.label}: with one local step FedProx equals FedAvg (the proximal gradient is 0 there)."
+            )
         strategy_config = config.replace(strategy=spec.name, strategy_params=params)
         try:
             make_strategy(strategy_config)

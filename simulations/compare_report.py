@@ -324,13 +324,17 @@ def _target(row: dict[str, Any], metric: str, digits: int) -> str:
     return f"{fmt(row, metric, digits)} ({row['target_reached']} seeds)"
 
 
+def _worst(row: dict[str, Any]) -> str:
+    return "-" if row["worst_site"] is None else f"{fmt(row, 'worst_site_dice')} (site {row['worst_site']})"
+
+
 def table_columns(rows: list[dict[str, Any]]) -> tuple[list, list]:
     """(header, cell function) pairs for the accuracy table and the convergence-and-cost table."""
     name = ("strategy", lambda r: r["strategy"] + (f" ({r['params']})" if r["params"] else ""))
     accuracy = [name, ("complete runs", lambda r: r["runs_complete"])]
     accuracy += [(f"final {g}", lambda r, g=g: fmt(r, f"final_dice_{g}")) for g in (*REGIONS, "mean")]
     accuracy += [(f"best {g}", lambda r, g=g: fmt(r, f"best_dice_{g}")) for g in (*REGIONS, "mean")]
-    accuracy.append(("worst site (final)", lambda r: f"{fmt(r, 'worst_site_dice')} (site {r['worst_site']})"))
+    accuracy.append(("worst site (final)", _worst))
     cost = [
         name,
         ("rounds to target", lambda r: _target(r, "rounds_to_target", 1)),

@@ -104,6 +104,9 @@ def test_one_run_summary():
     assert math.isnan(s["max_site_epsilon"]) and math.isnan(s["client_epsilon"])
     on_wt = summarise_run(history_of("fedavg", 0), target_dice=0.65, target_region="WT")
     assert on_wt["rounds_to_target"] == 3  # mean WT per round: 0.4, 0.6, 0.7
+    not_evaluated = [dict(r, evaluate=[], mean_dice={}) for r in history_of("fedavg", 0)]
+    s = summarise_run(not_evaluated, target_dice=0.45)
+    assert s["worst_site"] is None and math.isnan(s["final_dice_mean"]) and s["convergence_score"] == 0.0
     with pytest.raises(ValueError, match="target region"):
         summarise_run(history_of("fedavg", 0), target_dice=0.5, target_region="NCR")
 
