@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import tempfile
 import threading
@@ -225,18 +224,8 @@ def stop_leftovers(flwr_home: Path, grace: float = 15.0) -> int:
     return len(left)
 
 
-def own_superlink(flwr_home: Path) -> None:
-    """Give this run a SuperLink of its own. `flwr run` starts its local SuperLink on a fixed port
-    (39091) and reuses any SuperLink already listening there, so a run next to another simulation
-    on this machine would be served by that one (under its FLWR_HOME). Fresh free ports avoid it."""
-    for name in ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT"):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ[name] = str(sock.getsockname()[1])
-    flwr_home.mkdir(parents=True, exist_ok=True)
-
-
 def check_own_superlink(out: Path) -> None:
+    """A run served by another simulation's SuperLink (same ports) would measure that one's processes."""
     log = (out / "flower.log").read_text(errors="replace")
     if "Starting local SuperLink" not in log or str(out / ".flwr" / "apps") not in log:
         raise RuntimeError(
@@ -263,7 +252,6 @@ def run_ours(config: RunConfig, sites: int, work: Path) -> dict:
         work / f"phantom-{sites}", sites=sites, cases_per_site=2, voxel_size=5.0, seed=0, progress=False
     )
     out = (work / f"ours-{sites}").resolve()
-    own_superlink(out / ".flwr")
     started = time.monotonic()
     with MemoryPoll(out / ".flwr") as memory:
         ok = simulate(config, data, data / "partitioning_1.csv", out)
@@ -299,7 +287,6 @@ def run_plain(spec: dict, sites: int, rounds: int, work: Path) -> dict:
     (app / "plainflower" / "__init__.py").write_text("")
     (app / "plainflower" / "server_app.py").write_text(PLAIN_SERVER)
     (app / "plainflower" / "client_app.py").write_text(PLAIN_CLIENT)
-    own_superlink(out / ".flwr")
     started = time.monotonic()
     with MemoryPoll(out / ".flwr") as memory:
         code = run_flower(
