@@ -204,7 +204,7 @@ def test_finished_runs_are_skipped_and_partial_ones_resumed(tmp_path, monkeypatc
         return last == config.rounds
 
     monkeypatch.setattr(compare_module, "simulate", fake_simulate)
-    config = RunConfig().replace(**DEMO)
+    config = RunConfig().replace(**{**DEMO, "rounds": 3})  # the fake histories have 3 rounds
     specs, out = parse_strategies("fedavg,fedprox"), tmp_path / "cmp"
     args = (tmp_path / "data", tmp_path / "data" / "partitioning_1.csv", out)
     assert compare(config, specs, [0], *args, target_dice=0.45) is False  # fedprox stopped after round 1
