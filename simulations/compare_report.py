@@ -25,6 +25,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from server.history import read_history  # noqa: E402
 from shared.constants import REGIONS  # noqa: E402
+from simulations.report import save_figure  # noqa: E402
 
 #: FeTS scores convergence over one simulated week (DESIGN section 8).
 ONE_WEEK = 604_800.0
@@ -259,10 +260,7 @@ def plot_curves(runs: list[Run], path: Path, target: float | None = None) -> Pat
             ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_site_bars(runs: list[Run], path: Path) -> Path:
@@ -280,10 +278,7 @@ def plot_site_bars(runs: list[Run], path: Path) -> Path:
     ax.set(title="Final Dice per site (mean of ET, TC, WT; mean over seeds)", ylabel="Dice", ylim=(0, 1))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_fairness(runs: list[Run], path: Path) -> Path:
@@ -302,10 +297,7 @@ def plot_fairness(runs: list[Run], path: Path) -> Path:
         title="Fairness: final Dice of every site (and seed)", ylabel="Dice (mean of ET, TC, WT)", ylim=(0, 1)
     )
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # --- tables -----------------------------------------------------------------------------------

@@ -15,6 +15,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from server.history import read_history  # noqa: E402
 from shared.constants import REGIONS  # noqa: E402
 
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a report figure as PNG and free it (reports draw many figures in one process)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 COLORS = {"ET": "#d62728", "TC": "#ff7f0e", "WT": "#2ca02c"}
 
 
@@ -41,10 +50,7 @@ def plot_learning_curves(history: list[dict[str, Any]], path: Path) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_site_bars(record: dict[str, Any], path: Path) -> Path:
@@ -59,10 +65,7 @@ def plot_site_bars(record: dict[str, Any], path: Path) -> Path:
     ax.set(title=f"Final Dice per site and region (round {record['round']})", ylabel="Dice", ylim=(0, 1))
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _natural(name: str) -> tuple:
