@@ -152,6 +152,19 @@ def _privacy_plan(args: argparse.Namespace) -> int:
     )  # fmt: skip
 
 
+def _add_federation_options(p: argparse.ArgumentParser, *, set_help: str) -> None:
+    """The options `simulate` and `compare` share: data, configuration layers, resources."""
+    p.add_argument("--data", type=Path, default=None, help="default: a phantom generated and cached by seed")
+    p.add_argument("--partition", type=Path, default=None)
+    p.add_argument("--config", type=Path, default=None, help="TOML run configuration")
+    p.add_argument("--preset", choices=["auto", "demo", "full"], default="auto",
+                   help="auto: full-size on a GPU, demo-size on a CPU")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--sites", type=int, default=None, help="phantom sites when no data is given")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--gpus-per-site", type=float, default=0.0, help="GPU share of each simulated site")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedbrats", description="Federated brain tumor segmentation on BraTS-style MRI."
@@ -233,18 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("simulate", help="run a simulated federation on one machine")
-    p.add_argument("--data", type=Path, default=None, help="default: a phantom generated and cached by seed")
-    p.add_argument("--partition", type=Path, default=None)
-    p.add_argument("--config", type=Path, default=None, help="TOML run configuration")
-    p.add_argument("--preset", choices=["auto", "demo", "full"], default="auto",
-                   help="auto: full-size on a GPU, demo-size on a CPU")
-    p.add_argument("--rounds", type=int, default=None)
+    _add_federation_options(p, set_help="any run configuration key, e.g. --set local-epochs=2")
     p.add_argument("--strategy", default=None)
-    p.add_argument("--sites", type=int, default=None, help="phantom sites when no data is given")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any run configuration key, e.g. --set local-epochs=2")
-    p.add_argument("--gpus-per-site", type=float, default=0.0)
     p.add_argument("--out", type=Path, default=None)
     p.set_defaults(func=_simulate)
 
@@ -254,19 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "fedavg,fedprox:proximal_mu=0.01,fedadam:eta=0.001 (fedprox without proximal_mu gets 0.01)")
     p.add_argument("--seeds", default=None, metavar="LIST",
                    help="comma-separated seeds, e.g. 0,1,2 (default: the config's seed)")
-    p.add_argument("--data", type=Path, default=None, help="default: a phantom generated and cached by seed")
-    p.add_argument("--partition", type=Path, default=None)
-    p.add_argument("--config", type=Path, default=None, help="TOML run configuration")
-    p.add_argument("--preset", choices=["auto", "demo", "full"], default="auto",
-                   help="auto: full-size on a GPU, demo-size on a CPU")
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--sites", type=int, default=None, help="phantom sites when no data is given")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any run configuration key, for every run: --set local-steps=2, --set strategy-eta=0.001")
+    _add_federation_options(
+        p, set_help="any run configuration key, for every run: --set local-steps=2, --set strategy-eta=0.001"
+    )
     p.add_argument("--target-dice", type=float, default=0.7, help="report rounds and simulated time to reach it")
     p.add_argument("--target-region", choices=["mean", "ET", "TC", "WT"], default="mean",
                    help="the Dice the target applies to: mean of ET/TC/WT (default) or one region")
-    p.add_argument("--gpus-per-site", type=float, default=0.0)
     p.add_argument("--out", type=Path, default=None,
                    help="default: runs/compare-<time>; the same command with the same --out resumes")
     p.set_defaults(func=_compare)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -245,7 +244,17 @@ def compare(
         f"comparing {len(specs)} strategies x {len(seeds)} seed(s) = {len(runs)} runs of {config.rounds} rounds "
         f"({len(runs) - len(pending)} already complete) -> {out}"
     )
-    durations: list[float] = []
+    # Time left = seconds per round so far in this session (start-up included) x rounds still to run.
+    to_run = {r.folder: config.rounds - rounds_done(out / "runs" / r.folder) for r in pending}
+    started_all = time.monotonic()
+    finished = 0  # rounds run in this session by the runs already over
+
+    def time_left(rounds_now: int) -> str:
+        ran, left = finished + rounds_now, sum(to_run.values()) - rounds_now
+        if ran <= 0 or left <= 0:
+            return "comparison: last round" if left <= 0 else "comparison: estimating time left"
+        return f"comparison: about {_duration((time.monotonic() - started_all) / ran * left)} left"
+
     failed: list[str] = []
     for i, run in enumerate(runs, 1):
         folder = out / "runs" / run.folder
@@ -256,14 +265,18 @@ def compare(
         resuming = f", resuming after round {done}" if done else ""
         console.rule(f"run {i}/{len(runs)}: {run.label} seed {run.seed}{resuming}")
         started = time.monotonic()
-        if not simulate(run.config, data, partition, folder, gpus_per_site=gpus_per_site):
+
+        def note(round_: int, i: int = i, run: PlannedRun = run, done: int = done) -> str:
+            return f"run {i}/{len(runs)} {run.label} seed {run.seed} | {time_left(round_ - done)}"
+
+        if not simulate(run.config, data, partition, folder, gpus_per_site=gpus_per_site, round_note=note):
             failed.append(run.folder)
-        durations.append(time.monotonic() - started)
-        left = len(pending) - len(durations)
-        eta = f"about {_duration(statistics.fmean(durations) * left)} left" if left else "all runs done"
+        to_run.pop(run.folder)
+        finished += rounds_done(folder) - done
         console.print(
             f"[bold]run {i}/{len(runs)} {run.label} seed {run.seed} {'FAILED' if run.folder in failed else 'done'} "
-            f"in {_duration(durations[-1])}; {left} run(s) to go, {eta}"
+            f"in {_duration(time.monotonic() - started)}; {len(to_run)} run(s) to go"
+            + (f", {time_left(0)}" if to_run else "")
         )
     report = write_comparison(out)
     print_tables(summarise_runs(out), target_dice, target_region)

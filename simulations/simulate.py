@@ -19,11 +19,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from shared.config import DEMO, RunConfig
 from shared.partition import read_partition
@@ -140,8 +141,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run_flower(app_dir: Path, out: Path, sites: int, *, cpus_per_site: float, gpus_per_site: float, rounds: int) -> int:
-    """Run the app on the simulation engine, showing one progress step per round."""
+RoundNote = Callable[[int], str]
+
+
+def run_flower(
+    app_dir: Path,
+    out: Path,
+    sites: int,
+    *,
+    cpus_per_site: float,
+    gpus_per_site: float,
+    rounds: int,
+    round_note: RoundNote | None = None,
+) -> int:
+    """Run the app on the simulation engine, showing one progress step and one line per round.
+
+    `round_note(round)` is appended to each round's line (a comparison adds its own time left).
+    """
     flwr_home = out / ".flwr"
     # Flower's local SuperLink listens on fixed ports (39091, 39093) unless told otherwise: a second
     # simulation would silently submit its run to the first one's SuperLink. Each run gets its own.
@@ -163,7 +179,7 @@ def run_flower(app_dir: Path, out: Path, sites: int, *, cpus_per_site: float, gp
     started = time.monotonic()
     with open(log_path, "w") as log, Progress(
         TextColumn("[bold]federation"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
-        TimeElapsedColumn(), console=console,
+        TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), console=console,
     ) as progress:  # fmt: skip
         task = progress.add_task("rounds", total=rounds)
         shown: set[int] = set()
@@ -177,7 +193,8 @@ def run_flower(app_dir: Path, out: Path, sites: int, *, cpus_per_site: float, gp
                 if match and int(match.group(1)) not in shown:  # Flower may relay a log line twice
                     shown.add(int(match.group(1)))
                     progress.update(task, completed=int(match.group(1)))
-                    progress.console.print(escape(clean[clean.index("round") :]))
+                    note = f" | {round_note(int(match.group(1)))}" if round_note else ""
+                    progress.console.print(escape(clean[clean.index("round") :] + note))
                 elif "ERROR" in clean or "Traceback" in clean or "dropped update" in clean:
                     progress.console.print(f"[red]{escape(clean)}")
             code = proc.wait()
@@ -201,7 +218,15 @@ def prepare_data(config: RunConfig, data: Path | None, partition: Path | None, s
     return data, partition
 
 
-def simulate(config: RunConfig, data: Path, partition: Path, out: Path, *, gpus_per_site: float = 0.0) -> bool:
+def simulate(
+    config: RunConfig,
+    data: Path,
+    partition: Path,
+    out: Path,
+    *,
+    gpus_per_site: float = 0.0,
+    round_note: RoundNote | None = None,
+) -> bool:
     """Run (or resume) one simulated federation into `out`; True when every round completed."""
     sites = len(read_partition(partition).sites)
     out = out.resolve()
@@ -219,7 +244,13 @@ def simulate(config: RunConfig, data: Path, partition: Path, out: Path, *, gpus_
         f"(model {config.model} width {config.model_width}, patch {config.patch_size}) -> {out}"
     )
     code = run_flower(
-        app_dir, out, sites, cpus_per_site=float(os.cpu_count() or 1), gpus_per_site=gpus_per_site, rounds=config.rounds
+        app_dir,
+        out,
+        sites,
+        cpus_per_site=float(os.cpu_count() or 1),
+        gpus_per_site=gpus_per_site,
+        rounds=config.rounds,
+        round_note=round_note,
     )
     from server.state import load_state
 

@@ -189,11 +189,13 @@ def test_parse_and_plan():
 def test_finished_runs_are_skipped_and_partial_ones_resumed(tmp_path, monkeypatch):
     calls: list[tuple[str, int]] = []
     stop_after: dict[str, int] = {"fedprox-seed0": 1}
+    notes: list[str] = []
 
-    def fake_simulate(config, data, partition, out, *, gpus_per_site=0.0):
+    def fake_simulate(config, data, partition, out, *, gpus_per_site=0.0, round_note=None):
         start = rounds_done(out)
         calls.append((out.name, start))
         last = min(config.rounds, stop_after.pop(out.name, config.rounds))
+        notes.extend(round_note(r) for r in range(start + 1, last + 1))
         histories = history_of(config.strategy, config.seed)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "history.jsonl", "a") as handle:
@@ -209,9 +211,15 @@ def test_finished_runs_are_skipped_and_partial_ones_resumed(tmp_path, monkeypatc
     args = (tmp_path / "data", tmp_path / "data" / "partitioning_1.csv", out)
     assert compare(config, specs, [0], *args, target_dice=0.45) is False  # fedprox stopped after round 1
     assert calls == [("fedavg-seed0", 0), ("fedprox-seed0", 0)]
-    calls.clear()
+    assert len(notes) == 3 + 1 and notes[0].startswith("run 1/2 fedavg seed 0 | comparison: ")
+    calls.clear(), notes.clear()
     assert compare(config, specs, [0, 1], *args, target_dice=0.45) is True
     assert calls == [("fedprox-seed0", 1), ("fedavg-seed1", 0), ("fedprox-seed1", 0)]
+    # one note per round run: which run of the comparison, and the time left of the 2 + 3 + 3 rounds
+    assert len(notes) == 2 + 3 + 3
+    assert notes[0].startswith("run 2/4 fedprox seed 0 | comparison: about ")
+    assert notes[2].startswith("run 3/4 fedavg seed 1 | comparison: about ") and notes[4].endswith(" s left")
+    assert notes[-1] == "run 4/4 fedprox seed 1 | comparison: last round"
     assert [
         h["round"]
         for h in map(json.loads, (out / "runs/fedprox-seed0/history.jsonl").read_text().splitlines())
