@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import Strategy
 
 from server.history import RunHistory
 from server.state import ServerState, load_state, save_state
-from server.update_checks import update_problem
+from server.update_checks import conform_aggregate, update_problem
 from shared.config import RunConfig
 from shared.constants import REGIONS
 from shared.records import record_digest, record_nbytes
@@ -198,8 +198,12 @@ class Federation:
         arrays, aggregated = self.strategy.aggregate_train(rnd, ordered(good))
         if aggregated and "client-epsilon" in aggregated:
             info["client_epsilon"] = float(aggregated["client-epsilon"])
-        if arrays is None:
-            info["status"] = "failed: the strategy returned no aggregate"
+        problem = "the strategy returned no aggregate" if arrays is None else None
+        if arrays is not None:
+            arrays, problem = conform_aggregate(arrays, self.arrays)
+        if problem:
+            info["status"] = f"failed: {problem}"
+            log.error("round %d %s; the global model is unchanged", rnd, info["status"])
             return results, info
         self.arrays = arrays
         info["status"] = "ok"

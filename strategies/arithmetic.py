@@ -130,10 +130,11 @@ def mix(terms: Sequence[tuple[float, Sequence[float]]]) -> list[float]:
     return [w / used for w in mixed]
 
 
-def _cast_like(value: np.ndarray, reference: np.ndarray) -> np.ndarray:
+def cast_like(value: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """`value` in `reference`'s dtype; integer buffers (e.g. step counters) are rounded, not truncated."""
     if value.dtype == reference.dtype:
         return value
-    if reference.dtype.kind in "iub":  # integer buffers (e.g. step counters) stay integers
+    if reference.dtype.kind in "iub":
         value = np.rint(value)
     return value.astype(reference.dtype)
 
@@ -154,7 +155,7 @@ def weighted_average(
     for name, first in arrays[0].items():
         if first.dtype.kind != "f":
             total = sum(np.asarray(a[name], np.float64) * w for a, w in zip(arrays, shares, strict=True))
-            result[name] = _cast_like(np.asarray(total), first)
+            result[name] = cast_like(np.asarray(total), first)
             continue
         flat = [np.ravel(a[name]) for a in arrays]  # views, except for the rare Fortran-ordered array
         out = np.empty(first.size, first.dtype)
@@ -179,4 +180,4 @@ def apply_update(
     global_arrays: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray], scale: float = 1.0
 ) -> dict[str, np.ndarray]:
     """``global + scale * update`` in the global model's dtypes."""
-    return {name: _cast_like(g + update[name] * float(scale), g) for name, g in global_arrays.items()}
+    return {name: cast_like(g + update[name] * float(scale), g) for name, g in global_arrays.items()}

@@ -56,9 +56,9 @@ class FakeGrid:
         return replies
 
 
-def _run(tmp_path, grid, rounds=2, min_sites=2):
+def _run(tmp_path, grid, rounds=2, min_sites=2, strategy="fedavg"):
     config = RunConfig(rounds=rounds, min_sites=min_sites, out_dir=str(tmp_path))
-    federation = Federation(grid, config, build_strategy("fedavg"), _arrays(), out_dir=tmp_path)
+    federation = Federation(grid, config, build_strategy(strategy), _arrays(), out_dir=tmp_path)
     return federation, federation.run()
 
 
@@ -91,6 +91,28 @@ def test_round_fails_without_enough_sites_and_keeps_the_model(tmp_path):
     _, arrays = _run(tmp_path, FakeGrid(behaviour={2: "nan", 3: "error"}), rounds=1)
     np.testing.assert_allclose(arrays["w"].numpy(), 0.0)
     assert read_history(tmp_path / "history.jsonl")[0]["status"].startswith("failed: 1 usable")
+
+
+@pytest.mark.parametrize("strategy", ["fedadam", "fedyogi", "fedadagrad"])
+def test_server_optimisers_keep_the_model_dtype(tmp_path, strategy):
+    # Flower's FedAdam returns float64 (its bias-corrected step is a NumPy float64): uncast, every update
+    # of round 2 was dropped for its dtype and the model stayed at round 1's
+    _, arrays = _run(tmp_path, FakeGrid(), rounds=3, strategy=strategy)
+    assert {a.dtype for a in arrays.values()} == {"float32"}
+    history = read_history(tmp_path / "history.jsonl")
+    assert [h["status"] for h in history] == ["ok"] * 3
+    assert all(t["dropped"] is None for h in history for t in h["train"])
+    assert float(arrays["w"].numpy().mean()) > 0.0  # every site moved the weights up
+
+
+def test_a_non_finite_aggregate_fails_the_round(tmp_path):
+    strategy = build_strategy("fedavg")
+    infinite = ArrayRecord({"w": Array(np.full((2, 3), np.inf, np.float32)), "b": Array(np.zeros(3, np.float32))})
+    strategy.aggregate_train = lambda rnd, replies: (infinite, None)  # a diverged server optimiser
+    config = RunConfig(rounds=1, min_sites=1, out_dir=str(tmp_path))
+    federation = Federation(FakeGrid(), config, strategy, _arrays(), out_dir=tmp_path)
+    np.testing.assert_array_equal(federation.run()["w"].numpy(), 0.0)
+    assert "'w' has non-finite values" in read_history(tmp_path / "history.jsonl")[0]["status"]
 
 
 def test_resume_gives_identical_weights(tmp_path):
