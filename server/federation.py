@@ -189,8 +189,10 @@ class Federation:
             "bytes_sent": sum(sum(record_nbytes(r) for r in m.content.array_records.values()) for m in messages),
             "bytes_received": sum(record_nbytes(r.content.array_records["arrays"]) for r in good),
         }
-        if len(good) < self.config.min_sites:
-            info["status"] = f"failed: {len(good)} usable updates, fewer than min_sites={self.config.min_sites}"
+        needed = max(self.config.min_sites, getattr(self.strategy, "min_replies", 0))  # Bulyan: 4f + 3
+        if len(good) < needed:
+            short = f"min_sites={needed}" if needed == self.config.min_sites else f"the {needed} {self.config.strategy} needs"
+            info["status"] = f"failed: {len(good)} usable updates, fewer than {short}"
             log.error("round %d %s; the global model is unchanged", rnd, info["status"])
             return results, info
         # Replies in site order: aggregation (float sums) must not depend on arrival order,

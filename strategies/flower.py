@@ -198,9 +198,18 @@ def multikrum(*, num_malicious_nodes: float = 0, num_nodes_to_select: float = 1,
     )
 
 
+class SizedBulyan(Bulyan):
+    """Flower's Bulyan, saying how many updates it needs: a round with fewer fails with that reason
+    instead of Flower's "no aggregate"."""
+
+    @property
+    def min_replies(self) -> int:
+        return 4 * self.num_malicious_nodes + 3
+
+
 @register_strategy("bulyan")
 def bulyan(*, num_malicious_nodes: float = 0, **common: Any) -> Bulyan:
-    return Bulyan(num_malicious_nodes=_whole("num_malicious_nodes", num_malicious_nodes), **common)
+    return SizedBulyan(num_malicious_nodes=_whole("num_malicious_nodes", num_malicious_nodes), **common)
 
 
 # --- fairness ------------------------------------------------------------------------------

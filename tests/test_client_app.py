@@ -12,6 +12,7 @@ from server.history import read_history
 from shared.checkpoint import load_checkpoint
 from shared.config import RunConfig
 from shared.phantom import generate_phantom
+from strategies import available_strategies
 
 from .local_grid import LocalGrid
 
@@ -119,3 +120,16 @@ def test_client_level_dp_reports_epsilon(phantom, tmp_path):
     history = read_history(tmp_path / "history.jsonl")
     assert [h["status"] for h in history] == ["ok", "ok"]
     assert 0 < history[0]["client_epsilon"] < history[1]["client_epsilon"]
+
+
+@pytest.mark.parametrize("strategy", sorted(set(available_strategies()) - {"fedpidavg", "fedbn", "scaffold"}))
+def test_every_strategy_runs_rounds_with_the_real_sites(phantom, tmp_path, strategy):
+    """Unit tests check each strategy's arithmetic; this checks that its output stays a usable model."""
+    config = _config(phantom, tmp_path, strategy=strategy, rounds=3)
+    run_server(LocalGrid(config.to_flower(), sites=2), config)
+    history = read_history(tmp_path / "history.jsonl")
+    assert all(t["dropped"] is None for h in history for t in h["train"]), history[-1]["train"]
+    if strategy == "bulyan":  # 4f + 3 = 3 updates needed, 2 sites: every round fails, saying why
+        assert [h["status"] for h in history] == ["failed: 2 usable updates, fewer than the 3 bulyan needs"] * 3
+    else:
+        assert [h["status"] for h in history] == ["ok"] * 3, history[-1]["status"]
