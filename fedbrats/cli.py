@@ -255,11 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="compare strategies (and seeds) on the same partition; one report")
     p.add_argument("--strategies", required=True, metavar="LIST",
                    help="comma-separated, with optional parameters: "
-                        "fedavg,fedprox:proximal_mu=0.01,fedadam:eta=0.001 (fedprox without proximal_mu gets 0.01)")
+                        "fedavg,fedprox:proximal_mu=0.01,fedadam:eta=0.01 (fedprox without proximal_mu gets 0.01)")
     p.add_argument("--seeds", default=None, metavar="LIST",
                    help="comma-separated seeds, e.g. 0,1,2 (default: the config's seed)")
     _add_federation_options(
-        p, set_help="any run configuration key, for every run: --set local-steps=2, --set strategy-eta=0.001"
+        p, set_help="any run configuration key, for every run: --set local-steps=2, --set strategy-eta=0.01"
     )
     p.add_argument("--target-dice", type=float, default=0.7, help="report rounds and simulated time to reach it")
     p.add_argument("--target-region", choices=["mean", "ET", "TC", "WT"], default="mean",

@@ -277,7 +277,7 @@ def plot_site_bars(runs: list[Run], path: Path) -> Path:
     ax.set_xticks(range(len(sites)), [f"site {s}" for s in sites])
     ax.set(title="Final Dice per site (mean of ET, TC, WT; mean over seeds)", ylabel="Dice", ylim=(0, 1))
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
     return save_figure(fig, path)
 
 

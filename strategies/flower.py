@@ -21,7 +21,7 @@ qfedavg        client_learning_rate=1e-3 (Flower has no default; ours is RunConf
 =============  ============================================================================
 
 FedOpt's eta (server learning rate 0.1 for FedAdam) is large for a deep segmentation network;
-set ``strategy-eta`` (e.g. 1e-3) when using the adaptive optimisers.
+set ``strategy-eta`` (0.01 learns on the phantom: docs/example_comparison) with the adaptive optimisers.
 """
 
 from __future__ import annotations
