@@ -25,7 +25,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from server.history import read_history  # noqa: E402
 from shared.constants import REGIONS  # noqa: E402
-from simulations.report import save_figure  # noqa: E402
+from simulations.report import save_figure, site_order, site_region_dice  # noqa: E402
 
 #: FeTS scores convergence over one simulated week (DESIGN section 8).
 ONE_WEEK = 604_800.0
@@ -79,11 +79,7 @@ def region_value(mean_dice: dict[str, float], region: str) -> float:
 
 def site_dice(record: dict[str, Any]) -> dict[str, float]:
     """Each evaluated site's Dice, averaged over the three regions."""
-    return {
-        str(e["site"]): sum(e.get(f"dice-{r}", math.nan) for r in REGIONS) / len(REGIONS)
-        for e in record.get("evaluate", [])
-        if not e.get("dropped")
-    }
+    return {str(site): sum(d.values()) / len(d) for site, d in site_region_dice(record).items()}
 
 
 def summarise_run(
@@ -221,10 +217,6 @@ def _by_label(runs: list[Run]) -> dict[str, list[Run]]:
     return grouped
 
 
-def _natural(name: str) -> tuple:
-    return (0, int(name), "") if str(name).isdigit() else (1, 0, str(name))
-
-
 def plot_curves(runs: list[Run], path: Path, target: float | None = None) -> Path:
     """Mean Dice against rounds and against simulated time: mean over seeds, min-max band, target dashed."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
@@ -266,7 +258,7 @@ def plot_curves(runs: list[Run], path: Path, target: float | None = None) -> Pat
 def plot_site_bars(runs: list[Run], path: Path) -> Path:
     """Final Dice per site (mean over regions), one bar per strategy, error bar = std over seeds."""
     grouped = _by_label(runs)
-    sites = sorted({s for r in runs for s in r.summary["site_dice"]}, key=_natural)
+    sites = sorted({s for r in runs for s in r.summary["site_dice"]}, key=site_order)
     fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(sites) * len(grouped) + 3), 4.5))
     width = 0.8 / max(1, len(grouped))
     for i, (label, mine) in enumerate(grouped.items()):

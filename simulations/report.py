@@ -27,8 +27,9 @@ def save_figure(fig, path: Path) -> Path:
 COLORS = {"ET": "#d62728", "TC": "#ff7f0e", "WT": "#2ca02c"}
 
 
-def _site_dice(record: dict[str, Any]) -> dict[str, dict[str, float]]:
-    return {e["site"]: {r: e.get(f"dice-{r}", math.nan) for r in REGIONS} for e in record["evaluate"] if not e.get("dropped")}
+def site_region_dice(record: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each evaluated site's Dice per region in one history record (dropped sites left out)."""
+    return {e["site"]: {r: e.get(f"dice-{r}", math.nan) for r in REGIONS} for e in record.get("evaluate", []) if not e.get("dropped")}
 
 
 def plot_learning_curves(history: list[dict[str, Any]], path: Path) -> Path:
@@ -40,9 +41,9 @@ def plot_learning_curves(history: list[dict[str, Any]], path: Path) -> Path:
         values = [r["mean_dice"][region] for r in evaluated]
         axes[0].plot(rounds, values, marker="o", color=COLORS[region], label=f"mean {region}")
         axes[2].plot(hours, values, marker="o", color=COLORS[region], label=f"mean {region}")
-    sites = sorted({s for r in evaluated for s in _site_dice(r)}, key=_natural)
+    sites = sorted({s for r in evaluated for s in site_region_dice(r)}, key=site_order)
     for site in sites:
-        pts = [(r["round"], _site_dice(r)[site]["WT"]) for r in evaluated if site in _site_dice(r)]
+        pts = [(r["round"], site_region_dice(r)[site]["WT"]) for r in evaluated if site in site_region_dice(r)]
         axes[1].plot(*zip(*pts, strict=True), marker=".", label=f"site {site}")
     axes[0].set(title="Mean Dice over sites", xlabel="round", ylabel="Dice", ylim=(0, 1))
     axes[1].set(title="WT Dice per site", xlabel="round", ylabel="Dice", ylim=(0, 1))
@@ -54,8 +55,8 @@ def plot_learning_curves(history: list[dict[str, Any]], path: Path) -> Path:
 
 
 def plot_site_bars(record: dict[str, Any], path: Path) -> Path:
-    per_site = _site_dice(record)
-    sites = sorted(per_site, key=_natural)
+    per_site = site_region_dice(record)
+    sites = sorted(per_site, key=site_order)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(sites) + 2), 4))
     width = 0.27
     for i, region in enumerate(REGIONS):
@@ -68,7 +69,8 @@ def plot_site_bars(record: dict[str, Any], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def _natural(name: str) -> tuple:
+def site_order(name: str) -> tuple:
+    """Sort key: numbered sites in numeric order (2 before 10), named ones after."""
     return (0, int(name)) if str(name).isdigit() else (1, str(name))
 
 
@@ -83,7 +85,7 @@ def write_report(out_dir: Path) -> Path:
     curves = plot_learning_curves(history, out_dir / "learning_curves.png")
     bars = plot_site_bars(final, out_dir / "site_dice.png") if evaluated else None
     config = json.loads((out_dir / "run_config.json").read_text()) if (out_dir / "run_config.json").is_file() else {}
-    per_site = _site_dice(final)
+    per_site = site_region_dice(final)
     worst = min(per_site.items(), key=lambda kv: sum(kv[1].values())) if per_site else None
     summary = {
         "rounds": history[-1]["round"],
@@ -113,7 +115,7 @@ def write_report(out_dir: Path) -> Path:
         "| site | " + " | ".join(f"Dice {r}" for r in REGIONS) + " | " + " | ".join(f"HD95 {r} (mm)" for r in REGIONS) + " | val cases |",
         "|---" * (2 + 2 * len(REGIONS)) + "|",
     ]
-    for e in sorted((e for e in final["evaluate"] if not e.get("dropped")), key=lambda e: _natural(e["site"])):
+    for e in sorted((e for e in final["evaluate"] if not e.get("dropped")), key=lambda e: site_order(e["site"])):
         lines.append(
             f"| {e['site']} | " + " | ".join(f"{e.get(f'dice-{r}', math.nan):.3f}" for r in REGIONS) + " | "
             + " | ".join(f"{e.get(f'hd95-{r}', math.nan):.1f}" for r in REGIONS) + f" | {int(e.get('num-examples', 0))} |"
