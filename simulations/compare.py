@@ -12,24 +12,21 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 from rich.table import Table
 
 from shared.config import RunConfig
 from simulations.compare_report import TARGET_REGIONS, summarise_runs, table_columns, write_comparison
-from simulations.simulate import console, prepare_data, resolve_config, simulate
+from simulations.simulate import console, package_versions, prepare_data, resolve_config, simulate
 
 #: FedProx with mu = 0 is FedAvg; this is the value compared when none is given (Li et al. try 0.001 to 1).
 FEDPROX_DEFAULT_MU = 0.01
 #: Keys that may differ between a run folder and a resumed comparison (paths are resolved per machine).
 RESUMABLE_CHANGES = {"rounds", "data-dir", "partition", "out-dir", "min-sites", "timeout"}
-PACKAGES = ("fedbrats", "flwr", "torch", "monai", "opacus", "numpy")
 
 
 @dataclass(frozen=True)
@@ -160,31 +157,6 @@ def check_resumable(run_dir: Path, config: RunConfig) -> None:
         raise ValueError(
             f"{run_dir} was run with another configuration ({detail}); use a new --out or remove it"
         )
-
-
-def package_versions() -> dict[str, str]:
-    """Python and package versions, plus the commit of this source tree (the code the runs imported)."""
-    versions = {"python": sys.version.split()[0]}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    root = Path(__file__).resolve().parents[1]
-    try:
-        git = ["git", "-C", str(root)]
-        commit = subprocess.run(
-            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            [*git, "status", "--porcelain"], capture_output=True, text=True, check=True
-        ).stdout
-        versions["fedbrats-source"] = f"{root} @ {commit}" + (
-            " (with uncommitted changes)" if dirty.strip() else ""
-        )
-    except (OSError, subprocess.CalledProcessError):
-        versions["fedbrats-source"] = str(root)
-    return versions
 
 
 def _duration(seconds: float) -> str:

@@ -131,6 +131,7 @@ class Run:
     path: Path
     config: dict[str, Any]
     summary: dict[str, Any] = field(default_factory=dict)
+    commits: list[str] = field(default_factory=list)  # the code of each start (a resumed run has several)
 
     @property
     def planned_rounds(self) -> int:
@@ -139,6 +140,18 @@ class Run:
     @property
     def complete(self) -> bool:
         return self.summary.get("rounds_done", 0) >= self.planned_rounds > 0
+
+
+def run_commits(folder: Path) -> list[str]:
+    """The FedBraTS commit of each start of a run, from its sources.jsonl (written by `simulate`)."""
+    path = Path(folder) / "sources.jsonl"
+    commits = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            commits.append(str(json.loads(line)["versions"].get("fedbrats-commit", "?")))
+        except (ValueError, KeyError, AttributeError):  # a torn last line of a killed start
+            continue
+    return commits
 
 
 def read_settings(out: Path) -> dict[str, Any]:
@@ -162,7 +175,7 @@ def collect_runs(
             continue
         config_path = folder / "run_config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        run = Run(match["label"], int(match["seed"]), folder, config)
+        run = Run(match["label"], int(match["seed"]), folder, config, commits=run_commits(folder))
         run.summary = summarise_run(history, target_dice=target_dice, target_region=target_region)
         runs.append(run)
     order = {label: i for i, label in enumerate(s["label"] for s in settings.get("strategies", []))}
@@ -420,15 +433,20 @@ def write_comparison(
         "## Final Dice per site", "", f"![final Dice per site]({bars.name})", "",
         "## Fairness", "", "Every site's final Dice; a strategy that serves all hospitals has a short box.", "",
         f"![site Dice spread]({fairness.name})", "",
-        "## Runs", "", "| strategy | seed | rounds | final mean Dice | worst site | convergence score | wall s | folder |",
-        "|---|---|---|---|---|---|---|---|",
+        "## Runs", "",
     ]  # fmt: skip
+    if len({c for r in runs for c in r.commits}) > 1:
+        lines += ["Not every run ran the same FedBraTS code: the code column gives the commit of each start.", ""]
+    lines += [
+        "| strategy | seed | rounds | final mean Dice | worst site | convergence score | wall s | code | folder |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         s = r.summary
         lines.append(
             f"| {r.label} | {r.seed} | {s['rounds_done']}/{r.planned_rounds} | {s['final_dice_mean']:.3f} | "
             f"{s['worst_site']} ({s['worst_site_dice']:.3f}) | {s['convergence_score']:.3f} | {s['wall_seconds']:.0f} | "
-            f"`runs/{r.path.name}` |"
+            f"{' -> '.join(dict.fromkeys(r.commits)) or '-'} | `runs/{r.path.name}` |"
         )
     report = out / "comparison.md"
     report.write_text("\n".join(lines) + "\n")

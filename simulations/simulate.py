@@ -11,6 +11,7 @@ stopped when the run ends.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 
 from rich.console import Console
@@ -30,6 +32,7 @@ from shared.config import DEMO, RunConfig
 from shared.partition import read_partition
 
 console = Console()
+PACKAGES = ("fedbrats", "flwr", "torch", "monai", "opacus", "numpy")
 
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -218,6 +221,33 @@ def prepare_data(config: RunConfig, data: Path | None, partition: Path | None, s
     return data, partition
 
 
+def package_versions() -> dict[str, str]:
+    """Python and package versions, plus the commit of this source tree (the code the runs imported)."""
+    versions = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    root = Path(__file__).resolve().parents[1]
+    try:
+        git = ["git", "-C", str(root)]
+        commit = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain"], capture_output=True, text=True, check=True
+        ).stdout
+        versions["fedbrats-source"] = f"{root} @ {commit}" + (
+            " (with uncommitted changes)" if dirty.strip() else ""
+        )
+        versions["fedbrats-commit"] = commit[:7] + ("+changes" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        versions["fedbrats-source"] = str(root)
+    return versions
+
+
+
 def simulate(
     config: RunConfig,
     data: Path,
@@ -238,6 +268,13 @@ def simulate(
     )
     app_dir = out / "app"
     app_dir.mkdir(parents=True, exist_ok=True)
+    from server.state import load_state
+
+    # A run may be resumed with newer code: every start records what it ran with.
+    before = load_state(out / "server")
+    start = {"started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "from_round": before.round if before else 0}
+    with open(out / "sources.jsonl", "a") as sources:
+        sources.write(json.dumps({**start, "versions": package_versions()}) + "\n")
     (app_dir / "pyproject.toml").write_text(app_pyproject(config))
     console.print(
         f"simulating {sites} sites, {config.rounds} rounds of {config.strategy} "
@@ -252,8 +289,6 @@ def simulate(
         rounds=config.rounds,
         round_note=round_note,
     )
-    from server.state import load_state
-
     state = load_state(out / "server")
     if code != 0 or state is None or state.round < config.rounds:
         done = 0 if state is None else state.round

@@ -162,6 +162,18 @@ def test_report_files(runs_out):
         assert f"({png})" in text
     assert "not reached" in text and "0.675 ± 0.035" in text and "max site ε" in text
     assert "mean Dice over sites >= 0.45, on the mean of ET, TC and WT" in text
+    assert "Not every run" not in text and "| - | `runs/fedavg-seed0` |" in text  # no sources.jsonl: no code
+
+
+def test_runs_name_the_code_of_each_start(runs_out):
+    def start(commit):
+        return json.dumps({"started": "now", "from_round": 0, "versions": {"fedbrats-commit": commit}}) + "\n"
+
+    (runs_out / "runs/fedavg-seed0/sources.jsonl").write_text(start("aaaaaaa") + start("bbbbbbb") + '{"torn')
+    (runs_out / "runs/fedavg-seed1/sources.jsonl").write_text(start("bbbbbbb"))
+    text = write_comparison(runs_out, target_dice=0.45).read_text()
+    assert "Not every run ran the same FedBraTS code" in text
+    assert "| aaaaaaa -> bbbbbbb | `runs/fedavg-seed0` |" in text and "| bbbbbbb | `runs/fedavg-seed1` |" in text
 
 
 def test_parse_and_plan():

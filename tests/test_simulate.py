@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import re
 import tomllib
+from pathlib import Path
 
 from shared.config import DEMO, RunConfig
 from simulations import simulate
@@ -53,3 +56,17 @@ def test_each_run_gets_its_own_local_superlink_ports(tmp_path, monkeypatch):
     ports = {(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"], env["FLWR_LOCAL_CONTROL_API_PORT"]) for env in seen}
     assert len(ports) == 2 and all(env["FLWR_TELEMETRY_ENABLED"] == "0" for env in seen)
     assert seen[0]["FLWR_HOME"] != seen[1]["FLWR_HOME"]
+
+
+def test_every_start_of_a_run_records_its_code(tmp_path, monkeypatch):
+    monkeypatch.setattr(simulate, "run_flower", lambda *args, **kwargs: 1)  # Flower is not started here
+    partition = tmp_path / "partitioning_1.csv"
+    partition.write_text("Partition_ID,Subject_ID\n1,A_001\n2,B_001\n")
+    for _ in range(2):
+        assert simulate.simulate(RunConfig(rounds=1), tmp_path, partition, tmp_path / "run") is False
+    starts = [json.loads(line) for line in (tmp_path / "run" / "sources.jsonl").read_text().splitlines()]
+    assert len(starts) == 2 and starts[0]["from_round"] == 0
+    versions = starts[0]["versions"]
+    assert versions["flwr"].startswith("1.41") and versions["torch"] != "not installed"
+    if (Path(simulate.__file__).parents[1] / ".git").exists():  # a git checkout, as in development and CI
+        assert re.fullmatch(r"[0-9a-f]{7}(\+changes)?", versions["fedbrats-commit"])
