@@ -27,20 +27,11 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from shared.wallclock import SiteTiming
 from strategies import available_strategies, build_strategy
 from strategies.arithmetic import array_view, mix, record_views, to_record, weighted_average
 from strategies.base import ReweightedFedAvg
 from strategies.fedbn import keep_local_norms, norm_param_names, split_norm_params
 from strategies.scaffold import client_control_update, gradient_correction
-from strategies.selection import (
-    epochs_at,
-    lr_at,
-    predict_round_seconds,
-    select_by_deadline,
-    select_fastest,
-    select_fraction,
-)
 
 COMMON = {"min_train_nodes": 1, "min_evaluate_nodes": 1, "min_available_nodes": 1}
 
@@ -119,6 +110,15 @@ def test_our_fedavg_equals_flowers_in_any_arrival_order():
     ours = round_of(ReweightedFedAvg(**COMMON), 1, start, list(reversed(replies)))
     flower = round_of(FedAvg(**COMMON), 1, start, replies)
     assert np.array_equal(ours["w"], flower["w"])
+
+
+def test_to_record_holds_the_bytes_flower_would_write():
+    arrays = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "s": np.array(2.5, np.float32),
+              "f": np.asfortranarray(np.ones((2, 3))), "i": np.arange(4)}
+    ours = to_record(arrays)
+    for name, value in arrays.items():
+        assert ours[name].data == Array(np.ascontiguousarray(value)).data
+        np.testing.assert_array_equal(record_views(ours)[name], value)
 
 
 # --- FeTS aggregations ---------------------------------------------------------------------
@@ -375,42 +375,6 @@ def test_a_resumed_strategy_continues_identically(name):
         assert np.array_equal(got[key], uninterrupted[key]), key
     # without its state the strategy would continue differently, so the equality above means something
     assert any(not np.array_equal(without[k], uninterrupted[k]) for k in uninterrupted)
-
-
-# --- site selection and schedules ------------------------------------------------------------
-def test_selection_helpers():
-    nodes = [5, 1, 4, 2, 3]
-    picked = select_fraction(nodes, 0.4, min_sites=1, seed=0, server_round=3)
-    assert len(picked) == 2 and picked == select_fraction(nodes, 0.4, min_sites=1, seed=0, server_round=3)
-    assert select_fraction(nodes, 0.2, min_sites=3, seed=0, server_round=1).__len__() == 3
-    seconds = {1: 50.0, 2: 10.0, 3: 30.0, 4: 500.0}  # node 5 never measured -> 0 s
-    assert select_fastest(nodes, seconds, 2) == [2, 5]
-    assert select_by_deadline(nodes, seconds, 40.0, min_sites=2) == [2, 3, 5]
-    assert select_by_deadline(nodes, seconds, 5.0, min_sites=3) == [2, 3, 5]
-    timing = SiteTiming(2.0, 3.0, 10.0, 20.0)
-    predicted = predict_round_seconds([1, 2], {1: "a", 2: "b"}, {1: (4, 1)}, {"a": timing}, epochs=2)
-    assert predicted == {1: pytest.approx(10 + 3 + 4 * 2 * 2 + 3 + 20)}
-
-
-def test_schedules_per_round():
-    assert [epochs_at(r, 4) for r in (1, 2, 3)] == [4, 4, 3]  # 4, 3.6, 3.24
-    assert epochs_at(11, 4) == epochs_at(50, 4) == 1  # capped at 0.9 ** 10
-    assert epochs_at(5, 1) == 1
-    assert lr_at(1, 1e-3, "cosine", rounds=11) == pytest.approx(1e-3)
-    assert lr_at(11, 1e-3, "cosine", rounds=11, min_lr=1e-5) == pytest.approx(1e-5)
-    assert lr_at(3, 1.0, "exponential", decay=0.5) == pytest.approx(0.25)
-    assert lr_at(4, 1.0, "step", milestone=5, decay=0.1) == 1.0 and lr_at(5, 1.0, "step", milestone=5, decay=0.1) == 0.1
-    with pytest.raises(ValueError, match="schedule"):
-        lr_at(1, 1.0, "warm")
-
-
-def test_to_record_holds_the_bytes_flower_would_write():
-    arrays = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "s": np.array(2.5, np.float32),
-              "f": np.asfortranarray(np.ones((2, 3))), "i": np.arange(4)}
-    ours = to_record(arrays)
-    for name, value in arrays.items():
-        assert ours[name].data == Array(np.ascontiguousarray(value)).data
-        np.testing.assert_array_equal(record_views(ours)[name], value)
 
 
 # --- through the server's round loop ---------------------------------------------------------

@@ -1,0 +1,39 @@
+"""Site selection per round (fraction, fastest, deadline) and per-round epoch and learning-rate schedules."""
+
+import pytest
+
+from shared.wallclock import SiteTiming
+from strategies.selection import (
+    epochs_at,
+    lr_at,
+    predict_round_seconds,
+    select_by_deadline,
+    select_fastest,
+    select_fraction,
+)
+
+
+def test_selection_helpers():
+    nodes = [5, 1, 4, 2, 3]
+    picked = select_fraction(nodes, 0.4, min_sites=1, seed=0, server_round=3)
+    assert len(picked) == 2 and picked == select_fraction(nodes, 0.4, min_sites=1, seed=0, server_round=3)
+    assert select_fraction(nodes, 0.2, min_sites=3, seed=0, server_round=1).__len__() == 3
+    seconds = {1: 50.0, 2: 10.0, 3: 30.0, 4: 500.0}  # node 5 never measured -> 0 s
+    assert select_fastest(nodes, seconds, 2) == [2, 5]
+    assert select_by_deadline(nodes, seconds, 40.0, min_sites=2) == [2, 3, 5]
+    assert select_by_deadline(nodes, seconds, 5.0, min_sites=3) == [2, 3, 5]
+    timing = SiteTiming(2.0, 3.0, 10.0, 20.0)
+    predicted = predict_round_seconds([1, 2], {1: "a", 2: "b"}, {1: (4, 1)}, {"a": timing}, epochs=2)
+    assert predicted == {1: pytest.approx(10 + 3 + 4 * 2 * 2 + 3 + 20)}
+
+
+def test_schedules_per_round():
+    assert [epochs_at(r, 4) for r in (1, 2, 3)] == [4, 4, 3]  # 4, 3.6, 3.24
+    assert epochs_at(11, 4) == epochs_at(50, 4) == 1  # capped at 0.9 ** 10
+    assert epochs_at(5, 1) == 1
+    assert lr_at(1, 1e-3, "cosine", rounds=11) == pytest.approx(1e-3)
+    assert lr_at(11, 1e-3, "cosine", rounds=11, min_lr=1e-5) == pytest.approx(1e-5)
+    assert lr_at(3, 1.0, "exponential", decay=0.5) == pytest.approx(0.25)
+    assert lr_at(4, 1.0, "step", milestone=5, decay=0.1) == 1.0 and lr_at(5, 1.0, "step", milestone=5, decay=0.1) == 0.1
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(1, 1.0, "warm")
