@@ -27,8 +27,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-from strategies import build_strategy  # noqa: E402
-from strategies.base import ReweightedFedAvg  # noqa: E402
+from fedbrats.strategies import build_strategy  # noqa: E402
+from fedbrats.strategies.base import ReweightedFedAvg  # noqa: E402
 
 
 class Grid:

@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from shared.constants import MODALITIES, REGIONS  # noqa: E402
-from shared.losses import region_loss  # noqa: E402
-from shared.models import count_parameters, create_model  # noqa: E402
+from fedbrats.shared.constants import MODALITIES, REGIONS  # noqa: E402
+from fedbrats.shared.models import count_parameters, create_model  # noqa: E402
+from fedbrats.shared.models.losses import region_loss  # noqa: E402
 
 VARIANTS = ("plain", "dp-functorch", "dp-hooks")
 #: name -> model config, patch edge, batch. "demo" is the CPU demo's model (shared.config.DEMO).

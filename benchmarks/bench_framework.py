@@ -30,11 +30,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.config import RunConfig
-from shared.models import create_model
-from shared.phantom import generate_phantom
-from shared.records import model_to_record, record_nbytes
-from simulations.simulate import run_flower, simulate, stop_local_superlink
+from fedbrats.shared.config import RunConfig
+from fedbrats.shared.data.phantom import generate_phantom
+from fedbrats.shared.models import create_model
+from fedbrats.shared.records import model_to_record, record_nbytes
+from fedbrats.simulations.simulate import run_flower, simulate, stop_local_superlink
 
 PLAIN_PYPROJECT = """\
 [build-system]

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from shared.cases import find_case
-from shared.inference import get_device, predict_probabilities
-from shared.models import count_parameters, create_model
-from shared.phantom import generate_phantom
-from shared.transforms import preprocess
-from shared.volumes import load_case
+from fedbrats.shared.data.cases import find_case
+from fedbrats.shared.data.phantom import generate_phantom
+from fedbrats.shared.data.transforms import preprocess
+from fedbrats.shared.data.volumes import load_case
+from fedbrats.shared.evaluation.inference import get_device, predict_probabilities
+from fedbrats.shared.models import count_parameters, create_model
 
 
 def main() -> None:

@@ -18,12 +18,12 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from shared.cases import discover_cases
-from shared.constants import BRATS2021, MODALITIES
-from shared.dataset import PatientDataset
-from shared.transforms import preprocess
-from shared.validation import check_root
-from shared.volumes import load_case
+from fedbrats.shared.constants import BRATS2021, MODALITIES
+from fedbrats.shared.data.cases import discover_cases
+from fedbrats.shared.data.check import check_root
+from fedbrats.shared.data.dataset import PatientDataset
+from fedbrats.shared.data.transforms import preprocess
+from fedbrats.shared.data.volumes import load_case
 
 SIZES = {"3mm": ((80, 80, 52), 3.0, (64, 64, 48)), "1mm": ((240, 240, 155), 1.0, (128, 128, 128))}
 

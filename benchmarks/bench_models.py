@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from monai.networks.nets import BasicUNet, SegResNet  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 
-from shared.constants import MODALITIES, REGIONS  # noqa: E402
-from shared.losses import region_loss  # noqa: E402
-from shared.models import count_parameters, create_model  # noqa: E402
+from fedbrats.shared.constants import MODALITIES, REGIONS  # noqa: E402
+from fedbrats.shared.models import count_parameters, create_model  # noqa: E402
+from fedbrats.shared.models.losses import region_loss  # noqa: E402
 
 IN, OUT = len(MODALITIES), len(REGIONS)
 

@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from shared.phantom import generate_phantom
-from shared.phantom.anatomy import load_template, make_grid
+from fedbrats.shared.data.phantom import generate_phantom
+from fedbrats.shared.data.phantom.anatomy import load_template, make_grid
 
 
 def _size_mb(root: Path) -> float:

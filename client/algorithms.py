@@ -13,8 +13,8 @@ import torch
 from flwr.app import Array, ArrayRecord
 from safetensors.numpy import load_file, save_file
 
-from strategies.fedbn import keep_local_norms, norm_param_names
-from strategies.scaffold import CONTROL, CONTROL_DELTA, client_control_update, gradient_correction
+from fedbrats.strategies.fedbn import keep_local_norms, norm_param_names
+from fedbrats.strategies.scaffold import CONTROL, CONTROL_DELTA, client_control_update, gradient_correction
 
 
 def _save(arrays: dict[str, np.ndarray], path: Path) -> None:

@@ -17,14 +17,22 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.algorithms import CONTROL, CONTROL_DELTA, ControlVariate, LocalNorms
-from client.ledger import PrivacyLedger
-from client.privacy import DPConfig, PrivacyBudgetExhausted, round_steps, train_private
-from client.site import Site, SiteError, cached_site
-from client.trainer import TrainConfig, evaluate_local, flat_metrics, get_device, loss_on, lr_at, train_local
-from shared.config import RunConfig
-from shared.models import create_model
-from shared.records import model_to_record, record_to_model
+from fedbrats.client.algorithms import CONTROL, CONTROL_DELTA, ControlVariate, LocalNorms
+from fedbrats.client.ledger import PrivacyLedger
+from fedbrats.client.privacy import DPConfig, PrivacyBudgetExhausted, round_steps, train_private
+from fedbrats.client.site import Site, SiteError, cached_site
+from fedbrats.client.trainer import (
+    TrainConfig,
+    evaluate_local,
+    flat_metrics,
+    get_device,
+    loss_on,
+    lr_at,
+    train_local,
+)
+from fedbrats.shared.config import RunConfig
+from fedbrats.shared.models import create_model
+from fedbrats.shared.records import model_to_record, record_to_model
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 log = logging.getLogger("fedbrats.client")

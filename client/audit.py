@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from client.ledger import FILENAME, LedgerRow, PrivacyLedger, epsilon_for
+from fedbrats.client.ledger import FILENAME, LedgerRow, PrivacyLedger, epsilon_for
 
 __all__ = ["RoundCheck", "SiteAudit", "audit_ledger", "find_ledgers", "independent_epsilons", "run_audit", "run_plan"]
 
@@ -257,7 +257,7 @@ def run_plan(
     local_steps: int = 0, accountant: str = "rdp",
 ) -> int:  # fmt: skip
     """Print the noise multiplier a site needs to stay within `epsilon` over `rounds` rounds."""
-    from client.privacy import DPConfig, plan_privacy
+    from fedbrats.client.privacy import DPConfig, plan_privacy
 
     dp = DPConfig(epsilon=epsilon, delta=delta or 0.0, planned_rounds=rounds, accountant=accountant)
     plan = plan_privacy(cases, batch, dp, epochs=local_epochs, steps=local_steps or None)

@@ -42,9 +42,16 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
-from client.ledger import ACCOUNTANTS, History, LedgerError, PrivacyLedger, epsilon_for, make_accountant
-from client.site import SiteError
-from client.trainer import LossFn, Progress, TrainConfig, TrainResult, get_device, lr_at
+from fedbrats.client.ledger import (
+    ACCOUNTANTS,
+    History,
+    LedgerError,
+    PrivacyLedger,
+    epsilon_for,
+    make_accountant,
+)
+from fedbrats.client.site import SiteError
+from fedbrats.client.trainer import LossFn, Progress, TrainConfig, TrainResult, get_device, lr_at
 
 __all__ = [
     "DPConfig", "IncompatibleModelError", "PrivacyBudgetExhausted", "PrivacyPlan", "PrivateResult",
@@ -404,6 +411,6 @@ def train_private(
 
 
 def _default_loss() -> LossFn:
-    from shared.losses import region_loss
+    from fedbrats.shared.models.losses import region_loss
 
     return region_loss

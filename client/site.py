@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.cases import Case, discover_cases
-from shared.config import RunConfig
-from shared.dataset import PatientDataset
-from shared.partition import read_partition, split_train_val
-from shared.validation import CaseProblem
+from fedbrats.shared.config import RunConfig
+from fedbrats.shared.data.cases import Case, discover_cases
+from fedbrats.shared.data.dataset import PatientDataset
+from fedbrats.shared.data.partition import read_partition, split_train_val
+from fedbrats.shared.data.problems import CaseProblem
 
 log = logging.getLogger("fedbrats.site")
 

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from shared.constants import REGIONS
-from shared.inference import fast_layout, get_device, predict_probabilities
+from fedbrats.shared.constants import REGIONS
+from fedbrats.shared.evaluation.inference import fast_layout, get_device, predict_probabilities
 
 __all__ = [
     "TrainConfig", "TrainResult", "evaluate_local", "flat_metrics", "get_device", "loss_on", "lr_at",
@@ -124,7 +124,7 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 def _default_loss() -> LossFn:
-    from shared.losses import region_loss
+    from fedbrats.shared.models.losses import region_loss
 
     return region_loss
 
@@ -310,7 +310,7 @@ def evaluate_local(
     "mean_dice": mean Dice over the three regions, "num_cases", "seconds"}. Metrics are computed on
     the cropped volume the model sees (no post-processing: this tracks training, not final scores).
     """
-    from shared.metrics import mean_over_cases, region_metrics
+    from fedbrats.shared.evaluation.metrics import mean_over_cases, region_metrics
 
     start = time.perf_counter()
     rows = []

@@ -25,8 +25,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from client.trainer import TrainConfig, evaluate_local, flat_metrics, get_device, train_local
-from shared.constants import REGIONS, label_sets_for
+from fedbrats.client.trainer import TrainConfig, evaluate_local, flat_metrics, get_device, train_local
+from fedbrats.shared.constants import REGIONS, label_sets_for
 
 #: Above this many bytes of preprocessed images, cache on disk (memory-mapped) instead of in RAM.
 MEMORY_CACHE_LIMIT = 4 * 2**30
@@ -36,7 +36,7 @@ def select_cases(
     case_ids: list[str], partition: Path | None, site: str | None, *, seed: int, val_fraction: float
 ) -> tuple[list[str], list[str]]:
     """(train, val) case ids: each site of the partition split like the federated clients split it."""
-    from shared.partition import check_on_disk, read_partition, site_cases, split_train_val
+    from fedbrats.shared.data.partition import check_on_disk, read_partition, site_cases, split_train_val
 
     if partition is None:
         if site is not None:
@@ -119,9 +119,9 @@ def run_train(
     console: Console | None = None,
 ) -> int:
     """Train epoch by epoch, validate after each, keep the best; exit status 0, or 2 on bad input (explained)."""
-    from shared.cases import discover_cases
-    from shared.partition import PartitionError
-    from shared.validation import CaseError
+    from fedbrats.shared.data.cases import discover_cases
+    from fedbrats.shared.data.partition import PartitionError
+    from fedbrats.shared.data.problems import CaseError
 
     console = console or Console()
     try:
@@ -135,9 +135,9 @@ def run_train(
 
 def _run(data, partition, site, model_name, model_config, epochs, patch_size, batch_size, lr, out, seed,
          val_fraction, device_name, warmup_fraction, schedule, console, discover_cases) -> int:
-    from shared.checkpoint import save_checkpoint
-    from shared.dataset import PatientDataset
-    from shared.models import create_model
+    from fedbrats.shared.checkpoint import save_checkpoint
+    from fedbrats.shared.data.dataset import PatientDataset
+    from fedbrats.shared.models import create_model
 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")

@@ -26,13 +26,13 @@ def _patch(text: str) -> tuple[int, int, int]:
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    from shared.validation import run_check
+    from fedbrats.check_output import run_check
 
     return run_check(args.root, workers=args.workers, progress=True)
 
 
 def _data_phantom(args: argparse.Namespace) -> int:
-    from shared.phantom import generate_phantom
+    from fedbrats.shared.data.phantom import generate_phantom
 
     out = generate_phantom(
         args.out,
@@ -45,21 +45,21 @@ def _data_phantom(args: argparse.Namespace) -> int:
     )
     print(f"phantom written to {out}")
     if args.check:
-        from shared.validation import run_check
+        from fedbrats.check_output import run_check
 
         return run_check(Path(out))
     return 0
 
 
 def _data_montage(args: argparse.Namespace) -> int:
-    from shared.phantom import save_montage
+    from fedbrats.shared.data.phantom import save_montage
 
     print(save_montage(args.root, args.cases, args.out))
     return 0
 
 
 def _data_partition(args: argparse.Namespace) -> int:
-    from simulations.partitioning import run_partition
+    from fedbrats.simulations.partitioning import run_partition
 
     return run_partition(
         args.root,
@@ -73,7 +73,7 @@ def _data_partition(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from client.training_run import run_train
+    from fedbrats.client.training_run import run_train
 
     return run_train(
         args.data,
@@ -94,7 +94,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from shared.inference import predict_case
+    from fedbrats.shared.evaluation.inference import predict_case
 
     written = predict_case(args.checkpoint, args.case, args.out, tta=not args.no_tta, device=args.device)
     for name, path in written.items():
@@ -103,7 +103,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from shared.evaluation import evaluate_checkpoint
+    from fedbrats.shared.evaluation.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(
         args.checkpoint, args.data, args.partition, out_csv=args.out, tta=args.tta, device=args.device,
@@ -113,20 +113,20 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from simulations.simulate import run_simulate
+    from fedbrats.simulations.simulate import run_simulate
 
     return run_simulate(args)
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from simulations.compare import run_compare
+    from fedbrats.simulations.compare import run_compare
 
     return run_compare(args)
 
 
 def _deploy_app(args: argparse.Namespace) -> int:
-    from shared.config import RunConfig
-    from simulations.simulate import app_pyproject
+    from fedbrats.shared.config import RunConfig
+    from fedbrats.simulations.simulate import app_pyproject
 
     config = RunConfig.from_toml(args.config) if args.config else RunConfig()
     if args.out_dir:
@@ -138,13 +138,13 @@ def _deploy_app(args: argparse.Namespace) -> int:
 
 
 def _privacy_audit(args: argparse.Namespace) -> int:
-    from client.audit import run_audit
+    from fedbrats.client.audit import run_audit
 
     return run_audit(args.path, budget=args.budget, out_png=args.png)
 
 
 def _privacy_plan(args: argparse.Namespace) -> int:
-    from client.audit import run_plan
+    from fedbrats.client.audit import run_plan
 
     return run_plan(
         args.cases, args.batch_size, args.rounds, args.local_epochs, args.epsilon, args.delta,

@@ -14,13 +14,13 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.federation import Federation
-from shared.checkpoint import save_checkpoint
-from shared.config import RunConfig
-from shared.models import create_model
-from shared.records import model_to_record, record_digest, record_to_model
-from shared.wallclock import load_timings
-from strategies import build_strategy
+from fedbrats.server.federation import Federation
+from fedbrats.shared.checkpoint import save_checkpoint
+from fedbrats.shared.config import RunConfig
+from fedbrats.shared.models import create_model
+from fedbrats.shared.records import model_to_record, record_digest, record_to_model
+from fedbrats.shared.wallclock import load_timings
+from fedbrats.strategies import build_strategy
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 log = logging.getLogger("fedbrats.server")
@@ -41,7 +41,7 @@ def make_strategy(config: RunConfig, total_sites: int | None = None):
         params.setdefault("client_learning_rate", config.lr)
     strategy = build_strategy(config.strategy, params)
     if config.client_dp_noise_multiplier > 0:
-        from strategies.client_dp import with_client_dp
+        from fedbrats.strategies.client_dp import with_client_dp
 
         sites = total_sites or config.min_sites
         strategy = with_client_dp(

@@ -19,15 +19,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from server.history import RunHistory
-from server.state import ServerState, load_state, save_state
-from server.update_checks import conform_aggregate, update_problem
-from shared.config import RunConfig
-from shared.constants import REGIONS
-from shared.records import record_digest, record_nbytes
-from shared.wallclock import SiteTiming, timing_for
-from strategies.arithmetic import ordered
-from strategies.selection import (
+from fedbrats.server.history import RunHistory
+from fedbrats.server.state import ServerState, load_state, save_state
+from fedbrats.server.update_checks import conform_aggregate, update_problem
+from fedbrats.shared.config import RunConfig
+from fedbrats.shared.constants import REGIONS
+from fedbrats.shared.records import record_digest, record_nbytes
+from fedbrats.shared.wallclock import SiteTiming, timing_for
+from fedbrats.strategies.arithmetic import ordered
+from fedbrats.strategies.selection import (
     epochs_at,
     predict_round_seconds,
     select_all,

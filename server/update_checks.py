@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from strategies.arithmetic import cast_like, record_views, to_record
+from fedbrats.strategies.arithmetic import cast_like, record_views, to_record
 
 REQUIRED_METRICS = ("num-examples",)
 

@@ -134,7 +134,7 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model named in the checkpoint, load its weights strictly, return (model in eval mode, metadata)."""
-    from shared.models import create_model
+    from fedbrats.shared.models import create_model
 
     meta = read_metadata(path)
     try:

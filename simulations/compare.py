@@ -19,9 +19,14 @@ from pathlib import Path
 
 from rich.table import Table
 
-from shared.config import RunConfig
-from simulations.compare_report import TARGET_REGIONS, summarise_runs, table_columns, write_comparison
-from simulations.simulate import console, package_versions, prepare_data, resolve_config, simulate
+from fedbrats.shared.config import RunConfig
+from fedbrats.simulations.compare_report import (
+    TARGET_REGIONS,
+    summarise_runs,
+    table_columns,
+    write_comparison,
+)
+from fedbrats.simulations.simulate import console, package_versions, prepare_data, resolve_config, simulate
 
 #: FedProx with mu = 0 is FedAvg; this is the value compared when none is given (Li et al. try 0.001 to 1).
 FEDPROX_DEFAULT_MU = 0.01
@@ -49,7 +54,7 @@ class PlannedRun:
 
 def parse_strategies(text: str) -> list[StrategySpec]:
     """'fedavg,fedprox:proximal_mu=0.1,fedadam:eta=0.001:tau=0.001' -> specs, checked against the registry."""
-    from strategies import available_strategies
+    from fedbrats.strategies import available_strategies
 
     specs = []
     for item in (p.strip() for p in text.split(",")):
@@ -98,7 +103,7 @@ def plan_runs(
     config: RunConfig, specs: list[StrategySpec], seeds: list[int]
 ) -> tuple[list[PlannedRun], list[str]]:
     """Every (strategy, seed) run with its exact configuration, seed-major, and notes on defaults we chose."""
-    from server.app import make_strategy
+    from fedbrats.server.app import make_strategy
 
     notes, configs = [], []
     if config.proximal_mu > 0:

@@ -23,9 +23,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from server.history import read_history  # noqa: E402
-from shared.constants import REGIONS  # noqa: E402
-from simulations.report import save_figure, site_order, site_region_dice  # noqa: E402
+from fedbrats.server.history import read_history  # noqa: E402
+from fedbrats.shared.constants import REGIONS  # noqa: E402
+from fedbrats.simulations.report import save_figure, site_order, site_region_dice  # noqa: E402
 
 #: FeTS scores convergence over one simulated week (DESIGN section 8).
 ONE_WEEK = 604_800.0

@@ -17,8 +17,14 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from shared.constants import LABELS_2021, LABELS_2023
-from shared.partition import Partition, check_on_disk, name_list, read_partition, write_partition
+from fedbrats.shared.constants import LABELS_2021, LABELS_2023
+from fedbrats.shared.data.partition import (
+    Partition,
+    check_on_disk,
+    name_list,
+    read_partition,
+    write_partition,
+)
 
 SCHEMES: tuple[str, ...] = ("institution", "iid", "dirichlet", "quantity")
 #: Fewest cases a generated site may hold: one to train on and one to validate on.

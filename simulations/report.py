@@ -12,8 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from server.history import read_history  # noqa: E402
-from shared.constants import REGIONS  # noqa: E402
+from fedbrats.server.history import read_history  # noqa: E402
+from fedbrats.shared.constants import REGIONS  # noqa: E402
 
 
 def save_figure(fig, path: Path) -> Path:

@@ -28,8 +28,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from shared.config import DEMO, RunConfig
-from shared.partition import read_partition
+from fedbrats.shared.config import DEMO, RunConfig
+from fedbrats.shared.data.partition import read_partition
 
 console = Console()
 PACKAGES = ("fedbrats", "flwr", "torch", "monai", "opacus", "numpy")
@@ -72,8 +72,8 @@ def app_pyproject(config: RunConfig) -> str:
         'publisher = "fedbrats"',
         "",
         "[tool.flwr.app.components]",
-        'serverapp = "server.app:app"',
-        'clientapp = "client.app:app"',
+        'serverapp = "fedbrats.server.app:app"',
+        'clientapp = "fedbrats.client.app:app"',
         "",
         "[tool.flwr.app.config]",
     ]
@@ -109,7 +109,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 
 def phantom_for(config: RunConfig, sites: int) -> Path:
     """The default dataset: a phantom generated once per (seed, sites, voxel size) and cached."""
-    from shared.phantom import generate_phantom
+    from fedbrats.shared.data.phantom import generate_phantom
 
     cache = Path(os.environ.get("FEDBRATS_CACHE", Path.home() / ".cache" / "fedbrats"))
     root = cache / "phantom" / f"seed{config.seed}-sites{sites}-{config.phantom_voxel_size:g}mm"
@@ -268,7 +268,7 @@ def simulate(
     )
     app_dir = out / "app"
     app_dir.mkdir(parents=True, exist_ok=True)
-    from server.state import load_state
+    from fedbrats.server.state import load_state
 
     # A run may be resumed with newer code: every start records what it ran with.
     before = load_state(out / "server")
@@ -306,7 +306,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     out = (args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")).resolve()
     if not simulate(config, data, partition, out, gpus_per_site=args.gpus_per_site):
         return 1
-    from simulations.report import write_report
+    from fedbrats.simulations.report import write_report
 
     report = write_report(out)
     console.print(f"report: {report}\nglobal model: {out / 'global_model.safetensors'}")

@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.arithmetic import (
+from fedbrats.strategies.arithmetic import (
     metric,
     missing_metrics,
     normalise,

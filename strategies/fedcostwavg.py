@@ -12,9 +12,9 @@ import logging
 
 from flwr.app import Message
 
-from strategies import register_strategy
-from strategies.arithmetic import metric, mix
-from strategies.base import ReweightedFedAvg
+from fedbrats.strategies.arithmetic import metric, mix
+from fedbrats.strategies.base import ReweightedFedAvg
+from fedbrats.strategies.registry import register_strategy
 
 log = logging.getLogger("fedbrats.strategies")
 

@@ -12,8 +12,7 @@ import logging
 import numpy as np
 from flwr.app import Message
 
-from strategies import register_strategy
-from strategies.arithmetic import (
+from fedbrats.strategies.arithmetic import (
     apply_update,
     metric,
     missing_metrics,
@@ -21,7 +20,8 @@ from strategies.arithmetic import (
     record_views,
     weighted_average,
 )
-from strategies.base import ReweightedFedAvg
+from fedbrats.strategies.base import ReweightedFedAvg
+from fedbrats.strategies.registry import register_strategy
 
 log = logging.getLogger("fedbrats.strategies")
 

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from flwr.app import Message
 
-from strategies import register_strategy
-from strategies.arithmetic import metric, mix, site_of
-from strategies.base import ReweightedFedAvg
+from fedbrats.strategies.arithmetic import metric, mix, site_of
+from fedbrats.strategies.base import ReweightedFedAvg
+from fedbrats.strategies.registry import register_strategy
 
 log = logging.getLogger("fedbrats.strategies")
 

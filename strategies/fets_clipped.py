@@ -12,9 +12,9 @@ import logging
 import numpy as np
 from flwr.app import Message
 
-from strategies import register_strategy
-from strategies.arithmetic import normalise, record_views, weighted_average
-from strategies.base import ReweightedFedAvg
+from fedbrats.strategies.arithmetic import normalise, record_views, weighted_average
+from fedbrats.strategies.base import ReweightedFedAvg
+from fedbrats.strategies.registry import register_strategy
 
 log = logging.getLogger("fedbrats.strategies")
 

@@ -44,7 +44,7 @@ from flwr.serverapp.strategy import (
     QFedAvg,
 )
 
-from strategies import register_strategy
+from fedbrats.strategies.registry import register_strategy
 
 
 def _whole(name: str, value: float) -> int:

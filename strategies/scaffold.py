@@ -21,8 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from strategies import register_strategy
-from strategies.arithmetic import (
+from fedbrats.strategies.arithmetic import (
     apply_update,
     missing_metrics,
     ordered,
@@ -31,6 +30,7 @@ from strategies.arithmetic import (
     to_record,
     weighted_average,
 )
+from fedbrats.strategies.registry import register_strategy
 
 log = logging.getLogger("fedbrats.strategies")
 

@@ -12,7 +12,7 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 
-from shared.wallclock import SiteTiming, timing_for
+from fedbrats.shared.wallclock import SiteTiming, timing_for
 
 
 def select_all(nodes: Sequence[int]) -> list[int]:

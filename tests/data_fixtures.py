@@ -7,7 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from shared.constants import LAYOUTS, MODALITIES
+from fedbrats.shared.constants import LAYOUTS, MODALITIES
 
 SHAPE = (24, 24, 16)
 AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -26,9 +26,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared.config import RunConfig
-from shared.partition import read_partition
-from simulations.simulate import FLOWER_ENV, app_pyproject
+from fedbrats.shared.config import RunConfig
+from fedbrats.shared.data.partition import read_partition
+from fedbrats.simulations.simulate import FLOWER_ENV, app_pyproject
 
 HOST = "127.0.0.1"
 CONNECTION = "fedbrats-test"

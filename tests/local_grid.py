@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from flwr.app import Context, Message, RecordDict
 
-from client.app import _guarded as guarded
-from client.app import handle_evaluate, handle_train
+from fedbrats.client.app import _guarded as guarded
+from fedbrats.client.app import handle_evaluate, handle_train
 
 
 class LocalGrid:

@@ -6,9 +6,9 @@ import gzip
 
 import pytest
 
-from shared.cases import discover_cases, find_case
-from shared.constants import BRATS2021, BRATS2023, MODALITIES
-from shared.validation import CaseError
+from fedbrats.shared.constants import BRATS2021, BRATS2023, MODALITIES
+from fedbrats.shared.data.cases import discover_cases, find_case
+from fedbrats.shared.data.problems import CaseError
 from tests.data_fixtures import case_id_for, write_case
 
 

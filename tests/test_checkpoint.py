@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from shared.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
-from shared.models import create_model
+from fedbrats.shared.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from fedbrats.shared.models import create_model
 
 
 def _model(seed: int = 0, **config):

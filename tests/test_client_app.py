@@ -7,12 +7,12 @@ import re
 import numpy as np
 import pytest
 
-from server.app import run_server
-from server.history import read_history
-from shared.checkpoint import load_checkpoint
-from shared.config import RunConfig
-from shared.phantom import generate_phantom
-from strategies import available_strategies
+from fedbrats.server.app import run_server
+from fedbrats.server.history import read_history
+from fedbrats.shared.checkpoint import load_checkpoint
+from fedbrats.shared.config import RunConfig
+from fedbrats.shared.data.phantom import generate_phantom
+from fedbrats.strategies import available_strategies
 
 from .local_grid import LocalGrid
 
@@ -95,8 +95,8 @@ def test_strategies_with_site_side_parts_run(phantom, tmp_path, strategy):
 
 
 def test_dp_sites_keep_a_ledger_and_stop_at_their_budget(phantom, tmp_path):
-    from client.audit import run_audit
-    from client.ledger import PrivacyLedger
+    from fedbrats.client.audit import run_audit
+    from fedbrats.client.ledger import PrivacyLedger
 
     # sigma fixed: with q = 1 rounds cost about 11.8, 18.3, 23.8 in total, so round 3 exceeds 20
     config = _config(phantom, tmp_path, rounds=3, dp=True, dp_noise_multiplier=0.8, dp_epsilon=20.0, local_steps=3)

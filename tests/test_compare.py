@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import DEMO, RunConfig
-from simulations import compare as compare_module
-from simulations.compare import compare, parse_seeds, parse_strategies, plan_runs, rounds_done
-from simulations.compare_report import (
+from fedbrats.shared.config import DEMO, RunConfig
+from fedbrats.simulations import compare as compare_module
+from fedbrats.simulations.compare import compare, parse_seeds, parse_strategies, plan_runs, rounds_done
+from fedbrats.simulations.compare_report import (
     ONE_WEEK,
     convergence_scores,
     mean_std,

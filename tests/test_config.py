@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import DEMO, RunConfig
+from fedbrats.shared.config import DEMO, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ def test_pyproject_flower_config_mirrors_the_schema():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     flower = pyproject["tool"]["flwr"]["app"]["config"]
     assert flower == RunConfig().to_flower()
-    assert pyproject["tool"]["flwr"]["app"]["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+    assert pyproject["tool"]["flwr"]["app"]["components"] == {"serverapp": "fedbrats.server.app:app", "clientapp": "fedbrats.client.app:app"}
 
 
 def test_from_flower_coerces_strings_and_rejects_unknown_keys():

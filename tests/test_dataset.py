@@ -12,12 +12,18 @@ import pytest
 import torch
 from monai.transforms import NormalizeIntensity
 
-from shared.cases import discover_cases, find_case
-from shared.constants import LABELS_2021, LABELS_2023, LABELS_2024, REGIONS
-from shared.dataset import PatientDataset
-from shared.transforms import ForegroundBiasedCropd, preprocess, train_augmentation, zscore_nonzero
-from shared.validation import CaseError
-from shared.volumes import labels_to_regions, load_case, regions_to_labels
+from fedbrats.shared.constants import LABELS_2021, LABELS_2023, LABELS_2024, REGIONS
+from fedbrats.shared.data.cases import discover_cases, find_case
+from fedbrats.shared.data.dataset import PatientDataset
+from fedbrats.shared.data.problems import CaseError
+from fedbrats.shared.data.transforms import (
+    ForegroundBiasedCropd,
+    preprocess,
+    train_augmentation,
+    zscore_nonzero,
+)
+from fedbrats.shared.data.volumes import load_case
+from fedbrats.shared.labels import labels_to_regions, regions_to_labels
 from tests.data_fixtures import AFFINE, SHAPE, case_id_for, synthetic_arrays, write_case
 
 PATCH = (16, 16, 16)
@@ -154,7 +160,7 @@ def test_skipped_cases_are_recorded_and_logged(tmp_path, caplog):
     cases = make_cases(tmp_path, n=2)
     bad = find_case(write_case(tmp_path, case_id_for(9), arrays={"t1": np.zeros(SHAPE, np.int16)}))
     no_seg = find_case(write_case(tmp_path, case_id_for(10), seg=False))
-    with caplog.at_level(logging.WARNING, logger="shared.dataset"):
+    with caplog.at_level(logging.WARNING, logger="fedbrats.shared.data.dataset"):
         ds = PatientDataset([*cases, bad, no_seg], PATCH, progress=False)
     assert ds.case_ids() == [c.case_id for c in cases]
     assert {p.case_id for p in ds.skipped} == {case_id_for(9), case_id_for(10)}

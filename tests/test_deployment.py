@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from server.federation import Federation
-from server.history import read_history
-from server.state import load_state
-from shared.checkpoint import load_checkpoint
-from shared.config import RunConfig
-from shared.records import record_digest
-from strategies import build_strategy
+from fedbrats.server.federation import Federation
+from fedbrats.server.history import read_history
+from fedbrats.server.state import load_state
+from fedbrats.shared.checkpoint import load_checkpoint
+from fedbrats.shared.config import RunConfig
+from fedbrats.shared.records import record_digest
+from fedbrats.strategies import build_strategy
 from tests.deployment import Deployment, is_alive, missing_flower, process_tree, site_folders
 
 SITES = ("hospital-a", "hospital-b")
@@ -36,7 +36,7 @@ def dataset(tmp_path_factory):
     reason = missing_flower()
     if reason:
         pytest.skip(f"a real deployment needs the Flower commands: {reason}")
-    from shared.phantom import generate_phantom
+    from fedbrats.shared.data.phantom import generate_phantom
 
     return generate_phantom(
         tmp_path_factory.mktemp("phantom") / "phantom", sites=2, cases_per_site=3, voxel_size=5.0, seed=0, progress=False

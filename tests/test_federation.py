@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from server.federation import Federation
-from server.history import RunHistory, read_history
-from server.state import load_state
-from shared.config import RunConfig
-from shared.records import record_digest, record_nbytes
-from strategies import build_strategy
+from fedbrats.server.federation import Federation
+from fedbrats.server.history import RunHistory, read_history
+from fedbrats.server.state import load_state
+from fedbrats.shared.config import RunConfig
+from fedbrats.shared.records import record_digest, record_nbytes
+from fedbrats.strategies import build_strategy
 
 
 def _arrays(value: float = 0.0) -> ArrayRecord:
@@ -139,7 +139,7 @@ def test_history_ignores_a_torn_last_line(tmp_path):
 
 
 def test_checkpoint_keeps_the_model_array_order(tmp_path):
-    from server.state import ServerState, save_state
+    from fedbrats.server.state import ServerState, save_state
 
     arrays = ArrayRecord({"z": Array(np.ones(2, np.float32)), "a": Array(np.zeros(2, np.float32))})
     save_state(tmp_path, ServerState(1, arrays))

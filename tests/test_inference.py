@@ -8,19 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from shared.checkpoint import save_checkpoint
-from shared.constants import LABELS_2021, LABELS_2023, LABELS_2024, MODALITIES, REGIONS
-from shared.inference import (
+from fedbrats.shared.checkpoint import save_checkpoint
+from fedbrats.shared.constants import LABELS_2021, LABELS_2023, LABELS_2024, MODALITIES, REGIONS
+from fedbrats.shared.evaluation.inference import (
     TTA_FLIPS,
-    postprocess,
     predict_case,
     predict_logits,
     predict_probabilities,
-    regions_to_labels,
-    uncertainty,
 )
-from shared.models import create_model
-from shared.volumes import labels_to_regions
+from fedbrats.shared.evaluation.postprocess import postprocess, uncertainty
+from fedbrats.shared.labels import labels_to_regions, regions_to_labels
+from fedbrats.shared.models import create_model
 
 
 def _conv(kernel: int, seed: int = 0) -> nn.Module:

@@ -6,8 +6,8 @@ import sqlite3
 
 import pytest
 
-from client.audit import audit_ledger, find_ledgers, independent_epsilons, run_audit, run_plan
-from client.ledger import FILENAME, LedgerError, PrivacyLedger, epsilon_for
+from fedbrats.client.audit import audit_ledger, find_ledgers, independent_epsilons, run_audit, run_plan
+from fedbrats.client.ledger import FILENAME, LedgerError, PrivacyLedger, epsilon_for
 
 SIGMA, Q, STEPS, DELTA = 1.3, 0.1, 10, 1e-5
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.losses import (
+from fedbrats.shared.models import create_model
+from fedbrats.shared.models.losses import (
     HierarchicalDiceLoss,
     RegionLoss,
     deep_supervision_weights,
@@ -13,7 +14,6 @@ from shared.losses import (
     region_loss,
     resize_target,
 )
-from shared.models import create_model
 
 
 @pytest.fixture(autouse=True, scope="module")

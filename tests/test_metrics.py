@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from shared.constants import BRATS_SHAPE, REGIONS
-from shared.metrics import binary_metrics, hd95, image_diagonal, mean_over_cases, region_metrics
+from fedbrats.shared.constants import BRATS_SHAPE, REGIONS
+from fedbrats.shared.evaluation.metrics import (
+    binary_metrics,
+    hd95,
+    image_diagonal,
+    mean_over_cases,
+    region_metrics,
+)
 
 # ---- independent references (full-volume EDT, no cropping, no MONAI) -------------------------
 

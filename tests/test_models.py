@@ -9,8 +9,7 @@ import torch
 from opacus.grad_sample import wrap_model
 from opacus.validators import ModuleValidator
 
-from shared.losses import region_loss
-from shared.models import (
+from fedbrats.shared.models import (
     DEFAULT_MODEL,
     ResUNet,
     available_models,
@@ -18,6 +17,7 @@ from shared.models import (
     create_model,
     register_model,
 )
+from fedbrats.shared.models.losses import region_loss
 
 TINY = {"width": 8, "depth": 3}
 

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from shared.partition import (
+from fedbrats.shared.data.partition import (
     Partition,
     PartitionError,
     check_on_disk,
@@ -17,7 +17,7 @@ from shared.partition import (
     split_train_val,
     write_partition,
 )
-from simulations.partitioning import (
+from fedbrats.simulations.partitioning import (
     SCHEMES,
     make_partition,
     run_partition,

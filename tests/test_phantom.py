@@ -11,10 +11,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from shared.constants import BRATS2021, BRATS2023, MODALITIES
-from shared.phantom import draw_site_profiles, generate_phantom, load_site_profiles, make_case, save_montage
-from shared.phantom.anatomy import load_template, make_grid
-from shared.phantom.sites import draw_case_count
+from fedbrats.shared.constants import BRATS2021, BRATS2023, MODALITIES
+from fedbrats.shared.data.phantom import (
+    draw_site_profiles,
+    generate_phantom,
+    load_site_profiles,
+    make_case,
+    save_montage,
+)
+from fedbrats.shared.data.phantom.anatomy import load_template, make_grid
+from fedbrats.shared.data.phantom.sites import draw_case_count
 
 VOXEL = 3.0
 SEED = 0  # with 2 sites x 3 cases this gives both grades (asserted in test_files_and_csvs)

@@ -18,9 +18,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import client.privacy as privacy
-from client.ledger import LedgerError, PrivacyLedger, epsilon_for, make_accountant
-from client.privacy import (
+import fedbrats.client.privacy as privacy
+from fedbrats.client.ledger import LedgerError, PrivacyLedger, epsilon_for, make_accountant
+from fedbrats.client.privacy import (
     DPConfig,
     IncompatibleModelError,
     PrivacyBudgetExhausted,
@@ -31,11 +31,11 @@ from client.privacy import (
     train_private,
     validate_model,
 )
-from client.site import SiteError
-from client.trainer import TrainConfig
-from shared.models import create_model
-from strategies import build_strategy
-from strategies.client_dp import (
+from fedbrats.client.site import SiteError
+from fedbrats.client.trainer import TrainConfig
+from fedbrats.shared.models import create_model
+from fedbrats.strategies import build_strategy
+from fedbrats.strategies.client_dp import (
     ClientDPAdaptiveClipping,
     adaptive_effective_noise,
     client_level_epsilons,
@@ -207,10 +207,10 @@ SITE_ROUND = textwrap.dedent(
     import os, signal, sys, torch
     sys.path.insert(0, {root!r})
     torch.set_num_threads(1)
-    from client.ledger import PrivacyLedger
-    from client.privacy import DPConfig, train_private
-    from client.trainer import TrainConfig
-    from shared.models import create_model
+    from fedbrats.client.ledger import PrivacyLedger
+    from fedbrats.client.privacy import DPConfig, train_private
+    from fedbrats.client.trainer import TrainConfig
+    from fedbrats.shared.models import create_model
     rounds, die_during = [int(r) for r in sys.argv[1].split(",")], sys.argv[2] == "die-during"
     kill = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
     g = torch.Generator().manual_seed(0)
@@ -316,9 +316,9 @@ class _Grid:
 
 
 def test_client_dp_runs_in_the_round_loop_and_resumes(tmp_path):
-    from server.federation import Federation
-    from server.state import load_state
-    from shared.config import RunConfig
+    from fedbrats.server.federation import Federation
+    from fedbrats.server.state import load_state
+    from fedbrats.shared.config import RunConfig
 
     def strategy():
         return with_client_dp(build_strategy("fedavg"), noise_multiplier=0.01, clipping_norm=0.3,

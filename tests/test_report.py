@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from simulations.report import site_order, write_report
+from fedbrats.simulations.report import site_order, write_report
 from tests.test_compare import record, write_run
 
 

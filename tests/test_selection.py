@@ -2,8 +2,8 @@
 
 import pytest
 
-from shared.wallclock import SiteTiming
-from strategies.selection import (
+from fedbrats.shared.wallclock import SiteTiming
+from fedbrats.strategies.selection import (
     epochs_at,
     lr_at,
     predict_round_seconds,

@@ -9,8 +9,8 @@ import re
 import tomllib
 from pathlib import Path
 
-from shared.config import DEMO, RunConfig
-from simulations import simulate
+from fedbrats.shared.config import DEMO, RunConfig
+from fedbrats.simulations import simulate
 
 
 def _args(**overrides):
@@ -21,7 +21,7 @@ def _args(**overrides):
 def test_generated_app_carries_exactly_the_run_config():
     config = RunConfig(rounds=4, out_dir='/tmp/a "quoted" dir', strategy_params={"proximal_mu": 0.01})
     app = tomllib.loads(simulate.app_pyproject(config))
-    assert app["tool"]["flwr"]["app"]["components"]["serverapp"] == "server.app:app"
+    assert app["tool"]["flwr"]["app"]["components"]["serverapp"] == "fedbrats.server.app:app"
     assert RunConfig.from_flower(app["tool"]["flwr"]["app"]["config"]) == config
 
 

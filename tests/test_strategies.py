@@ -27,11 +27,11 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from strategies import available_strategies, build_strategy
-from strategies.arithmetic import array_view, mix, record_views, to_record, weighted_average
-from strategies.base import ReweightedFedAvg
-from strategies.fedbn import keep_local_norms, norm_param_names, split_norm_params
-from strategies.scaffold import client_control_update, gradient_correction
+from fedbrats.strategies import available_strategies, build_strategy
+from fedbrats.strategies.arithmetic import array_view, mix, record_views, to_record, weighted_average
+from fedbrats.strategies.base import ReweightedFedAvg
+from fedbrats.strategies.fedbn import keep_local_norms, norm_param_names, split_norm_params
+from fedbrats.strategies.scaffold import client_control_update, gradient_correction
 
 COMMON = {"min_train_nodes": 1, "min_evaluate_nodes": 1, "min_available_nodes": 1}
 
@@ -408,9 +408,9 @@ class LossGrid(Grid):
 
 @pytest.mark.parametrize("name", ["fedpidavg", "scaffold", "fets_clipped"])
 def test_server_resume_gives_identical_weights(tmp_path, name):
-    from server.federation import Federation
-    from shared.config import RunConfig
-    from shared.records import record_digest
+    from fedbrats.server.federation import Federation
+    from fedbrats.shared.config import RunConfig
+    from fedbrats.shared.records import record_digest
 
     def run(out, rounds):
         config = RunConfig(rounds=rounds, min_sites=2, out_dir=str(out))

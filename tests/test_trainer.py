@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.trainer import (
+from fedbrats.client.trainer import (
     TrainConfig,
     evaluate_local,
     flat_metrics,
@@ -18,9 +18,9 @@ from client.trainer import (
     train_config_from_run,
     train_local,
 )
-from shared.config import RunConfig
-from shared.constants import REGIONS
-from shared.models import create_model
+from fedbrats.shared.config import RunConfig
+from fedbrats.shared.constants import REGIONS
+from fedbrats.shared.models import create_model
 
 PATCH = (16, 16, 16)
 

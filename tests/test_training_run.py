@@ -9,13 +9,13 @@ import pytest
 import torch
 from rich.console import Console
 
-from client.trainer import TrainConfig, train_local
-from client.training_run import run_train, select_cases
-from shared.cases import discover_cases
-from shared.checkpoint import load_checkpoint
-from shared.dataset import PatientDataset
-from shared.evaluation import METRIC_COLUMNS, evaluate_checkpoint
-from shared.models import create_model
+from fedbrats.client.trainer import TrainConfig, train_local
+from fedbrats.client.training_run import run_train, select_cases
+from fedbrats.shared.checkpoint import load_checkpoint
+from fedbrats.shared.data.cases import discover_cases
+from fedbrats.shared.data.dataset import PatientDataset
+from fedbrats.shared.evaluation.evaluate import METRIC_COLUMNS, evaluate_checkpoint
+from fedbrats.shared.models import create_model
 from tests.data_fixtures import case_id_for, write_case
 
 SITES = {"1": [1, 2, 3], "2": [4, 5]}

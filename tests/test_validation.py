@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from shared.cases import find_case
-from shared.constants import BRATS2021, BRATS2023, LABELS_2021, LABELS_2023, LABELS_2024
-from shared.validation import CaseError, CaseProblem, check_case, check_root, format_report, run_check
-from shared.volumes import detect_label_set, load_case
+from fedbrats.check_output import format_report, run_check
+from fedbrats.shared.constants import BRATS2021, BRATS2023, LABELS_2021, LABELS_2023, LABELS_2024
+from fedbrats.shared.data.cases import find_case
+from fedbrats.shared.data.check import check_case, check_root
+from fedbrats.shared.data.problems import CaseError, CaseProblem
+from fedbrats.shared.data.volumes import detect_label_set, load_case
 from tests.data_fixtures import AFFINE, SHAPE, case_id_for, synthetic_arrays, truncate, write_case
 
 CID = case_id_for(1)

@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shared.constants import MODALITIES, REGIONS
-from shared.models import register_model
-from shared.models.blocks import NORM_GROUPS, ResidualBlock, UpBlock, make_activation
+from fedbrats.shared.constants import MODALITIES, REGIONS
+from fedbrats.shared.models.blocks import NORM_GROUPS, ResidualBlock, UpBlock, make_activation
+from fedbrats.shared.models.registry import register_model
 
 
 @register_model("resunet")

@@ -17,7 +17,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.constants import LABEL_SETS, REGIONS, LabelSet
+from fedbrats.shared.constants import REGIONS, LabelSet
+from fedbrats.shared.evaluation.postprocess import (
+    MIN_ET_MM3,
+    min_et_voxels,
+    postprocess,
+    uncertainty,
+)
+from fedbrats.shared.labels import region_label_values, regions_to_labels
 
 #: Spatial flips (axes of the [X, Y, Z] volume) averaged by TTA: identity and every combination, as nnU-Net.
 TTA_FLIPS: tuple[tuple[int, ...], ...] = tuple(
@@ -28,10 +35,6 @@ TTA_FLIPS: tuple[tuple[int, ...], ...] = tuple(
 #: of batch 1 through its generic `slow_conv3d` kernel and larger batches through oneDNN (measured
 #: about 9x faster per 32^3 window with 4 windows a pass on the width-8 ResUNet).
 SW_BATCH_SIZE = 4
-
-#: The 500-voxel ET rule of the seed papers is meant for 1 mm voxels: predict_case scales it by voxel volume.
-MIN_ET_MM3 = 500.0
-
 
 def get_device(preference: str | torch.device | None = "auto") -> torch.device:
     """'auto' -> cuda if available else cpu; 'cuda' without a GPU is an error saying so."""
@@ -136,79 +139,6 @@ def predict_probabilities(
     return torch.sigmoid(logits)
 
 
-def _numpy(x: Any) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-def postprocess(regions: Any, min_et_voxels: int = 500, *, brain: Any = None) -> np.ndarray:
-    """Nest the regions (ET in TC in WT) and turn an ET of fewer than `min_et_voxels` voxels into core.
-
-    Small predicted ET is mostly false positive on low-grade cases, where an empty truth makes any
-    ET voxel cost Dice 1 -> 0; the voxels stay in TC (so they become necrotic core, label 1).
-    `brain` (bool [X, Y, Z], e.g. any modality non-zero) removes predictions outside the brain.
-    """
-    r = _numpy(regions).astype(bool, copy=True)
-    if r.ndim != 4 or r.shape[0] != 3:
-        raise ValueError(f"regions have shape {r.shape}; expected [3, X, Y, Z] (ET, TC, WT)")
-    if brain is not None:
-        mask = _numpy(brain).astype(bool)
-        if mask.shape != r.shape[1:]:
-            raise ValueError(f"brain mask has shape {mask.shape}; expected {r.shape[1:]} like the regions")
-        r &= mask[None]
-    r[1] |= r[0]
-    r[2] |= r[1]
-    if r[0].sum() < min_et_voxels:
-        r[0] = False
-    return r
-
-
-def min_et_voxels(spacing: Sequence[float], min_et_mm3: float = MIN_ET_MM3) -> int:
-    """The ET size threshold in voxels of this spacing (500 at 1 mm, 19 at 3 mm)."""
-    return int(round(min_et_mm3 / float(np.prod(spacing))))
-
-
-def _label_set(label_set: LabelSet | str) -> LabelSet:
-    if isinstance(label_set, LabelSet):
-        return label_set
-    if label_set not in LABEL_SETS:
-        raise ValueError(f"unknown label set {label_set!r}; expected one of {sorted(LABEL_SETS)}")
-    return LABEL_SETS[label_set]
-
-
-def region_label_values(label_set: LabelSet | str) -> tuple[int, int, int]:
-    """(ET, core-not-ET, WT-not-core) label values of a label set: (4, 1, 2) for 2021, (3, 1, 2) for 2023+."""
-    ls = _label_set(label_set)
-    et = ls.regions["ET"]
-    ncr = ls.regions["TC"] - et
-    ed = ls.regions["WT"] - ls.regions["TC"]
-    if len(et) != 1 or len(ncr) != 1 or len(ed) != 1:
-        raise ValueError(f"label set {ls.name} does not map regions to one label each: {ls.regions}")
-    return next(iter(et)), next(iter(ncr)), next(iter(ed))
-
-
-def regions_to_labels(regions: Any, label_set: LabelSet | str) -> np.ndarray:
-    """BraTS label map (uint8) from region masks: WT -> edema, TC -> core, ET -> enhancing, in that order.
-
-    ET becomes 4 for BraTS 2017-2021 label sets and 3 for 2023+; un-nested masks are resolved by
-    that order (run `postprocess` first to nest them).
-    """
-    from shared.volumes import regions_to_labels as _to_labels
-
-    r = _numpy(regions).astype(bool)
-    if r.ndim != 4 or r.shape[0] != 3:
-        raise ValueError(f"regions have shape {r.shape}; expected [3, X, Y, Z] (ET, TC, WT)")
-    return _to_labels(r, _label_set(label_set))
-
-
-def uncertainty(probs: Any) -> np.ndarray:
-    """Per-region uncertainty in [0, 100] (float32, REGIONS order): 0 where p is 0 or 1, 100 at p = 0.5."""
-    p = np.clip(_numpy(probs).astype(np.float32), 0.0, 1.0)
-    return np.where(p >= 0.5, 200.0 * (1.0 - p), 200.0 * p).astype(np.float32)
-
-
-# --- one case from files to files ------------------------------------------------------------
-
-
 def _nifti(data: np.ndarray, affine: np.ndarray, header: Any):
     import nibabel as nib
 
@@ -261,11 +191,11 @@ def predict_case(
     is padded back with the crop box. The label values follow the case's layout (ET = 4 for BraTS
     2017-2021 files, 3 for 2023+).
     """
-    from shared.cases import find_case
-    from shared.checkpoint import load_checkpoint
-    from shared.constants import label_sets_for
-    from shared.transforms import preprocess
-    from shared.volumes import load_case
+    from fedbrats.shared.checkpoint import load_checkpoint
+    from fedbrats.shared.constants import label_sets_for
+    from fedbrats.shared.data.cases import find_case
+    from fedbrats.shared.data.transforms import preprocess
+    from fedbrats.shared.data.volumes import load_case
 
     model, meta = load_checkpoint(checkpoint_path)
     if "patch_size" not in meta:

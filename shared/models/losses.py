@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from monai.losses import DiceFocalLoss, DiceLoss
 from torch import nn
 
-from shared.constants import REGIONS
+from fedbrats.shared.constants import REGIONS
 
 #: Soft Dice smoothing of numerator and denominator (DESIGN section 4).
 DICE_SMOOTH = 1e-5

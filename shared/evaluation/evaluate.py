@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from shared.constants import REGIONS
+from fedbrats.shared.constants import REGIONS
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def _site_subjects(
     case_ids: list[str], partition_csv: Path | None, split: str, seed: int, val_fraction: float
 ) -> dict[str, list[str]]:
     """Site -> case ids to score; with split "train"/"val", the split `fedbrats train` and the clients use."""
-    from shared.partition import check_on_disk, read_partition, split_train_val
+    from fedbrats.shared.data.partition import check_on_disk, read_partition, split_train_val
 
     if split not in SPLITS:
         raise ValueError(f"split={split!r}; expected one of {SPLITS}")
@@ -57,10 +57,11 @@ def score_case(
     model: torch.nn.Module, case: Any, *, patch_size, tta: bool, device: Any, overlap: float = 0.5
 ) -> dict[str, dict[str, float]]:
     """Metrics of one labelled case, predicted with the full pipeline and scored on the original grid."""
-    from shared.inference import min_et_voxels, postprocess, predict_probabilities
-    from shared.metrics import region_metrics
-    from shared.transforms import preprocess
-    from shared.volumes import load_case
+    from fedbrats.shared.data.transforms import preprocess
+    from fedbrats.shared.data.volumes import load_case
+    from fedbrats.shared.evaluation.inference import predict_probabilities
+    from fedbrats.shared.evaluation.metrics import region_metrics
+    from fedbrats.shared.evaluation.postprocess import min_et_voxels, postprocess
 
     volume = load_case(case, with_labels=True)
     image, _, box = preprocess(volume)
@@ -97,7 +98,7 @@ def _write_csv(path: Path, header: list[str], rows: list[dict[str, Any]]) -> Non
 
 def summary_table(summary: dict[str, dict[str, Any]], title: str) -> Table:
     """Rich table: one row per site, one column per metric with the ET / TC / WT values."""
-    from shared.metrics import CONVENTION
+    from fedbrats.shared.evaluation.metrics import CONVENTION
 
     table = Table(title=title, caption=f"empty masks: {CONVENTION}", caption_justify="left")
     table.add_column("site")
@@ -134,10 +135,10 @@ def evaluate_checkpoint(
     listed as skipped, never silently dropped. `split` "val" scores only the validation cases of each
     site as `split_train_val(seed, val_fraction)` draws them.
     """
-    from shared.cases import discover_cases
-    from shared.checkpoint import load_checkpoint
-    from shared.inference import get_device
-    from shared.validation import CaseError
+    from fedbrats.shared.checkpoint import load_checkpoint
+    from fedbrats.shared.data.cases import discover_cases
+    from fedbrats.shared.data.problems import CaseError
+    from fedbrats.shared.evaluation.inference import get_device
 
     console = console or Console()
     model, meta = load_checkpoint(checkpoint)

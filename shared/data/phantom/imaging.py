@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from shared.constants import MODALITIES
-from shared.phantom.sites import ModalityScanner, SiteProfile
-from shared.phantom.tumor import CORE, ENHANCING, Tumor
+from fedbrats.shared.constants import MODALITIES
+from fedbrats.shared.data.phantom.sites import ModalityScanner, SiteProfile
+from fedbrats.shared.data.phantom.tumor import CORE, ENHANCING, Tumor
 
 TISSUES = ("csf", "gm", "wm", "ncr", "net", "ed", "et")
 #: Mean intensity per tissue (columns as TISSUES), white matter = 1 in T1/T1ce.

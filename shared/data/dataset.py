@@ -23,10 +23,11 @@ import torch
 from rich.progress import track
 from torch.utils.data import Dataset, get_worker_info
 
-from shared.cases import Case
-from shared.transforms import IMAGE, LABEL, preprocess, train_augmentation
-from shared.validation import CaseError, CaseProblem, grid_problems, image_problems, unreadable_problem
-from shared.volumes import load_case
+from fedbrats.shared.data.cases import Case
+from fedbrats.shared.data.problems import CaseError, CaseProblem
+from fedbrats.shared.data.rules import grid_problems, image_problems, unreadable_problem
+from fedbrats.shared.data.transforms import IMAGE, LABEL, preprocess, train_augmentation
+from fedbrats.shared.data.volumes import load_case
 
 log = logging.getLogger(__name__)
 

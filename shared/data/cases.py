@@ -10,8 +10,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.constants import LAYOUTS, MODALITIES, Layout
-from shared.validation import CaseError, CaseProblem
+from fedbrats.shared.constants import LAYOUTS, MODALITIES, Layout
+from fedbrats.shared.data.problems import CaseError, CaseProblem
 
 log = logging.getLogger(__name__)
 

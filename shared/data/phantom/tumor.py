@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from shared.phantom.anatomy import Template, random_rotation
+from fedbrats.shared.data.phantom.anatomy import Template, random_rotation
 
 CORE, EDEMA, ENHANCING = 1, 2, 3
 

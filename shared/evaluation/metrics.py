@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_hausdorff_distance
 
-from shared.constants import REGIONS
+from fedbrats.shared.constants import REGIONS
 
 METRICS = ("dice", "hd95", "sensitivity", "specificity")
 

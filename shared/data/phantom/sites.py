@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.constants import MODALITIES
+from fedbrats.shared.constants import MODALITIES
 
 #: Bumped whenever the same arguments would give different files.
 GENERATOR_VERSION = "1.0"

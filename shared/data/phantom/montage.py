@@ -13,7 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from shared.constants import LAYOUTS, MODALITIES, Layout
+from fedbrats.shared.constants import LAYOUTS, MODALITIES, Layout
 
 #: BraTS-figure colours: necrosis red, edema green, enhancing yellow.
 LABEL_COLOURS = {"NCR/NET": (0.9, 0.15, 0.15), "ED": (0.2, 0.8, 0.2), "ET": (1.0, 0.9, 0.1)}

@@ -5,9 +5,9 @@ scanner and site are separate modules; `generate_phantom` writes the dataset, `s
 draws a picture of some cases.
 """
 
-from shared.phantom.generate import PhantomCase, generate_phantom, make_case
-from shared.phantom.montage import save_montage
-from shared.phantom.sites import (
+from fedbrats.shared.data.phantom.generate import PhantomCase, generate_phantom, make_case
+from fedbrats.shared.data.phantom.montage import save_montage
+from fedbrats.shared.data.phantom.sites import (
     GENERATOR_VERSION,
     ModalityScanner,
     SiteProfile,

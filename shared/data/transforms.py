@@ -21,7 +21,7 @@ from monai.transforms import (
     RandShiftIntensityd,
 )
 
-from shared.constants import REGIONS
+from fedbrats.shared.constants import REGIONS
 
 IMAGE, LABEL = "image", "label"
 _WT = REGIONS.index("WT")  # WT contains every tumor voxel: the foreground for sampling

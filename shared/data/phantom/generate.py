@@ -20,11 +20,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from shared.constants import LAYOUTS, MODALITIES, Layout
-from shared.phantom.anatomy import Grid, Template, draw_deformation, load_template, make_grid, sample_anatomy
-from shared.phantom.imaging import render
-from shared.phantom.sites import GENERATOR_VERSION, SiteProfile, case_id, draw_site_profiles
-from shared.phantom.tumor import CORE, EDEMA, ENHANCING, choose_seed, draw_tumor, grow_tumor
+from fedbrats.shared.constants import LAYOUTS, MODALITIES, Layout
+from fedbrats.shared.data.phantom.anatomy import (
+    Grid,
+    Template,
+    draw_deformation,
+    load_template,
+    make_grid,
+    sample_anatomy,
+)
+from fedbrats.shared.data.phantom.imaging import render
+from fedbrats.shared.data.phantom.sites import GENERATOR_VERSION, SiteProfile, case_id, draw_site_profiles
+from fedbrats.shared.data.phantom.tumor import CORE, EDEMA, ENHANCING, choose_seed, draw_tumor, grow_tumor
 
 _CASE_STREAM = 0xCA5E
 _ATTEMPTS = 20

@@ -1,0 +1,1 @@
+"""BraTS cases on disk: discovery, checks, volumes, transforms, datasets, partitions, the phantom."""

@@ -1,0 +1,1 @@
+"""Scoring a model: metrics per region, sliding-window inference, post-processing, checkpoint evaluation."""
