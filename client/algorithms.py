@@ -1,49 +1,81 @@
 """The site-side halves of aggregation algorithms: FedBN's local norms and SCAFFOLD's control variate.
 
-Both keep state at the site between rounds, on the site's disk (``work_dir``), because in a
-deployment every message starts a fresh ClientApp process.
+Both keep state at the site between rounds, on the site's disk, because in a deployment every
+message starts a fresh ClientApp process. The folder is the run's own (`Site.run_dir`), so a new
+run starts without them, and each file is versioned by the round that wrote it: round r reads the
+newest version written before r, so a round repeated after a server restart sees exactly what it
+saw the first time.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+from safetensors.numpy import save as safetensors_bytes
 
+from fedbrats.shared.atomic import atomic_write
 from fedbrats.strategies.fedbn import keep_local_norms, norm_param_names
 from fedbrats.strategies.scaffold import CONTROL, CONTROL_DELTA, client_control_update, gradient_correction
 
-
-def _save(arrays: dict[str, np.ndarray], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-    tmp.replace(path)
+#: Versions of a state file kept: the newest and the one before it (what a repeated round needs).
+VERSIONS_KEPT = 2
 
 
-def _load(path: Path) -> dict[str, np.ndarray] | None:
-    return load_file(str(path)) if path.is_file() else None
+class RoundFiles:
+    """One kind of array state in a run folder, one file per round that wrote it: ``<stem>.r0003.safetensors``."""
+
+    def __init__(self, folder: Path, stem: str) -> None:
+        self.folder = Path(folder)
+        self.stem = stem
+        self._pattern = re.compile(rf"{re.escape(stem)}\.r(\d+)\.safetensors")
+
+    def rounds(self) -> list[int]:
+        """The rounds that wrote a version, oldest first."""
+        if not self.folder.is_dir():
+            return []
+        found = (self._pattern.fullmatch(p.name) for p in self.folder.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def path(self, server_round: int) -> Path:
+        return self.folder / f"{self.stem}.r{server_round:04d}.safetensors"
+
+    def latest(self, *, upto_round: int) -> dict[str, np.ndarray] | None:
+        """The newest version written in a round <= `upto_round`, or None."""
+        earlier = [r for r in self.rounds() if r <= upto_round]
+        return load_file(str(self.path(earlier[-1]))) if earlier else None
+
+    def save(self, arrays: dict[str, np.ndarray], server_round: int) -> None:
+        """Write the version of `server_round` atomically, then drop all but the `VERSIONS_KEPT` newest."""
+        data = safetensors_bytes({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+        atomic_write(self.path(server_round), data)
+        for old in self.rounds()[:-VERSIONS_KEPT]:
+            self.path(old).unlink(missing_ok=True)
 
 
 class LocalNorms:
-    """FedBN: this site's normalisation parameters never leave it and survive restarts."""
+    """FedBN: this site's normalisation parameters never leave it and survive restarts (within a run)."""
 
-    def __init__(self, work_dir: Path) -> None:
-        self.path = Path(work_dir) / "fedbn_norms.safetensors"
+    def __init__(self, run_dir: Path) -> None:
+        self.files = RoundFiles(run_dir, "fedbn_norms")
 
-    def apply(self, model: torch.nn.Module) -> None:
-        """Put the site's own norms (if any yet) into a model that holds the global weights."""
-        kept = _load(self.path)
+    def apply(self, model: torch.nn.Module, *, upto_round: int) -> None:
+        """Put the site's own norms (kept in a round <= `upto_round`, if any) into a model holding global weights.
+
+        Training in round r passes r - 1; evaluating after round r passes r.
+        """
+        kept = self.files.latest(upto_round=upto_round)
         if kept:
             state = keep_local_norms(model.state_dict(), {k: torch.from_numpy(v) for k, v in kept.items()})
             model.load_state_dict(state)
 
-    def keep(self, model: torch.nn.Module) -> None:
+    def keep(self, model: torch.nn.Module, server_round: int) -> None:
         state = model.state_dict()
-        _save({n: state[n].detach().cpu().numpy() for n in norm_param_names(model)}, self.path)
+        self.files.save({n: state[n].detach().cpu().numpy() for n in norm_param_names(model)}, server_round)
 
     @staticmethod
     def hide(model: torch.nn.Module, reply: ArrayRecord, incoming: ArrayRecord) -> ArrayRecord:
@@ -55,10 +87,11 @@ class LocalNorms:
 class ControlVariate:
     """SCAFFOLD at a site: correct every gradient by c - c_i, then update c_i (option II)."""
 
-    def __init__(self, work_dir: Path, incoming: ArrayRecord) -> None:
-        self.path = Path(work_dir) / "scaffold_control.safetensors"
+    def __init__(self, run_dir: Path, incoming: ArrayRecord, server_round: int) -> None:
+        self.files = RoundFiles(run_dir, "scaffold_control")
+        self.server_round = server_round
         self.c_global = {k: v.numpy() for k, v in incoming.items()}
-        self.c_local = _load(self.path)
+        self.c_local = self.files.latest(upto_round=server_round - 1)
         self._handles: list = []
 
     def correction(self) -> dict[str, np.ndarray]:
@@ -73,14 +106,14 @@ class ControlVariate:
                 self._handles.append(param.register_hook(lambda g, d=delta: g + d.to(g.device)))
 
     def finish(self, model: torch.nn.Module, x_global: ArrayRecord, steps: int, mean_lr: float) -> ArrayRecord:
-        """Detach the hooks, store the new c_i, return the ``control-delta`` record for the server."""
+        """Detach the hooks, store the new c_i for this round, return the ``control-delta`` record for the server."""
         for handle in self._handles:
             handle.remove()
         y_local = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         x = {k: v.numpy() for k, v in x_global.items()}
         c_new, delta = client_control_update(self.c_local, self.c_global, x, y_local, steps=steps, lr=mean_lr)
-        _save(c_new, self.path)
+        self.files.save(c_new, self.server_round)
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in delta.items()})
 
 
-__all__ = ["CONTROL", "CONTROL_DELTA", "ControlVariate", "LocalNorms"]
+__all__ = ["CONTROL", "CONTROL_DELTA", "ControlVariate", "LocalNorms", "RoundFiles"]

@@ -9,7 +9,6 @@ site's log.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import traceback
 from typing import Any
@@ -18,20 +17,13 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from fedbrats.client.algorithms import CONTROL, CONTROL_DELTA, ControlVariate, LocalNorms
+from fedbrats.client.attack import misbehave
 from fedbrats.client.ledger import PrivacyLedger
-from fedbrats.client.privacy import DPConfig, PrivacyBudgetExhausted, round_steps, train_private
-from fedbrats.client.site import Site, SiteError, cached_site
-from fedbrats.client.trainer import (
-    TrainConfig,
-    evaluate_local,
-    flat_metrics,
-    get_device,
-    loss_on,
-    lr_at,
-    train_local,
-)
+from fedbrats.client.privacy import DPConfig, PrivacyBudgetExhausted, eval_metrics_released, train_private
+from fedbrats.client.settings import model_for, start_step, train_config
+from fedbrats.client.site import Site, SiteError, cached_site, run_key
+from fedbrats.client.trainer import evaluate_local, flat_metrics, get_device, loss_on, lr_at, train_local
 from fedbrats.shared.config import RunConfig
-from fedbrats.shared.models import create_model
 from fedbrats.shared.records import model_to_record, record_to_model
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -43,14 +35,6 @@ app = ClientApp()
 SITE_UNUSABLE = 1001
 SITE_FAILED = 1002
 PRIVACY_BUDGET_EXHAUSTED = 1003
-
-
-def steps_per_round(site: Site, config: RunConfig) -> int:
-    if config.local_steps > 0:
-        return config.local_steps
-    if config.dp:  # Opacus counts an epoch as int(1/q) Poisson steps
-        return round_steps(len(site.train), config.batch_size, epochs=config.local_epochs)
-    return config.local_epochs * max(1, math.ceil(len(site.train) / config.batch_size))
 
 
 def _reply(msg: Message, site: Site, metrics: dict[str, float], arrays: Any = None) -> Message:
@@ -65,8 +49,14 @@ def _error(msg: Message, code: int, reason: str) -> Message:
 
 
 def _model(msg: Message, config: RunConfig):
-    model = create_model(config.model, **config.model_config)
-    return record_to_model(msg.content["arrays"], model)
+    return record_to_model(msg.content["arrays"], model_for(config))
+
+
+def _server_round(msg: Message) -> int:
+    server_round = int(msg.content["config"].get("server-round", 0))
+    if server_round < 1:
+        raise ValueError(f"the server's message carries no valid server-round (got {server_round})")
+    return server_round
 
 
 def handle_train(msg: Message, context: Context) -> Message:
@@ -75,27 +65,20 @@ def handle_train(msg: Message, context: Context) -> Message:
     if len(site.train) == 0:
         return _error(msg, SITE_UNUSABLE, f"site {site.name} has no usable training case ({site.skipped_count} skipped)")
     round_config = msg.content["config"]
-    server_round = int(round_config.get("server-round", 0))
+    server_round = _server_round(msg)
+    run = run_key(msg.metadata.run_id, config)
     incoming = msg.content["arrays"]
     model = _model(msg, config)
-    norms = LocalNorms(site.work_dir) if round_config.get("fedbn", False) else None
+    norms = LocalNorms(site.run_dir(run)) if round_config.get("fedbn", False) else None
     if norms:
-        norms.apply(model)
-    control = ControlVariate(site.work_dir, msg.content[CONTROL]) if CONTROL in msg.content.array_records else None
-    state = site.load_state()
-    start_step = int(state.get("step", 0))
-    per_round = steps_per_round(site, config)
-    train_config = TrainConfig(
-        epochs=None if config.local_steps > 0 else int(round_config.get("local-epochs", config.local_epochs)),
-        steps=config.local_steps or None,
-        lr=float(round_config.get("lr", config.lr)),
-        warmup_steps=config.warmup_steps,
-        schedule=config.lr_schedule,
-        total_steps=per_round * config.rounds,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        proximal_mu=float(round_config.get("proximal-mu", config.proximal_mu)),
-    )
+        norms.apply(model, upto_round=server_round - 1)
+    control = (
+        ControlVariate(site.run_dir(run), msg.content[CONTROL], server_round)
+        if CONTROL in msg.content.array_records else None
+    )  # fmt: skip
+    # The schedule position follows from the round alone: a repeated or discarded round cannot move it.
+    first_step = start_step(config, len(site.train), server_round)
+    local = train_config(config, len(site.train), dict(round_config))
     device = get_device("auto")
     metrics: dict[str, float] = {}
     report_loss = bool(round_config.get("report-loss", False))
@@ -106,18 +89,19 @@ def handle_train(msg: Message, context: Context) -> Message:
         metrics["loss-before"] = loss_on(model, site.train, loss_batches, seed=config.seed + server_round, device=device)
     if config.dp:
         result = train_private(
-            model, site.train, train_config, DPConfig.from_run_config(config), PrivacyLedger.at(site.work_dir),
-            round=server_round, run_id=str(msg.metadata.run_id), start_step=start_step, device=device,
+            model, site.train, local, DPConfig.from_run_config(config),
+            PrivacyLedger.for_site(dict(context.node_config), site.name, site.work_dir),  # keyed to the site, not a folder
+            round=server_round, run_id=run, start_step=first_step, device=device,
             grad_correction=control.correction() if control else None,
         )  # fmt: skip
         metrics.update(result.metrics())
     else:
         if control:
             control.attach(model)
-        result = train_local(model, site.train, train_config, start_step=start_step, device=device)
+        result = train_local(model, site.train, local, start_step=first_step, device=device)
     if report_loss:
         metrics["loss-after"] = loss_on(model, site.train, loss_batches, seed=config.seed + server_round, device=device)
-    site.save_state({**state, "step": result.end_step, "last_round": server_round})
+    _record_round(site, run, msg, config, server_round, first_step, result)
     if not config.dp:  # a raw loss is not protected by DP-SGD's noise
         metrics["train-loss"] = result.mean_loss
     metrics.update(
@@ -133,12 +117,13 @@ def handle_train(msg: Message, context: Context) -> Message:
     )
     reply = model_to_record(model)
     if norms:
-        norms.keep(model)
+        norms.keep(model, server_round)
         reply = LocalNorms.hide(model, reply, incoming)
+    reply, metrics = misbehave(config, dict(context.node_config), site.name, incoming, reply, metrics, server_round)
     out = _reply(msg, site, metrics, reply)
     if control:
         steps = max(result.steps, 1)
-        mean_lr = sum(lr_at(s, train_config) for s in range(start_step, start_step + steps)) / steps
+        mean_lr = sum(lr_at(s, local) for s in range(first_step, first_step + steps)) / steps
         out.content[CONTROL_DELTA] = control.finish(model, incoming, steps, mean_lr)
     return out
 
@@ -148,13 +133,29 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     site = cached_site(dict(context.node_config), config)
     if len(site.val) == 0:
         return _error(msg, SITE_UNUSABLE, f"site {site.name} has no usable validation case")
+    if config.dp and not eval_metrics_released(len(site.val), config.dp_eval_metrics, config.dp_eval_min_cases):
+        return _reply(msg, site, {"num-examples": len(site.val), "eval-seconds": 0.0})  # nothing per patient leaves
     model = _model(msg, config)
-    if msg.content["config"].get("fedbn", False):
-        LocalNorms(site.work_dir).apply(model)  # each site is scored with its own normalisation
+    if msg.content["config"].get("fedbn", False):  # each site is scored with its own normalisation
+        LocalNorms(site.run_dir(run_key(msg.metadata.run_id, config))).apply(model, upto_round=_server_round(msg))
     evaluation = evaluate_local(model, site.val, patch_size=config.patch, device=get_device("auto"))
     metrics = {k.replace("_", "-"): v for k, v in flat_metrics(evaluation).items()}
     metrics.update({"num-examples": len(site.val), "eval-seconds": evaluation["seconds"]})
     return _reply(msg, site, metrics)
+
+
+def _record_round(
+    site: Site, run: str, msg: Message, config: RunConfig, server_round: int, first_step: int, result: Any
+) -> None:
+    """Note in the run's state what this round did (for the site's operator; nothing reads it back to train)."""
+    state = site.load_state(run) or {"run-id": str(msg.metadata.run_id), "config": config.to_flower(), "rounds": {}}
+    if str(server_round) in state["rounds"]:
+        log.info("round %d of run %s trained again (the server restarted?): same start step %d",
+                 server_round, run, first_step)  # fmt: skip
+    state["rounds"][str(server_round)] = {
+        "start-step": first_step, "end-step": result.end_step, "steps": result.steps, "last-lr": result.last_lr,
+    }  # fmt: skip
+    site.save_state(run, state)
 
 
 def _guarded(handler):

@@ -1,33 +1,45 @@
-"""`fedbrats privacy audit` and `fedbrats privacy plan`: check what sites spent, plan what they will spend.
+"""Audit what sites spent and plan what they will spend; returns data (`fedbrats privacy` prints it).
 
 The audit reads each site's ledger (a run folder holds ``sites/<name>/privacy_ledger.sqlite`` for
-simulated sites; a site folder or a single ledger file works too), recomputes every recorded epsilon
-from the recorded history with the same Opacus accountant and with an independent one (Google's
-``dp_accounting``: RDP for RDP ledgers, privacy loss distributions for PRV ledgers), and shows them
-side by side. It exits 1 when a site went over its budget or a ledger is inconsistent: a missing
-row (gap in the row ids), a round repeated or going backwards within a run, epsilon decreasing at a
-fixed delta, or a recorded epsilon that the recomputation does not reproduce.
+simulated sites; a site folder or a single ledger file works too) and checks it three ways:
+
+- as evidence: the hash chain, every row's hash and signature, the site key, rows deleted at the end
+  (`PrivacyLedger.verify`), and each round against its run's plan (same sigma and q, no more steps);
+- against the server: every round the run's ``history.jsonl`` recorded the site training under DP
+  must be in the ledger, with the epsilon, row, row hash and key the site reported that round; fewer
+  ledger rows of the run than rounds the server recorded is a failure (rows deleted or table emptied);
+- as arithmetic: every recorded epsilon is recomputed from the recorded history with the site's own
+  accountant (Opacus) and with an independent one (Google's ``dp_accounting``, public API only).
+
+A site that went over its budget or any failed check makes the audit fail; each problem names the
+site, the row (or the server round) and what is wrong.
 """
 
 from __future__ import annotations
 
-import logging
+import json
+import math
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from rich.console import Console
-from rich.table import Table
+from fedbrats.client.accounting import epsilon_for, independent_epsilons
+from fedbrats.client.ledger import FILENAME, LedgerError, LedgerRow, PrivacyLedger
+from fedbrats.client.site_key import key_id
 
-from fedbrats.client.ledger import FILENAME, LedgerRow, PrivacyLedger, epsilon_for
+__all__ = [
+    "HISTORY", "RoundCheck", "RunAudit", "SiteAudit", "audit_ledger", "audit_run", "find_history", "find_ledgers",
+    "plan_rows", "server_rounds",
+]  # fmt: skip
 
-__all__ = ["RoundCheck", "SiteAudit", "audit_ledger", "find_ledgers", "independent_epsilons", "run_audit", "run_plan"]
-
+HISTORY = "history.jsonl"
 #: Relative tolerance between the recorded epsilon and the same accountant recomputing it.
 TOLERANCE = 1e-3
 #: Relative tolerance against the independent accountant (RDP orders and PRV/PLD discretisations differ).
 INDEPENDENT_TOLERANCE = 0.03
+#: What the site reported is stored as JSON floats: equal to what the ledger holds, up to rounding.
+REPORTED_TOLERANCE = 1e-9
 
 
 @dataclass
@@ -46,7 +58,10 @@ class SiteAudit:
     path: Path
     rounds: list[RoundCheck]
     budget: float | None
-    problems: list[str] = field(default_factory=list)  # ledger-level problems (gaps, order)
+    problems: list[str] = field(default_factory=list)  # ledger-level: "row N: ...", "server round R: ..."
+    notes: list[str] = field(default_factory=list)  # worth knowing, not a failure
+    key_fingerprint: str = ""
+    server_rounds: int | None = None  # DP rounds the server recorded for the site (None: no history)
 
     @property
     def epsilon(self) -> float:
@@ -59,6 +74,30 @@ class SiteAudit:
     @property
     def consistent(self) -> bool:
         return not self.problems and not any(c.problems for c in self.rounds)
+
+    def failures(self) -> list[str]:
+        """Every problem as "site S: row N: what", in ledger order."""
+        found = [*self.problems, *(f"row {c.row.seq}: {p}" for c in self.rounds for p in c.problems)]
+        found += [f"row {c.row.seq}: epsilon {c.row.epsilon:.4f} exceeds the budget {c.budget:g}"
+                  for c in self.rounds if c.row.epsilon > c.budget]  # fmt: skip
+        return [f"site {self.site}: {p}" for p in found]
+
+
+@dataclass
+class RunAudit:
+    sites: list[SiteAudit]
+    history: Path | None
+    problems: list[str] = field(default_factory=list)  # e.g. a site the server saw train with no ledger
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(s.consistent and not s.exceeded for s in self.sites)
+
+    def failures(self) -> list[str]:
+        return [*self.problems, *(f for s in self.sites for f in s.failures())]
+
+
+# --- finding ledgers and the server's record ---------------------------------------------------
 
 
 def find_ledgers(path: Path) -> dict[str, Path]:
@@ -76,70 +115,118 @@ def find_ledgers(path: Path) -> dict[str, Path]:
     return found
 
 
-class _DropWarnings(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno > logging.WARNING
+def find_history(path: Path) -> Path | None:
+    """The run's history beside a run folder, or above ``RUN_DIR/sites/<site>[/ledger]``; None when absent."""
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    for candidate in (folder, folder.parent.parent):
+        if (candidate / HISTORY).is_file() and (candidate == folder or folder.parent.name == "sites"):
+            return candidate / HISTORY
+    return None
 
 
-@contextmanager
-def _quiet_absl():
-    """dp_accounting warns (through absl) about each RDP order it drops; the audit reports numbers instead."""
-    logger, flt = logging.getLogger("absl"), _DropWarnings()
-    logger.addFilter(flt)
-    try:
-        yield
-    finally:
-        logger.removeFilter(flt)
-
-
-def independent_epsilons(rows: Sequence[LedgerRow]) -> list[float]:
-    """Epsilon after each row from Google's dp_accounting (RDP for "rdp" rows, PLD otherwise), at each row's delta."""
-    if not rows:
-        return []
-    kinds = {r.accountant == "rdp" for r in rows}
-    with _quiet_absl():
-        rdp = _independent_rdp(rows) if True in kinds else []
-        pld = _independent_pld(rows) if False in kinds else []
-    return [rdp[i] if row.accountant == "rdp" else pld[i] for i, row in enumerate(rows)]
-
-
-def _independent_rdp(rows: Sequence[LedgerRow]) -> list[float]:
-    import numpy as np
-    from dp_accounting.rdp import rdp_privacy_accountant as rdp
-
-    orders = np.asarray(rdp.RdpAccountant()._orders)
-    per_step: dict[tuple[float, float], np.ndarray] = {}  # one RDP curve per (q, sigma): rows share them
-    total, out = np.zeros_like(orders, dtype=float), []
-    for row in rows:
-        key = (row.sample_rate, row.noise_multiplier)
-        if key not in per_step:
-            per_step[key] = np.asarray(rdp._compute_rdp_poisson_subsampled_gaussian(*key, orders), dtype=float)
-        total = total + row.steps * per_step[key]
-        out.append(float(rdp.compute_epsilon(orders, total, row.delta)[0]))
+def server_rounds(history: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(round, train entry) for every site the server recorded training under DP (the entry has "epsilon")."""
+    out = []
+    for number, line in enumerate(Path(history).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line: that round was never completed
+        if not isinstance(record, dict) or not isinstance(record.get("train"), list):
+            raise ValueError(f"{history} line {number}: expected a round record with a 'train' list")
+        out += [(int(record["round"]), e) for e in record["train"] if isinstance(e, dict) and "epsilon" in e]
     return out
 
 
-def _independent_pld(rows: Sequence[LedgerRow]) -> list[float]:
-    import dp_accounting
-    from dp_accounting import pld
-
-    # Discretisation 1e-3: within 0.1% of 1e-4 on the DESIGN oracles, five times faster.
-    accountant, out = pld.PLDAccountant(value_discretization_interval=1e-3), []
-    for row in rows:
-        step = dp_accounting.PoissonSampledDpEvent(row.sample_rate, dp_accounting.GaussianDpEvent(row.noise_multiplier))
-        accountant.compose(dp_accounting.SelfComposedDpEvent(step, row.steps))
-        out.append(float(accountant.get_epsilon(row.delta)))
-    return out
+# --- checking one ledger ---------------------------------------------------------------------------
 
 
 def _relative(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-def audit_ledger(path: Path, *, site: str | None = None, budget: float | None = None) -> SiteAudit:
-    """Recompute and check one ledger; `budget` overrides the budget recorded with each row."""
-    rows = PrivacyLedger.open_existing(path).rows()
+def _check_plans(ledger: PrivacyLedger, rows: Sequence[LedgerRow]) -> dict[int, list[str]]:
+    """Row seq -> how it departs from its run's plan (other sigma or q, more steps than planned)."""
+    plans = {p.row_hash: p for p in ledger.plans()}
+    problems: dict[int, list[str]] = {}
+    spent: dict[str, int] = {}
+    for row in rows:
+        plan = plans.get(row.plan_hash)
+        if plan is None:
+            continue  # a missing plan is a chain problem, reported by verify()
+        found = problems.setdefault(row.seq, [])
+        if (row.noise_multiplier, row.sample_rate) != (plan.noise_multiplier, plan.sample_rate):
+            found.append(f"sigma {row.noise_multiplier:.4f}, q {row.sample_rate:.4f} differ from the run's plan "
+                         f"({plan.noise_multiplier:.4f}, {plan.sample_rate:.4f})")  # fmt: skip
+        spent[row.run_id] = spent.get(row.run_id, 0) + row.steps
+        if row.steps > plan.round_steps or spent[row.run_id] > plan.total_steps:
+            found.append(f"{row.steps} steps ({spent[row.run_id]} in the run) exceed the plan's {plan.round_steps} "
+                         f"per round ({plan.total_steps} in all)")  # fmt: skip
+    return problems
+
+
+def _check_server(audit: SiteAudit, rows: Sequence[LedgerRow], reported: Sequence[tuple[int, dict]], fingerprint: str):
+    """Each DP round the server recorded for the site must be in the ledger, as the site reported it."""
+    by_seq = {r.seq: r for r in rows}
+    matched: list[LedgerRow] = []
+    for rnd, entry in reported:
+        where = f"server round {rnd}"
+        eps = float(entry["epsilon"])
+        if "ledger-row" in entry:
+            seq = int(entry["ledger-row"])
+            row = by_seq.get(seq)
+            if row is None:
+                audit.problems.append(f"{where}: the site reported ledger row {seq}, which the ledger does not hold "
+                                      "(rows deleted or the table emptied)")  # fmt: skip
+                continue
+            if row.round != rnd:
+                audit.problems.append(f"row {seq}: records round {row.round}; the site reported it for round {rnd}")
+            if "ledger-head" in entry and key_id(row.row_hash) != int(entry["ledger-head"]):
+                audit.problems.append(f"row {seq}: is not the row the site reported in round {rnd} (its hash differs)")
+            if "ledger-key" in entry and fingerprint and key_id(fingerprint) != int(entry["ledger-key"]):
+                audit.problems.append(f"row {seq}: the ledger's key {fingerprint[:12]} is not the key the site "
+                                      f"reported in round {rnd} ({int(entry['ledger-key']):012x})")  # fmt: skip
+        else:  # a site that reports no row number: match by round and epsilon
+            row = next((r for r in rows if r.round == rnd and _relative(r.epsilon, eps) <= REPORTED_TOLERANCE), None)
+            if row is None:
+                audit.problems.append(f"{where}: the site reported epsilon {eps:.6g}; no ledger row of round {rnd} "
+                                      "records it (rows deleted or rewritten)")  # fmt: skip
+                continue
+        if _relative(row.epsilon, eps) > REPORTED_TOLERANCE:
+            audit.problems.append(f"row {row.seq}: epsilon {row.epsilon:.6g}, but the site reported {eps:.6g} to the "
+                                  f"server in round {rnd} (rewritten)")  # fmt: skip
+        matched.append(row)
+    runs = {r.run_id for r in matched}
+    of_run = [r for r in rows if r.run_id in runs]
+    audit.server_rounds = len(reported)
+    if len(of_run) < len(reported):
+        audit.problems.append(f"ledger: the server recorded {len(reported)} DP rounds for this site, the ledger "
+                              f"holds {len(of_run)} rows of the run")  # fmt: skip
+    elif len(of_run) > len(reported):
+        audit.notes.append(f"{len(of_run) - len(reported)} round(s) spent at the site never reached the server's "
+                           "history (lost replies or a resumed run): counted, as they were spent")  # fmt: skip
+
+
+def audit_ledger(
+    path: Path, *, site: str | None = None, budget: float | None = None,
+    reported: Sequence[tuple[int, dict[str, Any]]] | None = None,
+) -> SiteAudit:  # fmt: skip
+    """Verify and recompute one ledger; `budget` overrides the recorded budget; `reported` are the
+    (round, train entry) pairs the server recorded for this site (None: no server history to check)."""
+    ledger = PrivacyLedger.open_existing(path)
+    rows = ledger.rows()
     audit = SiteAudit(site or Path(path).parent.name, Path(path), [], budget)
+    fingerprint = ledger.meta().get("key_fingerprint", "")
+    audit.key_fingerprint = fingerprint
+    try:
+        audit.problems += [f"{where}: {what}" for where, what in ledger.verify()]
+    except (LedgerError, ValueError) as err:
+        audit.problems.append(f"ledger: cannot be verified: {err}")
+    if reported is not None:
+        _check_server(audit, rows, reported, fingerprint)
     if not rows:
         return audit
     if audit.budget is None:
@@ -149,13 +236,13 @@ def audit_ledger(path: Path, *, site: str | None = None, budget: float | None = 
             audit.problems.append(f"rows {previous.seq + 1}..{row.seq - 1} are missing (row ids jump {previous.seq} -> {row.seq})")
     if rows[0].seq != 1:
         audit.problems.append(f"rows 1..{rows[0].seq - 1} are missing (the first row id is {rows[0].seq})")
-    independent = independent_epsilons(rows)
+    off_plan = _check_plans(ledger, rows)
+    independent = independent_epsilons([(r.noise_multiplier, r.sample_rate, r.steps, r.delta, r.accountant) for r in rows])
     last_round: dict[str, int] = {}
     total = 0
     for i, row in enumerate(rows):
-        history = [r.history_entry for r in rows[: i + 1]]
         total += row.steps
-        recomputed = epsilon_for(history, row.delta, row.accountant)
+        recomputed = epsilon_for([r.history_entry for r in rows[: i + 1]], row.delta, row.accountant)
         check = RoundCheck(row, total, recomputed, independent[i], row.budget if budget is None else budget)
         if row.run_id in last_round and row.round <= last_round[row.run_id]:
             kind = "repeated" if row.round == last_round[row.run_id] else "out of order"
@@ -169,113 +256,60 @@ def audit_ledger(path: Path, *, site: str | None = None, budget: float | None = 
             check.problems.append(f"independent accountant gives {check.independent:.4f}")
         if not (row.noise_multiplier > 0 and 0 < row.sample_rate <= 1 and row.steps >= 1 and 0 < row.delta < 1):
             check.problems.append("impossible values (sigma, q, steps or delta)")
+        check.problems += off_plan.get(row.seq, [])
         audit.rounds.append(check)
     return audit
 
 
-def _site_table(audit: SiteAudit) -> Table:
-    kinds = {c.row.accountant == "rdp" for c in audit.rounds}
-    independent = "RDP/PLD" if len(kinds) > 1 else "RDP" if True in kinds else "PLD"
-    accountant = "/".join(sorted({c.row.accountant for c in audit.rounds})) or "-"
-    table = Table(title=f"site {audit.site}: {audit.path}", caption=(
-        f"eps: recorded ({accountant}); Opacus: recomputed from the history; {independent}: dp_accounting"))
-    for name in ("row", "run:round", "sigma", "q", "steps", "total", "delta", "eps", "Opacus", independent,
-                 "left", "problems"):  # fmt: skip
-        table.add_column(name, justify="left" if name in ("run:round", "problems") else "right")
-    for c in audit.rounds:
-        r = c.row
-        table.add_row(str(r.seq), f"{r.run_id}:{r.round}", f"{r.noise_multiplier:.4f}", f"{r.sample_rate:.4f}",
-                      str(r.steps), str(c.total_steps), f"{r.delta:.2g}", f"{r.epsilon:.4f}", f"{c.recomputed:.4f}",
-                      f"{c.independent:.4f}", f"{c.budget - r.epsilon:.3f}",
-                      "[red]" + "; ".join(c.problems) + "[/red]" if c.problems else "ok")  # fmt: skip
-    return table
+def audit_run(path: Path, *, budget: float | None = None, history: Path | None = None) -> RunAudit:
+    """Audit every ledger under `path` against the run's history (found beside it unless given)."""
+    ledgers = find_ledgers(Path(path))
+    history = Path(history) if history else find_history(Path(path))
+    reported = server_rounds(history) if history else None
+    sites, claimed = [], set()
+    for name, ledger_path in ledgers.items():
+        mine = None
+        if reported is not None:
+            try:
+                fingerprint = PrivacyLedger.open_existing(ledger_path).meta().get("key_fingerprint", "")
+            except LedgerError:
+                fingerprint = ""
+            ids = {key_id(fingerprint)} if fingerprint else set()
+            mine = [(r, e) for r, e in reported if e.get("site") == name or e.get("ledger-key") in ids]
+            claimed |= {str(e.get("site")) for _, e in mine}
+        sites.append(audit_ledger(ledger_path, site=name, budget=budget, reported=mine))
+    run = RunAudit(sites, history)
+    if reported is not None and Path(path).is_dir() and not (Path(path) / FILENAME).is_file():  # a whole run folder
+        for name in sorted({str(e.get("site")) for _, e in reported} - claimed):
+            count = sum(1 for _, e in reported if str(e.get("site")) == name)
+            run.problems.append(f"site {name}: the server recorded {count} DP round(s), but {path} holds no "
+                                "ledger for it (deleted?)")  # fmt: skip
+    return run
 
 
-def _console() -> Console:
-    console = Console()
-    return console if console.is_terminal else Console(width=160)  # logs and pipes: do not squeeze the tables
+# --- planning ---------------------------------------------------------------------------------
 
 
-def plot_epsilon(audits: Sequence[SiteAudit], out_png: Path, budget: float | None = None) -> Path:
-    """Epsilon after each round the site trained, one line per site, budgets dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for audit in audits:
-        rows = [c.row for c in audit.rounds]
-        if not rows:
-            continue
-        one_run = len({r.run_id for r in rows}) == 1
-        xs = [r.round for r in rows] if one_run else list(range(1, len(rows) + 1))
-        (line,) = ax.plot(xs, [r.epsilon for r in rows], marker="o", label=audit.site)
-        if audit.budget is not None:
-            ax.axhline(audit.budget, linestyle="--", color=line.get_color(), linewidth=0.8)
-    ax.set_xlabel("round (rounds trained, when the ledger holds several runs)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("epsilon (per patient, at the site's delta)")
-    ax.set_title("Privacy spent per site" + (f" (budget {budget:g})" if budget is not None else ""))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
-
-
-def run_audit(path: Path, *, budget: float | None = None, out_png: Path | None = None) -> int:
-    """Print per-site, per-round tables and a summary; 1 if a site exceeded its budget or a ledger is inconsistent."""
-    console = _console()
-    audits = [audit_ledger(p, site=name, budget=budget) for name, p in find_ledgers(Path(path)).items()]
-    for audit in audits:
-        console.print(_site_table(audit))
-        for problem in audit.problems:
-            console.print(f"[red]{audit.site}: {problem}[/red]")
-    summary = Table(title="privacy budget per site")
-    for name in ("site", "rounds trained", "epsilon", "delta", "budget", "left", "status"):
-        summary.add_column(name)
-    for a in audits:
-        status = "[red]over budget[/red]" if a.exceeded else "ok"
-        status += "" if a.consistent else ", [red]ledger inconsistent[/red]"
-        delta = f"{a.rounds[-1].row.delta:.2g}" if a.rounds else "-"
-        left = "-" if a.budget is None else f"{a.budget - a.epsilon:.3f}"
-        summary.add_row(a.site, str(len(a.rounds)), f"{a.epsilon:.4f}", delta,
-                        "-" if a.budget is None else f"{a.budget:g}", left, status)  # fmt: skip
-    console.print(summary)
-    if out_png is not None:
-        console.print(f"epsilon over rounds: {plot_epsilon(audits, out_png, budget)}")
-    return 1 if any(a.exceeded or not a.consistent for a in audits) else 0
-
-
-def run_plan(
+def plan_rows(
     cases: int, batch: int, rounds: int, local_epochs: int, epsilon: float, delta: float | None = None, *,
     local_steps: int = 0, accountant: str = "rdp",
-) -> int:  # fmt: skip
-    """Print the noise multiplier a site needs to stay within `epsilon` over `rounds` rounds."""
-    from fedbrats.client.privacy import DPConfig, plan_privacy
+) -> list[tuple[str, str]]:  # fmt: skip
+    """(setting, value) rows of the noise a site needs to stay within `epsilon` over `rounds` rounds."""
+    from fedbrats.client.privacy_plan import DPConfig, plan_privacy
 
     dp = DPConfig(epsilon=epsilon, delta=delta or 0.0, planned_rounds=rounds, accountant=accountant)
     plan = plan_privacy(cases, batch, dp, epochs=local_epochs, steps=local_steps or None)
-    table = Table(title=f"DP-SGD plan for a site of {cases} cases")
-    table.add_column("setting")
-    table.add_column("value", justify="right")
-    after = plan.epsilon_after([plan.entry] * (rounds - 1)) if rounds > 1 else plan.epsilon_after()
-    for name, value in (
+    after = plan.epsilon_after([plan.entry] * (rounds - 1))
+    if not math.isfinite(after):
+        raise ValueError(f"epsilon after {rounds} rounds is not finite; check the settings")
+    return [
         ("sample rate q = batch / cases", f"{plan.sample_rate:.4f}"),
         ("steps per round", str(plan.steps)),
         ("rounds", str(rounds)),
-        ("total steps", str(plan.steps * rounds)),
+        ("total steps", str(plan.total_steps)),
         ("delta" + ("" if delta else " (min(1e-5, 0.1 / cases))"), f"{plan.delta:.2g}"),
         ("target epsilon", f"{epsilon:g}"),
         ("noise multiplier sigma", f"{plan.noise_multiplier:.4f}"),
         ("epsilon after round 1", f"{plan.epsilon_after():.4f}"),
         (f"epsilon after round {rounds} ({accountant})", f"{after:.4f}"),
-    ):
-        table.add_row(name, value)
-    _console().print(table)
-    return 0
+    ]

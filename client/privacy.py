@@ -15,21 +15,24 @@ a DP round differs from an ordinary one where the hook cannot reach:
 - the accountant is restored from the ledger, checked against the budget before the first step,
   and the round is written to the ledger before the weights can leave the site.
 
+The run's plan (sigma calibrated once per run, against what is left of the budget) and the budget
+gate are decided in `fedbrats.client.privacy_plan`; this module is the façade a site calls, and
+re-exports them.
+
 The Poisson sampling and the noise draw from generators seeded from the OS (`secrets`), never from
 the run's seed: anyone who knows the run configuration could otherwise replay the noise.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import secrets
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,184 +45,39 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
-from fedbrats.client.ledger import (
+from fedbrats.client.accounting import epsilon_for, make_accountant
+from fedbrats.client.ledger import LedgerError, PrivacyLedger
+from fedbrats.client.privacy_plan import (
     ACCOUNTANTS,
-    History,
-    LedgerError,
-    PrivacyLedger,
-    epsilon_for,
-    make_accountant,
+    EVAL_RELEASE,
+    GRAD_SAMPLE_MODES,
+    DPConfig,
+    PrivacyBudgetExhausted,
+    PrivacyPlan,
+    PrivacyPlanExceeded,
+    check_budget,
+    default_delta,
+    eval_metrics_released,
+    plan_for_run,
+    plan_privacy,
+    round_steps,
+    sample_rate,
 )
-from fedbrats.client.site import SiteError
+from fedbrats.client.site_key import key_id
 from fedbrats.client.trainer import LossFn, Progress, TrainConfig, TrainResult, get_device, lr_at
 
 __all__ = [
-    "DPConfig", "IncompatibleModelError", "PrivacyBudgetExhausted", "PrivacyPlan", "PrivateResult",
-    "calibrate_noise", "check_budget", "default_delta", "plan_privacy", "poisson_loader", "round_steps",
-    "sample_rate", "train_private", "validate_model",
+    "ACCOUNTANTS", "DPConfig", "EVAL_RELEASE", "GRAD_SAMPLE_MODES", "IncompatibleModelError",
+    "PrivacyBudgetExhausted", "PrivacyPlan", "PrivacyPlanExceeded", "PrivateResult", "check_budget", "plan_for_run",
+    "default_delta", "eval_metrics_released", "plan_privacy", "poisson_loader", "round_steps", "sample_rate",
+    "train_private", "validate_model",
 ]  # fmt: skip
 
 log = logging.getLogger("fedbrats.privacy")
-GRAD_SAMPLE_MODES = ("auto", "functorch", "hooks")
 
 
 class IncompatibleModelError(ValueError):
     """The model has layers DP-SGD cannot handle (e.g. BatchNorm mixes patients within a batch)."""
-
-
-class PrivacyBudgetExhausted(SiteError):
-    """The next round would take the site past its epsilon budget; it does not train.
-
-    A `SiteError`, so its message (numbers only, no paths or case ids) is safe to send to the server.
-    """
-
-    def __init__(self, *, spent: float, projected: float, budget: float, delta: float, steps: int):
-        self.spent, self.projected, self.budget, self.delta, self.steps = spent, projected, budget, delta, steps
-        super().__init__(
-            f"privacy budget exhausted: epsilon {spent:.3f} spent of {budget:g} (delta {delta:.2g}); "
-            f"the next round ({steps} steps) would reach {projected:.3f}, so the site does not train"
-        )
-
-
-def default_delta(n_cases: int) -> float:
-    """min(1e-5, 0.1 / n): well below 1/n, the level at which (eps, delta)-DP allows leaking a whole record."""
-    if n_cases < 1:
-        raise ValueError(f"n_cases must be >= 1, got {n_cases}")
-    return min(1e-5, 0.1 / n_cases)
-
-
-def sample_rate(n_cases: int, batch_size: int) -> float:
-    """Poisson sampling probability of each patient: expected batch size / cases."""
-    if n_cases < 1 or batch_size < 1:
-        raise ValueError(f"need n_cases >= 1 and batch_size >= 1, got {n_cases} and {batch_size}")
-    return min(1.0, batch_size / n_cases)
-
-
-def round_steps(n_cases: int, batch_size: int, *, epochs: int | None = 1, steps: int | None = None) -> int:
-    """Logical DP steps in one round: `steps`, or `epochs` passes of int(1/q) steps (as Opacus counts an epoch)."""
-    if steps and steps > 0:
-        return int(steps)
-    if not epochs or epochs < 1:
-        raise ValueError(f"one of epochs ({epochs}) or steps ({steps}) must be >= 1")
-    return int(epochs) * max(1, int(1 / sample_rate(n_cases, batch_size)))
-
-
-@functools.lru_cache(maxsize=64)
-def calibrate_noise(target_epsilon: float, delta: float, rate: float, steps: int, accountant: str = "rdp") -> float:
-    """Smallest noise multiplier (to 0.01 in epsilon) keeping `steps` steps at rate `rate` within target_epsilon."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    try:
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=rate,
-                                          steps=steps, accountant=accountant))  # fmt: skip
-    except ValueError as err:
-        raise ValueError(
-            f"no noise multiplier reaches epsilon {target_epsilon} at delta {delta:.2g} over {steps} steps "
-            f"at sample rate {rate:.4f} ({err}); raise the budget or train fewer steps"
-        ) from err
-
-
-@dataclass
-class DPConfig:
-    """DP-SGD settings of a site. Zeros mean "derive it" (Flower's run config has no None).
-
-    epsilon: the site's budget, over everything it ever trains on these patients (all rounds, all runs).
-    delta: 0 = min(1e-5, 0.1 / cases). max_grad_norm: per-patient clipping norm C.
-    noise_multiplier: sigma; 0 = calibrated once so that `planned_rounds` rounds reach `target_epsilon`
-    (0 = `epsilon`). accountant: "rdp" or "prv". max_physical_batch: 0 = the training batch size.
-    grad_sample_mode: "functorch" (per-sample gradients by vmap: about 2x a plain step on CPU at real
-    sizes), "hooks" (Opacus' per-layer samplers; its unfold buffers explode at real 3D patch sizes),
-    "auto" = functorch.
-    """
-
-    epsilon: float = 8.0
-    delta: float = 0.0
-    max_grad_norm: float = 1.0
-    noise_multiplier: float = 0.0
-    target_epsilon: float = 0.0
-    planned_rounds: int = 1
-    accountant: str = "rdp"
-    max_physical_batch: int = 0
-    grad_sample_mode: str = "auto"
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not self.epsilon > 0:
-            problems.append(f"epsilon budget must be > 0, got {self.epsilon}")
-        if not 0 <= self.delta < 1:
-            problems.append(f"delta must be in [0, 1) (0 = derived from the number of cases), got {self.delta}")
-        if not self.max_grad_norm > 0:
-            problems.append(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
-        if self.noise_multiplier < 0:
-            problems.append(f"noise_multiplier must be >= 0 (0 = calibrated), got {self.noise_multiplier}")
-        if self.target_epsilon < 0:
-            problems.append(f"target_epsilon must be >= 0 (0 = the budget), got {self.target_epsilon}")
-        if self.planned_rounds < 1:
-            problems.append(f"planned_rounds must be >= 1, got {self.planned_rounds}")
-        if self.accountant not in ACCOUNTANTS:
-            problems.append(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
-        if self.max_physical_batch < 0:
-            problems.append(f"max_physical_batch must be >= 0 (0 = batch size), got {self.max_physical_batch}")
-        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
-            problems.append(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}")
-        if problems:
-            raise ValueError("invalid differential privacy configuration: " + "; ".join(problems))
-
-    @classmethod
-    def from_run_config(cls, config: Any) -> DPConfig:
-        """From a RunConfig's ``dp_<field>`` attributes (absent ones keep their defaults); rounds planned = config.rounds."""
-        values = {f.name: getattr(config, f"dp_{f.name}") for f in fields(cls) if hasattr(config, f"dp_{f.name}")}
-        values["planned_rounds"] = int(getattr(config, "rounds", 1))
-        return cls(**values)
-
-
-@dataclass(frozen=True)
-class PrivacyPlan:
-    """What one round will spend: sigma, q and steps, fixed before the first step."""
-
-    n_cases: int
-    batch_size: int
-    sample_rate: float
-    steps: int
-    rounds: int
-    noise_multiplier: float
-    delta: float
-    accountant: str
-    target_epsilon: float  # 0 when sigma was given rather than calibrated
-
-    @property
-    def entry(self) -> tuple[float, float, int]:
-        return (self.noise_multiplier, self.sample_rate, self.steps)
-
-    def epsilon_after(self, history: Sequence[tuple[float, float, int]] = ()) -> float:
-        """Epsilon once this round is added to `history`."""
-        return epsilon_for([*history, self.entry], self.delta, self.accountant)
-
-
-def plan_privacy(
-    n_cases: int, batch_size: int, dp: DPConfig, *, epochs: int | None = 1, steps: int | None = None
-) -> PrivacyPlan:
-    """Sample rate, steps per round and noise multiplier; sigma is the same every round of a run."""
-    rate = sample_rate(n_cases, batch_size)
-    per_round = round_steps(n_cases, batch_size, epochs=epochs, steps=steps)
-    delta = dp.delta or default_delta(n_cases)
-    if dp.delta and dp.delta >= 1 / n_cases:
-        log.warning("delta %.2g is not below 1/n = %.2g: the guarantee allows leaking a whole patient", delta, 1 / n_cases)
-    target = 0.0
-    sigma = dp.noise_multiplier
-    if not sigma:
-        target = dp.target_epsilon or dp.epsilon
-        sigma = calibrate_noise(target, delta, rate, per_round * dp.planned_rounds, dp.accountant)
-    return PrivacyPlan(n_cases, batch_size, rate, per_round, dp.planned_rounds, float(sigma), delta, dp.accountant, target)
-
-
-def check_budget(plan: PrivacyPlan, history: History, budget: float) -> float:
-    """Epsilon after the planned round; raises PrivacyBudgetExhausted if it would exceed `budget`."""
-    projected = plan.epsilon_after(history)
-    if projected > budget:
-        spent = epsilon_for(history, plan.delta, plan.accountant)
-        raise PrivacyBudgetExhausted(spent=spent, projected=projected, budget=budget, delta=plan.delta, steps=plan.steps)
-    return projected
 
 
 def validate_model(model: nn.Module) -> None:
@@ -247,12 +105,17 @@ class PrivateResult(TrainResult):
     sample_rate: float = 0.0
     budget: float = 0.0
     empty_steps: int = 0
+    ledger_row: int = 0  # the ledger row this round wrote
+    ledger_head: int = 0  # first 48 bits of its hash
+    ledger_key: int = 0  # first 48 bits of the site key's fingerprint
 
     def metrics(self) -> dict[str, float]:
-        """Metrics for the Flower reply (same keys every round)."""
+        """Metrics for the Flower reply (same keys every round). The ledger-* numbers let the audit match
+        the site's ledger against what the server recorded: deleted or rewritten rows, another key."""
         return {
             "epsilon": self.epsilon, "delta": self.delta, "epsilon-budget": self.budget,
             "noise-multiplier": self.noise_multiplier, "sample-rate": self.sample_rate, "dp-steps": self.steps,
+            "ledger-row": self.ledger_row, "ledger-head": self.ledger_head, "ledger-key": self.ledger_key,
         }  # fmt: skip
 
 
@@ -304,19 +167,26 @@ def train_private(
     post-processing. Parameter hooks (`ControlVariate.attach`) would be lost: Opacus replaces p.grad.
 
     Raises PrivacyBudgetExhausted (nothing trained, nothing recorded) when the round would exceed
-    `dp.epsilon`, IncompatibleModelError for a model Opacus cannot handle, LedgerError if this run's
-    round is already in the ledger. The model is trained in place and returned to a plain module.
+    `dp.epsilon`, PrivacyPlanExceeded for a round beyond the run's plan, IncompatibleModelError for a
+    model Opacus cannot handle, LedgerError if this run's round is already in the ledger or the ledger
+    fails verification (a site does not build on a ledger it cannot vouch for). The model is trained in place and returned to a plain module.
     `config.amp` and `config.grad_clip` are ignored: DP runs in fp32 and clips per patient.
     """
     n = len(dataset)
     if n == 0:
         raise ValueError("cannot train on an empty dataset; the site has no usable training case")
     validate_model(model)
-    plan = plan_privacy(n, config.batch_size, dp, epochs=config.epochs, steps=config.steps)
+    steps = round_steps(n, config.batch_size, epochs=config.epochs, steps=config.steps)
     if ledger.has_round(run_id, round):
         raise LedgerError(f"round {round} of run {run_id!r} was already trained at this site; not spending privacy twice")
+    broken = ledger.verify()
+    if broken:
+        where, what = broken[0]
+        raise LedgerError(f"{ledger.path} fails verification ({where}: {what}; {len(broken)} problem(s)): "
+                          "the site does not train on a ledger it cannot vouch for; run fedbrats privacy audit")  # fmt: skip
+    plan = plan_for_run(ledger, run_id, round, n, config.batch_size, dp, steps)
     history = ledger.history()
-    check_budget(plan, history, dp.epsilon)
+    check_budget(plan, history, dp.epsilon, steps)
 
     device = get_device(device)
     mode = "functorch" if dp.grad_sample_mode == "auto" else dp.grad_sample_mode
@@ -355,7 +225,7 @@ def train_private(
             p.grad.add_(offset)
 
     optimizer.attach_step_hook(after_noise)
-    loader = poisson_loader(dataset, plan.sample_rate, plan.steps, generator=_secret_generator(torch.device("cpu")),
+    loader = poisson_loader(dataset, plan.sample_rate, steps, generator=_secret_generator(torch.device("cpu")),
                             num_workers=config.num_workers, pin_memory=device.type == "cuda")  # fmt: skip
     physical = dp.max_physical_batch or config.batch_size
     examples = empty = 0
@@ -390,23 +260,24 @@ def train_private(
                     loss_sum += last_loss * len(images)
                     examples += len(images)
                 if progress is not None and done > before:
-                    progress(done, plan.steps, last_loss, lr)
+                    progress(done, steps, last_loss, lr)
     finally:
         gsm.to_standard_module()  # hooks and grad_sample attributes off: `model` is a plain module again
         model.eval()
-    if done != plan.steps:
-        raise RuntimeError(f"DP round took {done} steps, {plan.steps} planned; nothing recorded")
+    if done != steps:
+        raise RuntimeError(f"DP round took {done} steps, {steps} planned; nothing recorded")
     epsilon = epsilon_for(accountant.history, plan.delta, plan.accountant)  # the history the hook stepped
-    ledger.record(run_id=run_id, round=round, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                  steps=done, epsilon=epsilon, delta=plan.delta, accountant=plan.accountant, budget=dp.epsilon,
-                  max_grad_norm=dp.max_grad_norm, n_cases=n)  # fmt: skip
+    row = ledger.record(run_id=run_id, round=round, noise_multiplier=plan.noise_multiplier,
+                        sample_rate=plan.sample_rate, steps=done, epsilon=epsilon, delta=plan.delta,
+                        accountant=plan.accountant, budget=dp.epsilon, max_grad_norm=dp.max_grad_norm, n_cases=n,
+                        plan_hash=ledger.plan_for(run_id).row_hash)  # fmt: skip
     log.info("DP round %s: %d steps (%d empty), sigma %.3f, q %.4f, epsilon %.3f of %g (delta %.2g)",
              round, done, empty, plan.noise_multiplier, plan.sample_rate, epsilon, dp.epsilon, plan.delta)  # fmt: skip
     return PrivateResult(
         examples=examples, steps=done, mean_loss=loss_sum / examples if examples else math.nan,
         seconds=time.perf_counter() - start, end_step=start_step + done, last_lr=lr, epsilon=epsilon,
         delta=plan.delta, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, budget=dp.epsilon,
-        empty_steps=empty,
+        empty_steps=empty, ledger_row=row.seq, ledger_head=key_id(row.row_hash), ledger_key=key_id(row.key_fingerprint),
     )  # fmt: skip
 
 

@@ -3,25 +3,33 @@
 Everything is resolved from Flower's node config first (a hospital's SuperNode says where its
 data is) and the run config second (a simulated site is told the shared data folder and picks
 its partition by ``partition-id``). The site's folder holds what must outlive a ClientApp
-process: the preprocessed-volume cache and the learning-rate schedule position.
+process: the preprocessed-volume cache (shared by every run), the privacy ledger (the budget spans
+every run) and, under ``runs/<run key>/``, what one run keeps between its messages (`run_key`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedbrats.shared.atomic import atomic_write_json
 from fedbrats.shared.config import RunConfig
-from fedbrats.shared.data.cases import Case, discover_cases
+from fedbrats.shared.data.cases import Case
 from fedbrats.shared.data.dataset import PatientDataset
-from fedbrats.shared.data.partition import read_partition, split_train_val
+from fedbrats.shared.data.partition import read_partition, safe_site_id
 from fedbrats.shared.data.problems import CaseProblem
+from fedbrats.shared.data.site_cases import SiteCases, cases_of_site, load_partition
 
 log = logging.getLogger("fedbrats.site")
+
+#: The file of a run's state inside its folder, and how many runs' folders a site keeps.
+STATE_FILE = "state.json"
+RUNS_KEPT = 3
 
 
 class SiteError(RuntimeError):
@@ -40,21 +48,50 @@ class Site:
     def skipped_count(self) -> int:
         return len({p.case_id for p in self.skipped + self.train.skipped + self.val.skipped if p.fatal})
 
-    # --- state that outlives the process -------------------------------------------
-    def load_state(self) -> dict[str, Any]:
-        path = self.work_dir / "site_state.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+    # --- state that outlives the process, one folder per run ---------------------------
+    def run_dir(self, key: str) -> Path:
+        """The folder of everything this site keeps between messages of run `key` (see `run_key`)."""
+        return self.work_dir / "runs" / key
 
-    def save_state(self, state: dict[str, Any]) -> None:
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.work_dir / "site_state.json.tmp"
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-        os.replace(tmp, self.work_dir / "site_state.json")
+    def load_state(self, key: str) -> dict[str, Any]:
+        """What this site recorded in run `key` so far; {} for a run it has not seen (a new run starts afresh)."""
+        path = self.run_dir(key) / STATE_FILE
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as err:  # a record only: training never reads it back
+            log.warning("ignoring the unreadable state of run %s (%s); it is written anew", key, err)
+            return {}
+
+    def save_state(self, key: str, state: dict[str, Any]) -> None:
+        """Write run `key`'s state atomically; keep the folders of the `RUNS_KEPT` latest runs only."""
+        atomic_write_json(self.run_dir(key) / STATE_FILE, state)
+        _prune_runs(self.work_dir / "runs", keep=key)
+
+
+def run_key(run_id: int | str, config: RunConfig) -> str:
+    """The identity of a run at a site: Flower's run id plus a fingerprint of the whole run configuration.
+
+    A second run at the same hospital (or a rerun with other settings under the same run id, as in
+    tests) gets a new key, hence a fresh folder: no schedule position, FedBN norms or SCAFFOLD
+    control variate leaks from one run into another.
+    """
+    flat = json.dumps(config.to_flower(), sort_keys=True, default=str)
+    return f"{run_id}-{hashlib.sha256(flat.encode()).hexdigest()[:12]}"
+
+
+def _prune_runs(runs: Path, keep: str) -> None:
+    """Remove the folders of older runs beyond the `RUNS_KEPT` most recently written (never `keep`)."""
+    folders = sorted((f for f in runs.iterdir() if f.is_dir()), key=lambda f: f.stat().st_mtime, reverse=True)
+    for old in [f for f in folders if f.name != keep][RUNS_KEPT - 1 :]:
+        log.info("removing the state of an old run at this site: %s", old.name)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _site_name(node_config: dict[str, Any], partition_ids: list[str]) -> str:
     if node_config.get("site-name"):
-        return str(node_config["site-name"])
+        return safe_site_id(node_config["site-name"], "the node config's site-name")
     if "partition-id" in node_config and partition_ids:
         index = int(node_config["partition-id"])
         if index >= len(partition_ids):
@@ -71,23 +108,15 @@ def _work_dir(node_config: dict[str, Any], config: RunConfig, name: str) -> Path
     return Path.home() / ".cache" / "fedbrats" / "sites" / name
 
 
-def resolve_site_cases(
-    data_dir: Path, partition_csv: str, name: str
-) -> tuple[list[Case], list[CaseProblem], dict[str, str]]:
-    """The site's usable cases, the problems that made others unusable, and any fixed train/val split."""
-    cases, problems = discover_cases(data_dir)
-    fixed: dict[str, str] = {}
-    if partition_csv:
-        partition = read_partition(Path(partition_csv))
-        if name not in partition.sites:
-            raise SiteError(f"site {name!r} is not in the partition (sites: {', '.join(partition.sites)})")
-        wanted = partition.sites[name]
-        by_id = {c.case_id: c for c in cases}
-        missing = [s for s in wanted if s not in by_id]
-        problems += [CaseProblem(s, "", "listed in the partition but not found on disk") for s in missing]
-        cases = [by_id[s] for s in wanted if s in by_id]
-        fixed = {s: v for s, v in partition.train_or_val.items() if s in wanted}
-    return cases, problems, fixed
+def resolve_site_cases(data_dir: Path, partition_csv: str, name: str, config: RunConfig) -> SiteCases:
+    """The site's usable cases split train/val, and why others are left out (`shared.data.site_cases`)."""
+    partition = load_partition(partition_csv)
+    if partition is not None and name not in partition.sites:
+        raise SiteError(f"site {name!r} is not in the partition (sites: {', '.join(partition.sites)})")
+    return cases_of_site(
+        data_dir, partition, name if partition is not None else None,
+        seed=config.seed, val_fraction=config.val_fraction,
+    )  # fmt: skip
 
 
 def open_site(node_config: dict[str, Any], config: RunConfig) -> Site:
@@ -97,18 +126,16 @@ def open_site(node_config: dict[str, Any], config: RunConfig) -> Site:
     partition_csv = str(node_config.get("partition") or config.partition or "")
     partition_ids = list(read_partition(Path(partition_csv)).sites) if partition_csv else []
     name = _site_name(node_config, partition_ids)
-    cases, problems, fixed = resolve_site_cases(data_dir, partition_csv, name)
+    found = resolve_site_cases(data_dir, partition_csv, name, config)
+    problems = found.problems
     for p in problems:
         log.warning("site %s skips case %s (%s): %s", name, p.case_id, p.file or "folder", p.problem)
-    ids = [c.case_id for c in cases]
-    train_ids, val_ids = split_train_val(ids, seed=config.seed, val_fraction=config.val_fraction, fixed=fixed or None)
-    by_id = {c.case_id: c for c in cases}
     work_dir = _work_dir(node_config, config, name)
     cache = None if config.cache == "none" else config.cache
 
-    def dataset(selected: list[str], augment: bool) -> PatientDataset:
+    def dataset(selected: list[Case], augment: bool) -> PatientDataset:
         return PatientDataset(
-            [by_id[i] for i in selected],
+            selected,
             config.patch,
             foreground_prob=config.foreground_prob,
             augment=augment,
@@ -117,7 +144,7 @@ def open_site(node_config: dict[str, Any], config: RunConfig) -> Site:
             seed=config.seed,
         )
 
-    site = Site(name, dataset(train_ids, True), dataset(val_ids, False), work_dir, problems)
+    site = Site(name, dataset(found.train, True), dataset(found.val, False), work_dir, problems)
     log.info("site %s: %d training and %d validation cases, %d skipped", name, len(site.train), len(site.val), site.skipped_count)
     return site
 

@@ -3,7 +3,8 @@
 The same functions serve the federated client (one call per round), the single-site baseline
 (`client.training_run`) and the benchmarks, so a round of federated training is exactly a slice
 of ordinary training: the learning-rate schedule is a function of the *global* step, which the
-caller passes in (`start_step`) and gets back (`TrainResult.end_step`).
+caller passes in (`start_step`, which `client.settings.start_step` derives from the server round)
+and gets back (`TrainResult.end_step`). `client.settings` builds the TrainConfig from a RunConfig.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ from fedbrats.shared.constants import REGIONS
 from fedbrats.shared.evaluation.inference import fast_layout, get_device, predict_probabilities
 
 __all__ = [
-    "TrainConfig", "TrainResult", "evaluate_local", "flat_metrics", "get_device", "loss_on", "lr_at",
-    "train_config_from_run", "train_local",
+    "TrainConfig", "TrainResult", "evaluate_local", "flat_metrics", "get_device", "loss_on", "lr_at", "train_local",
 ]  # fmt: skip
 
 SCHEDULES = ("cosine", "poly", "constant")
@@ -63,8 +63,8 @@ class TrainConfig:
         problems = []
         if not (self.steps and self.steps > 0) and not (self.epochs and self.epochs > 0):
             problems.append(f"one of epochs ({self.epochs}) or steps ({self.steps}) must be >= 1")
-        if self.lr <= 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"lr must be a finite number > 0, got {self.lr}")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.warmup_steps < 0:
@@ -73,8 +73,8 @@ class TrainConfig:
             problems.append(f"total_steps must be >= 1 or None, got {self.total_steps}")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.proximal_mu < 0:
-            problems.append(f"proximal_mu must be >= 0, got {self.proximal_mu}")
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            problems.append(f"proximal_mu must be a finite number >= 0, got {self.proximal_mu}")
         if problems:
             raise ValueError("invalid training configuration: " + "; ".join(problems))
 
@@ -93,21 +93,6 @@ class TrainResult:
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
-
-
-def train_config_from_run(run_config: Any, num_cases: int) -> TrainConfig:
-    """The local TrainConfig of a federated run (shared.config.RunConfig) at a site with `num_cases` training cases.
-
-    The schedule spans the whole run (rounds x local steps per round), so every site's lr decays to 0
-    at the last round whatever its size; a site passes its own step count as `start_step`.
-    """
-    rc = run_config
-    per_round = rc.local_steps if rc.local_steps > 0 else rc.local_epochs * -(-max(num_cases, 1) // rc.batch_size)
-    return TrainConfig(
-        epochs=rc.local_epochs, steps=rc.local_steps or None, lr=rc.lr, warmup_steps=rc.warmup_steps,
-        schedule=rc.lr_schedule, total_steps=rc.rounds * per_round, batch_size=rc.batch_size, seed=rc.seed,
-        proximal_mu=rc.proximal_mu,
-    )  # fmt: skip
 
 
 def lr_at(step: int, config: TrainConfig) -> float:

@@ -1,17 +1,18 @@
 """`fedbrats train`: the centralized (or single-site) baseline every federated run is compared with.
 
-Same trainer, same validation and the same train/val split per site as the federated clients
-(`shared.partition.split_train_val`), so "federated vs. pooled data" compares strategies, not code.
-Writes RUN_DIR/checkpoint.safetensors (the epoch with the best mean validation Dice; the last epoch
+Centralized training is the one-site case of the same run configuration: one `RunConfig`, the same
+model, the same trainer and learning-rate schedule, and the same cases per site
+(`shared.data.site_cases`) as the federated clients, with the training settings derived in one place
+(`client.settings`), so "federated vs. pooled data" compares strategies, not code. A round of the one-site federation is one training period here: `rounds` x
+(`local_epochs` or `local_steps`), validated after each; `--epochs E` makes that E periods of one epoch.
+
+Writes RUN_DIR/checkpoint.safetensors (the period with the best mean validation Dice; the last one
 when there is no validation case), RUN_DIR/last.safetensors, RUN_DIR/metrics.json (rewritten after
-every epoch) and RUN_DIR/learning_curve.png.
+every period), RUN_DIR/run_config.json (the resolved configuration) and RUN_DIR/learning_curve.png.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,49 +26,47 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from fedbrats.client.trainer import TrainConfig, evaluate_local, flat_metrics, get_device, train_local
+from fedbrats.client.settings import model_for, schedule_steps, start_step, train_config
+from fedbrats.client.trainer import evaluate_local, flat_metrics, get_device, train_local
+from fedbrats.shared.atomic import atomic_write_json
+from fedbrats.shared.config import RunConfig
 from fedbrats.shared.constants import REGIONS, label_sets_for
-
-#: Above this many bytes of preprocessed images, cache on disk (memory-mapped) instead of in RAM.
-MEMORY_CACHE_LIMIT = 4 * 2**30
-
-
-def select_cases(
-    case_ids: list[str], partition: Path | None, site: str | None, *, seed: int, val_fraction: float
-) -> tuple[list[str], list[str]]:
-    """(train, val) case ids: each site of the partition split like the federated clients split it."""
-    from fedbrats.shared.data.partition import check_on_disk, read_partition, site_cases, split_train_val
-
-    if partition is None:
-        if site is not None:
-            raise ValueError(f"--site {site!r} needs --partition, the CSV that says which cases belong to it")
-        return split_train_val(sorted(case_ids), seed=seed, val_fraction=val_fraction)
-    p = read_partition(Path(partition))
-    check_on_disk(p, case_ids)
-    sites = [str(site)] if site is not None else list(p.sites)
-    train: list[str] = []
-    val: list[str] = []
-    for s in sites:
-        t, v = split_train_val(site_cases(p, s), seed=seed, val_fraction=val_fraction, fixed=p.train_or_val)
-        train += t
-        val += v
-    return train, val
+from fedbrats.shared.data.partition import Partition, write_partition
+from fedbrats.shared.data.site_cases import Discovered, cases_of_sites
+from fedbrats.strategies.selection import round_lr
 
 
-def _cache_mode(cases: list[Any]) -> str:
-    import nibabel as nib
+def one_site_config(config: RunConfig, epochs: int | None = None) -> RunConfig:
+    """The run configuration of centralized training; `epochs` E = E rounds of one local epoch.
 
-    if not cases:
-        return "memory"
-    shape = nib.load(next(iter(cases[0].files.values()))).shape[:3]
-    nbytes = 4 * 4 * int(shape[0]) * int(shape[1]) * int(shape[2]) * len(cases)
-    return "memory" if nbytes <= MEMORY_CACHE_LIMIT else "disk"
+    Without `epochs` the one site trains as long as each site of the federation would
+    (`rounds` x `local_epochs`, or `rounds` x `local_steps`).
+    """
+    if config.dp:
+        raise ValueError("dp=true: `fedbrats train` is the non-private baseline; DP-SGD runs in `fedbrats simulate`")
+    if epochs is None:
+        return config
+    if epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {epochs}")
+    return config.replace(rounds=epochs, local_epochs=1, local_steps=0, epoch_decay=1.0)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+def training_cases(
+    config: RunConfig,
+    data: Path,
+    partition: Partition | Path | None,
+    site: str | None,
+    *,
+    discovered: Discovered | None = None,
+) -> tuple[list[Any], list[Any]]:
+    """(train, val) cases: one site of the partition, every site pooled, or all cases without a partition."""
+    sites = None if site is None else [str(site)]
+    if partition is None and site is not None:
+        raise ValueError(f"--site {site!r} needs --partition, the CSV that says which cases belong to it")
+    found = cases_of_sites(
+        data, partition, sites=sites, seed=config.seed, val_fraction=config.val_fraction, discovered=discovered
+    )
+    return [c for s in found.values() for c in s.train], [c for s in found.values() for c in s.val]
 
 
 def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str) -> Path:
@@ -76,6 +75,7 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str) -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
@@ -88,8 +88,6 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str) -
     ax_dice.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title="validation Dice (sliding window)")
     if validated:
         ax_dice.legend()
-    from matplotlib.ticker import MaxNLocator
-
     for ax in (ax_loss, ax_dice):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
@@ -100,108 +98,88 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str) -
 
 
 def run_train(
+    config: RunConfig,
     data: Path,
     *,
-    partition: Path | None,
-    site: str | None,
-    model: str,
-    model_config: dict[str, Any],
-    epochs: int,
-    patch_size: tuple[int, int, int],
-    batch_size: int,
-    lr: float,
+    partition: Partition | Path | None = None,
+    site: str | None = None,
     out: Path,
-    seed: int,
-    val_fraction: float = 0.2,
     device: str = "auto",
-    warmup_fraction: float = 0.05,
-    schedule: str = "cosine",
+    discovered: Discovered | None = None,
     console: Console | None = None,
-) -> int:
-    """Train epoch by epoch, validate after each, keep the best; exit status 0, or 2 on bad input (explained)."""
-    from fedbrats.shared.data.cases import discover_cases
-    from fedbrats.shared.data.partition import PartitionError
-    from fedbrats.shared.data.problems import CaseError
+) -> dict[str, Any]:
+    """Train period by period, validate after each, keep the best; return what metrics.json holds.
 
-    console = console or Console()
-    try:
-        return _run(data, partition, site, model, model_config, epochs, tuple(patch_size), batch_size, lr,
-                    Path(out), seed, val_fraction, device, warmup_fraction, schedule, console, discover_cases)
-    except (ValueError, PartitionError, CaseError, FileNotFoundError) as error:
-        console.print(f"[red]fedbrats train: {error}[/]")
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-
-def _run(data, partition, site, model_name, model_config, epochs, patch_size, batch_size, lr, out, seed,
-         val_fraction, device_name, warmup_fraction, schedule, console, discover_cases) -> int:
+    `config` is already the one-site configuration (`one_site_config`). Bad input raises ValueError
+    (or PartitionError / CaseError, both ValueErrors) naming what is wrong.
+    """
     from fedbrats.shared.checkpoint import save_checkpoint
     from fedbrats.shared.data.dataset import PatientDataset
-    from fedbrats.shared.models import create_model
 
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    device = get_device(device_name)
-    cases, problems = discover_cases(Path(data))
-    for problem in problems:
-        console.print(f"[yellow]{problem}[/]")
-    by_id = {c.case_id: c for c in cases}
-    train_ids, val_ids = select_cases(sorted(by_id), partition, site, seed=seed, val_fraction=val_fraction)
-    if not train_ids:
+    console = console or Console()
+    out = Path(out)
+    train_cases, val_cases = training_cases(config, Path(data), partition, site, discovered=discovered)
+    if not train_cases:
         raise ValueError(f"no training case under {data}" + (f" for site {site!r}" if site else ""))
+    device_ = get_device(device)
     out.mkdir(parents=True, exist_ok=True)
-    train_cases = [by_id[i] for i in train_ids]
-    val_cases = [by_id[i] for i in val_ids]
-    cache = _cache_mode(train_cases + val_cases)
-    opts = {"cache": cache, "cache_dir": out / "cache" if cache == "disk" else None, "seed": seed}
-    train_ds = PatientDataset(train_cases, patch_size, augment=True, **opts)
-    val_ds = PatientDataset(val_cases, patch_size, augment=False, **opts) if val_cases else None
+    cache = None if config.cache == "none" else config.cache
+    opts = {"cache": cache, "cache_dir": out / "cache", "seed": config.seed, "foreground_prob": config.foreground_prob}
+    train_ds = PatientDataset(train_cases, config.patch, augment=True, **opts)
+    val_ds = PatientDataset(val_cases, config.patch, augment=False, **opts) if val_cases else None
     if len(train_ds) == 0:
         raise ValueError("every training case was skipped: " + "; ".join(str(p) for p in train_ds.skipped))
+    validating = val_ds is not None and len(val_ds) > 0
+    if isinstance(partition, Partition):  # a partition narrowed to the cases on disk: keep what was used
+        partition = write_partition(partition, out / "partition.csv")
+    resolved = config.replace(data_dir=str(Path(data).resolve()), out_dir=str(out.resolve()),
+                              partition=str(Path(partition).resolve()) if partition is not None else "")
+    atomic_write_json(out / "run_config.json", resolved.to_flower())
 
-    net = create_model(model_name, **model_config)
-    steps_per_epoch = -(-len(train_ds) // batch_size)
-    total = steps_per_epoch * epochs
-    config = TrainConfig(epochs=1, lr=lr, batch_size=batch_size, seed=seed, schedule=schedule,
-                         warmup_steps=max(1, int(total * warmup_fraction)), total_steps=total)
+    net = model_for(config)
+    n_train = len(train_ds)
+    periods = config.rounds
+    total = schedule_steps(config, n_train)
     label_set = label_sets_for(train_cases[0].layout)[0].name
-    extra = {"patch_size": list(patch_size), "label_set": label_set, "seed": seed, "trained_on": site or "all",
-             "train_cases": len(train_ds), "val_cases": len(val_ds) if val_ds else 0}
-    console.print(f"training {model_name} {model_config} on {len(train_ds)} case(s), validating on "
-                  f"{len(val_ds) if val_ds else 0}, {epochs} epoch(s) x {steps_per_epoch} step(s), device {device}")
-
+    extra = {"patch_size": list(config.patch), "label_set": label_set, "seed": config.seed,
+             "trained_on": site or "all", "train_cases": len(train_ds), "val_cases": len(val_ds) if val_ds else 0}
+    console.print(f"training {config.model} {net.config} on {len(train_ds)} case(s), validating on "
+                  f"{extra['val_cases']}, {periods} epoch(s), {total} step(s), device {device_}")
+    summary: dict[str, Any] = {
+        "model": config.model, "model_config": net.config, "patch_size": list(config.patch),
+        "batch_size": config.batch_size, "lr": config.lr, "schedule": config.lr_schedule, "seed": config.seed,
+        "device": str(device_), "train_cases": train_ds.case_ids(), "val_cases": val_ds.case_ids() if val_ds else [],
+        "skipped": [str(p) for p in train_ds.skipped + (val_ds.skipped if val_ds else [])],
+        "run_config": "run_config.json",
+    }  # fmt: skip
     history: list[dict[str, Any]] = []
     best = (-1.0, 0)
-    summary: dict[str, Any] = {"model": model_name, "model_config": net.config, "patch_size": list(patch_size),
-                               "batch_size": batch_size, "lr": lr, "schedule": schedule, "seed": seed,
-                               "device": str(device), "train_cases": train_ds.case_ids(),
-                               "val_cases": val_ds.case_ids() if val_ds else [],
-                               "skipped": [str(p) for p in train_ds.skipped + (val_ds.skipped if val_ds else [])]}
+    step = 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    step = 0
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("epoch 1", total=total)
+        for epoch in range(1, periods + 1):
 
-        def on_step(done: int, planned: int, loss: float, step_lr: float) -> None:
-            progress.advance(task)
-            progress.update(task, description=f"epoch {epoch}/{epochs} loss {loss:.3f} lr {step_lr:.2e}")
+            def on_step(done: int, planned: int, loss: float, step_lr: float, epoch: int = epoch) -> None:
+                progress.advance(task)
+                progress.update(task, description=f"epoch {epoch}/{periods} loss {loss:.3f} lr {step_lr:.2e}")
 
-        for epoch in range(1, epochs + 1):
-            result = train_local(net, train_ds, config, start_step=step, device=device, progress=on_step)
+            # What the server's round loop would send this one site (lr and epochs per round).
+            sent = {"server-round": epoch, "lr": round_lr(epoch, config.lr, config.lr_round_schedule, rounds=periods)}
+            result = train_local(net, train_ds, train_config(config, n_train, sent),
+                                 start_step=start_step(config, n_train, epoch), device=device_, progress=on_step)
             step = result.end_step
             record: dict[str, Any] = {"epoch": epoch, "train_loss": result.mean_loss, "steps": result.steps,
                                       "examples": result.examples, "train_seconds": result.seconds,
                                       "lr": result.last_lr}
-            if val_ds is not None and len(val_ds):
-                evaluation = evaluate_local(net, val_ds, patch_size=patch_size, device=device)
+            if validating:
+                evaluation = evaluate_local(net, val_ds, patch_size=config.patch, device=device_)
                 record["val"] = flat_metrics(evaluation)
                 record["val_seconds"] = evaluation["seconds"]
                 score = evaluation["mean_dice"]
-                progress.console.print(
-                    f"epoch {epoch}: loss {result.mean_loss:.4f}, val Dice "
-                    + " ".join(f"{r} {record['val'][f'dice_{r}']:.3f}" for r in REGIONS)
-                )
+                progress.console.print(f"epoch {epoch}: loss {result.mean_loss:.4f}, val Dice "
+                                       + " ".join(f"{r} {record['val'][f'dice_{r}']:.3f}" for r in REGIONS))
             else:
                 score = float(epoch)  # no validation: the latest is the best we know
                 progress.console.print(f"epoch {epoch}: loss {result.mean_loss:.4f} (no validation case)")
@@ -210,12 +188,12 @@ def _run(data, partition, site, model_name, model_config, epochs, patch_size, ba
             save_checkpoint(out / "last.safetensors", net, extra={**meta, "selected": "last"})
             if score > best[0]:
                 best = (score, epoch)
-                selected = "best" if val_ds is not None and len(val_ds) else "last"
+                selected = "best" if validating else "last"
                 save_checkpoint(out / "checkpoint.safetensors", net, extra={**meta, "selected": selected})
             summary.update(epochs=history, best_epoch=best[1],
-                           checkpoint="best validation mean Dice" if val_ds else "last epoch (no validation case)")
-            _write_json(out / "metrics.json", summary)
-    plot_learning_curve(history, out / "learning_curve.png", f"{model_name} on {site or 'all sites'}")
+                           checkpoint="best validation mean Dice" if validating else "last epoch (no validation case)")
+            atomic_write_json(out / "metrics.json", summary)
+    plot_learning_curve(history, out / "learning_curve.png", f"{config.model} on {site or 'all sites'}")
     console.print(f"checkpoint.safetensors = epoch {best[1]} ({summary['checkpoint']}); "
-                  f"metrics.json, learning_curve.png and last.safetensors in {out}")
-    return 0
+                  f"metrics.json, run_config.json, learning_curve.png and last.safetensors in {out}")
+    return summary

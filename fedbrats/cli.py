@@ -1,7 +1,8 @@
 """The `fedbrats` command: one entry point, a subcommand per user job, each delegating to its owner.
 
-Imports happen inside the handlers so `fedbrats --help` stays instant and a broken optional
-part cannot stop the others from working.
+This module builds the parser; the handlers live in `fedbrats.commands`. Every option has help text
+(tests/test_cli.py walks the parser). An error is one line, `fedbrats <command>: error: ...` with
+exit status 2; `fedbrats --debug <command>` shows the whole traceback instead.
 """
 
 from __future__ import annotations
@@ -11,246 +12,110 @@ import os
 import sys
 from pathlib import Path
 
+from fedbrats import commands
+from fedbrats.run_options import add_partition_options, add_run_options
+
 # Hospitals must not phone home: Flower's telemetry and update checks are off in all we start.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
-
-def _patch(text: str) -> tuple[int, int, int]:
-    parts = [int(p) for p in text.replace("x", ",").split(",") if p]
-    if len(parts) == 1:
-        return (parts[0],) * 3
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"patch size must be N or X,Y,Z, got {text!r}")
-    return tuple(parts)  # type: ignore[return-value]
+SET_HELP = "any run configuration key (a RunConfig field, hyphenated), repeatable: --set local-epochs=2"
 
 
-def _data_check(args: argparse.Namespace) -> int:
-    from fedbrats.check_output import run_check
-
-    return run_check(args.root, workers=args.workers, progress=True)
-
-
-def _data_phantom(args: argparse.Namespace) -> int:
-    from fedbrats.shared.data.phantom import generate_phantom
-
-    out = generate_phantom(
-        args.out,
-        sites=args.sites,
-        cases_per_site=args.cases_per_site,
-        voxel_size=args.voxel_size,
-        seed=args.seed,
-        layout=args.layout,
-        progress=True,
-    )
-    print(f"phantom written to {out}")
-    if args.check:
-        from fedbrats.check_output import run_check
-
-        return run_check(Path(out))
-    return 0
-
-
-def _data_montage(args: argparse.Namespace) -> int:
-    from fedbrats.shared.data.phantom import save_montage
-
-    print(save_montage(args.root, args.cases, args.out))
-    return 0
-
-
-def _data_partition(args: argparse.Namespace) -> int:
-    from fedbrats.simulations.partitioning import run_partition
-
-    return run_partition(
-        args.root,
-        args.scheme,
-        args.sites,
-        args.alpha,
-        args.seed,
-        args.out,
-        institution_csv=args.institution_csv,
-    )
-
-
-def _train(args: argparse.Namespace) -> int:
-    from fedbrats.client.training_run import run_train
-
-    return run_train(
-        args.data,
-        partition=args.partition,
-        site=args.site,
-        model=args.model,
-        model_config={"width": args.width, "depth": args.depth, "deep_supervision": args.deep_supervision},
-        epochs=args.epochs,
-        patch_size=args.patch_size,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        out=args.out,
-        seed=args.seed,
-        device=args.device,
-        val_fraction=args.val_fraction,
-        schedule=args.schedule,
-    )
-
-
-def _predict(args: argparse.Namespace) -> int:
-    from fedbrats.shared.evaluation.inference import predict_case
-
-    written = predict_case(args.checkpoint, args.case, args.out, tta=not args.no_tta, device=args.device)
-    for name, path in written.items():
-        print(f"{name}: {path}")
-    return 0
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    from fedbrats.shared.evaluation.evaluate import evaluate_checkpoint
-
-    evaluate_checkpoint(
-        args.checkpoint, args.data, args.partition, out_csv=args.out, tta=args.tta, device=args.device,
-        split=args.split, seed=args.seed, val_fraction=args.val_fraction,
-    )  # fmt: skip
-    return 0
-
-
-def _simulate(args: argparse.Namespace) -> int:
-    from fedbrats.simulations.simulate import run_simulate
-
-    return run_simulate(args)
-
-
-def _compare(args: argparse.Namespace) -> int:
-    from fedbrats.simulations.compare import run_compare
-
-    return run_compare(args)
-
-
-def _deploy_app(args: argparse.Namespace) -> int:
-    from fedbrats.shared.config import RunConfig
-    from fedbrats.simulations.simulate import app_pyproject
-
-    config = RunConfig.from_toml(args.config) if args.config else RunConfig()
-    if args.out_dir:
-        config = config.replace(out_dir=str(Path(args.out_dir).resolve()))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pyproject.toml").write_text(app_pyproject(config))
-    print(f"Flower app written to {args.out / 'pyproject.toml'}; run it with: flwr run {args.out} <connection> --stream")
-    return 0
-
-
-def _privacy_audit(args: argparse.Namespace) -> int:
-    from fedbrats.client.audit import run_audit
-
-    return run_audit(args.path, budget=args.budget, out_png=args.png)
-
-
-def _privacy_plan(args: argparse.Namespace) -> int:
-    from fedbrats.client.audit import run_plan
-
-    return run_plan(
-        args.cases, args.batch_size, args.rounds, args.local_epochs, args.epsilon, args.delta,
-        local_steps=args.local_steps, accountant=args.accountant,
-    )  # fmt: skip
-
-
-def _add_federation_options(p: argparse.ArgumentParser, *, set_help: str) -> None:
-    """The options `simulate` and `compare` share: data, configuration layers, resources."""
-    p.add_argument("--data", type=Path, default=None, help="default: a phantom generated and cached by seed")
-    p.add_argument("--partition", type=Path, default=None)
-    p.add_argument("--config", type=Path, default=None, help="TOML run configuration")
-    p.add_argument("--preset", choices=["auto", "demo", "full"], default="auto",
-                   help="auto: full-size on a GPU, demo-size on a CPU")
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--sites", type=int, default=None, help="phantom sites when no data is given")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
-    p.add_argument("--gpus-per-site", type=float, default=0.0, help="GPU share of each simulated site")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fedbrats", description="Federated brain tumor segmentation on BraTS-style MRI."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="check, generate and partition datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
 
     p = data_sub.add_parser("check", help="check every case under ROOT; non-zero exit if any is unusable")
-    p.add_argument("root", type=Path)
+    p.add_argument("root", type=Path, help="data root: one folder per case (BraTS 2017-2021 or 2023+ layout)")
     p.add_argument("--workers", type=int, default=None, help="parallel readers (default: up to 8)")
-    p.set_defaults(func=_data_check)
+    p.add_argument("--json", action="store_true", help="print a machine-readable JSON report instead")
+    p.set_defaults(func=commands.data_check)
 
     p = data_sub.add_parser("phantom", help="generate the BraTS-like phantom dataset")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--sites", type=int, default=4)
+    p.add_argument("--out", type=Path, required=True, help="folder to write the cases and partitioning_1.csv to")
+    p.add_argument("--sites", type=int, default=4, help="institutions (each with its own scanner profile)")
     p.add_argument("--cases-per-site", type=int, default=None, help="default: heavy-tailed draw per site")
     p.add_argument("--voxel-size", type=float, default=3.0, help="mm; 1 = real BraTS size")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layout", choices=["brats2021", "brats2023"], default="brats2021")
+    p.add_argument("--seed", type=int, default=0, help="the dataset is a function of the seed")
+    p.add_argument("--layout", choices=["brats2021", "brats2023"], default="brats2021",
+                   help="file naming and label convention of the cases")
     p.add_argument("--check", action="store_true", help="run `data check` on the result")
-    p.set_defaults(func=_data_phantom)
+    p.set_defaults(func=commands.data_phantom)
 
     p = data_sub.add_parser("montage", help="PNG of the four modalities and labels of some cases")
-    p.add_argument("root", type=Path)
-    p.add_argument("--cases", nargs="+", required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.set_defaults(func=_data_montage)
+    p.add_argument("root", type=Path, help="data root holding the cases")
+    p.add_argument("--cases", nargs="+", required=True, help="case ids to show, one row each")
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.set_defaults(func=commands.data_montage)
 
     p = data_sub.add_parser("partition", help="split cases into sites (FeTS partition CSV)")
-    p.add_argument("root", type=Path)
-    p.add_argument("--scheme", choices=["institution", "iid", "dirichlet", "quantity"], required=True)
-    p.add_argument("--sites", type=int, default=None)
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--institution-csv", type=Path, default=None)
-    p.set_defaults(func=_data_partition)
+    p.add_argument("root", type=Path, help="data root: its case folders are partitioned")
+    p.add_argument("--scheme", choices=["institution", "iid", "dirichlet", "quantity"], required=True,
+                   help="institution: as a FeTS CSV says; iid; dirichlet: skewed tumour sizes; quantity: skewed sizes")
+    p.add_argument("--sites", type=int, default=None, help="number of sites (institution: must match the CSV)")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration: smaller is more skewed")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random split")
+    p.add_argument("--out", type=Path, required=True, help="partition CSV to write")
+    p.add_argument("--institution-csv", type=Path, default=None,
+                   help="institution scheme: the FeTS CSV to read (default: ROOT/partitioning_1.csv)")
+    p.set_defaults(func=commands.data_partition)
 
-    p = sub.add_parser("train", help="centralized (or single-site) training: the baseline")
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--partition", type=Path, default=None)
+
+def _add_model_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="centralized (or single-site) training: the baseline, a one-site federation")
+    p.add_argument("--data", type=Path, required=True, help="data root: one folder per case")
+    add_partition_options(p, partition_help="FeTS partition CSV; without it every case is one site")
     p.add_argument("--site", default=None, help="train on one site of the partition only")
-    p.add_argument("--model", default="resunet")
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--depth", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--patch-size", type=_patch, default=(128, 128, 128))
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--schedule", choices=["cosine", "poly"], default="cosine")
-    p.add_argument("--deep-supervision", action="store_true")
-    p.add_argument("--out", type=Path, required=True)
-    p.set_defaults(func=_train)
+    add_run_options(p, set_help=SET_HELP + " (model-width=8, patch-size=64, lr=0.0005, ...)")
+    p.add_argument("--model", default=None, help="registered model name (run configuration key model)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="train E epochs, validating after each (default: rounds x local-epochs of the configuration)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the split, the initial weights and the patches")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, metrics.json, learning curve")
+    p.set_defaults(func=commands.train)
 
     p = sub.add_parser("predict", help="segment one case with a checkpoint")
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--case", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--no-tta", action="store_true")
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=_predict)
+    p.add_argument("--checkpoint", type=Path, required=True, help="a .safetensors checkpoint of fedbrats")
+    p.add_argument("--case", type=Path, required=True, help="case folder (its four modalities)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the segmentation, uncertainty and overlay")
+    p.add_argument("--no-tta", action="store_true", help="no flip test-time augmentation (faster)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=commands.predict)
 
     p = sub.add_parser("evaluate", help="per-case and per-site metrics of a checkpoint")
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--partition", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=None, help="CSV of per-case metrics")
-    p.add_argument("--tta", action="store_true")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a .safetensors checkpoint of fedbrats")
+    p.add_argument("--data", type=Path, required=True, help="data root of labelled cases")
+    add_partition_options(p, partition_help="FeTS partition CSV: metrics per site; without it one site 'all'")
+    add_run_options(p, set_help=SET_HELP + "; seed and val-fraction decide --split as in training")
+    p.add_argument("--out", type=Path, default=None, help="CSV of per-case metrics (and <stem>_sites.csv)")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     p.add_argument("--split", choices=["all", "train", "val"], default="all",
                    help="val: only the held-out cases of each site (same split as training)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=_evaluate)
+    p.add_argument("--seed", type=int, default=None, help="seed of the train/val split (default: the configuration's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=commands.evaluate)
 
+
+def _add_federation_options(p: argparse.ArgumentParser, *, set_help: str) -> None:
+    """The options `simulate` and `compare` share: data, configuration layers, resources."""
+    p.add_argument("--data", type=Path, default=None, help="data root (default: a phantom generated and cached by seed)")
+    add_partition_options(p, partition_help="FeTS partition CSV, one site each (default: DATA/partitioning_1.csv)")
+    add_run_options(p, set_help=set_help)
+    p.add_argument("--rounds", type=int, default=None, help="federated rounds (run configuration key rounds)")
+    p.add_argument("--sites", type=int, default=None, help="phantom sites when no data is given")
+    p.add_argument("--seed", type=int, default=None, help="seed of the run (run configuration key seed)")
+    p.add_argument("--gpus-per-site", type=float, default=0.0, help="GPU share of each simulated site")
+
+
+def _add_federation_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="run a simulated federation on one machine")
-    _add_federation_options(p, set_help="any run configuration key, e.g. --set local-epochs=2")
-    p.add_argument("--strategy", default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--out", type=Path, default=None)
-    p.set_defaults(func=_simulate)
+    _add_federation_options(p, set_help=SET_HELP)
+    p.add_argument("--strategy", default=None, help="aggregation strategy by name, e.g. fedavg, fedprox, fedpidavg")
+    p.add_argument("--out", type=Path, default=None,
+                   help="run folder (default: runs/simulate-<time>); the same --out resumes")
+    p.set_defaults(func=commands.simulate)
 
     p = sub.add_parser("compare", help="compare strategies (and seeds) on the same partition; one report")
     p.add_argument("--strategies", required=True, metavar="LIST",
@@ -258,42 +123,77 @@ def build_parser() -> argparse.ArgumentParser:
                         "fedavg,fedprox:proximal_mu=0.01,fedadam:eta=0.01 (fedprox without proximal_mu gets 0.01)")
     p.add_argument("--seeds", default=None, metavar="LIST",
                    help="comma-separated seeds, e.g. 0,1,2 (default: the config's seed)")
-    _add_federation_options(
-        p, set_help="any run configuration key, for every run: --set local-steps=2, --set strategy-eta=0.01"
-    )
+    _add_federation_options(p, set_help=SET_HELP + ", for every run: --set local-steps=2, --set strategy-eta=0.01")
     p.add_argument("--target-dice", type=float, default=0.7, help="report rounds and simulated time to reach it")
     p.add_argument("--target-region", choices=["mean", "ET", "TC", "WT"], default="mean",
                    help="the Dice the target applies to: mean of ET/TC/WT (default) or one region")
     p.add_argument("--out", type=Path, default=None,
                    help="default: runs/compare-<time>; the same command with the same --out resumes")
-    p.set_defaults(func=_compare)
+    p.set_defaults(func=commands.compare)
 
+
+def _add_privacy_parsers(sub: argparse._SubParsersAction) -> None:
     privacy = sub.add_parser("privacy", help="privacy budgets: audit a run's ledgers, plan the noise")
     privacy_sub = privacy.add_subparsers(dest="privacy_command", required=True)
     p = privacy_sub.add_parser("audit", help="per-site, per-round epsilon; non-zero exit if a budget is exceeded")
     p.add_argument("path", type=Path, help="a run folder (sites/*/privacy_ledger.sqlite) or one ledger file")
     p.add_argument("--budget", type=float, default=None, help="override the budget recorded in the ledger")
     p.add_argument("--png", type=Path, default=None, help="epsilon over rounds per site")
-    p.set_defaults(func=_privacy_audit)
+    p.add_argument("--history", type=Path, default=None,
+                   help="the server's history.jsonl to check the ledgers against (default: found beside the run)")
+    p.set_defaults(func=commands.privacy_audit)
     p = privacy_sub.add_parser("plan", help="the noise multiplier a consortium needs for a budget")
     p.add_argument("--cases", type=int, required=True, help="cases at the (smallest) site")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--local-steps", type=int, default=0)
-    p.add_argument("--epsilon", type=float, default=8.0)
-    p.add_argument("--delta", type=float, default=None)
-    p.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
-    p.set_defaults(func=_privacy_plan)
+    p.add_argument("--batch-size", type=int, default=2, help="cases per DP-SGD step")
+    p.add_argument("--rounds", type=int, default=20, help="federated rounds the budget must last")
+    p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round")
+    p.add_argument("--local-steps", type=int, default=0, help="local steps per round (replaces epochs when > 0)")
+    p.add_argument("--epsilon", type=float, default=8.0, help="the site's budget over all rounds")
+    p.add_argument("--delta", type=float, default=None, help="default: min(1e-5, 0.1 / cases)")
+    p.add_argument("--accountant", choices=["rdp", "prv"], default="rdp", help="privacy accountant")
+    p.set_defaults(func=commands.privacy_plan)
 
+
+def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     deploy = sub.add_parser("deploy", help="coordinator tools for a real deployment (docs/deploy.md)")
     deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
     p = deploy_sub.add_parser("app", help="write a Flower app folder whose run config is your TOML file")
     p.add_argument("--config", type=Path, default=None, help="TOML run configuration")
     p.add_argument("--out-dir", type=Path, default=None, help="where the coordinator writes results (absolute)")
     p.add_argument("--out", type=Path, required=True, help="app folder to write")
-    p.set_defaults(func=_deploy_app)
+    p.set_defaults(func=commands.deploy_app)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedbrats", description="Federated brain tumor segmentation on BraTS-style MRI."
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_data_parsers(sub)
+    _add_model_parsers(sub)
+    _add_federation_parsers(sub)
+    _add_privacy_parsers(sub)
+    _add_deploy_parsers(sub)
+    for leaf in _leaves(parser):  # `fedbrats simulate --debug` works as well as `fedbrats --debug simulate`
+        leaf.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show the full traceback of an error")
     return parser
+
+
+def _leaves(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers that run a command (those without subcommands of their own)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [parser]
+    return [leaf for action in subs for child in action.choices.values() for leaf in _leaves(child)]
+
+
+def command_name(args: argparse.Namespace) -> str:
+    """'data check', 'privacy audit', 'train', ...: how the user called it, for error lines."""
+    nested = {"data": "data_command", "privacy": "privacy_command", "deploy": "deploy_command"}
+    sub = getattr(args, nested.get(args.command, ""), None)
+    return f"{args.command} {sub}" if sub else args.command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,7 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except BrokenPipeError:  # the reader went away (`fedbrats data check --json | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as err:
+        if args.debug:
+            raise
         # Our errors are written for users: name the file or value and what was expected.
-        print(f"fedbrats {args.command}: error: {err}", file=sys.stderr)
+        ours = isinstance(err, ValueError | OSError | RuntimeError)
+        text = " ".join(str(err).split()) or type(err).__name__
+        detail = text if ours else f"{type(err).__name__}: {text} (run with --debug for the traceback)"
+        print(f"fedbrats {command_name(args)}: error: {detail}", file=sys.stderr)
         return 2

@@ -5,7 +5,6 @@ The same app serves the simulation engine and a real deployment (`flwr run` agai
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -69,12 +68,12 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
     _setup_logging()
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.json").write_text(json.dumps(config.to_flower(), indent=2, sort_keys=True))
     model = initial_model(config)
     strategy = make_strategy(config)
     federation = Federation(
         grid, config, strategy, model_to_record(model), timings=load_timings(site_profiles_path(config)), out_dir=out
     )
+    # run_config.json is written (and checked against on resume) by Federation, before any round runs
     arrays = federation.run()
     record_to_model(arrays, model)
     path = save_checkpoint(

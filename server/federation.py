@@ -17,19 +17,33 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
 
-from fedbrats.server.history import RunHistory
-from fedbrats.server.state import ServerState, load_state, save_state
+from fedbrats.server.history import RunHistory, scan_history
+from fedbrats.server.replies import EVALUATE, TRAIN, ReplyValidator, clean_text, reply_arrays
+from fedbrats.server.screening import attack_marks, screen_replies
+from fedbrats.server.state import (
+    ResumeError,
+    ServerState,
+    check_resume_config,
+    checkpoint_rounds,
+    load_state,
+    save_state,
+    write_run_config,
+)
 from fedbrats.server.update_checks import conform_aggregate, update_problem
 from fedbrats.shared.config import RunConfig
 from fedbrats.shared.constants import REGIONS
 from fedbrats.shared.records import record_digest, record_nbytes
 from fedbrats.shared.wallclock import SiteTiming, timing_for
 from fedbrats.strategies.arithmetic import ordered
+from fedbrats.strategies.hooks import hooks_of
 from fedbrats.strategies.selection import (
     epochs_at,
+    parse_lr_round_schedule,
     predict_round_seconds,
+    round_lr,
     select_all,
     select_by_deadline,
     select_fastest,
@@ -72,18 +86,6 @@ def _reply_node(reply: Message, destinations: dict[str, int]) -> int:
     return destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
-def _site_name(reply: Message, node: int, node_names: dict[int, str]) -> str:
-    if not reply.has_error() and "site" in reply.content.config_records:
-        node_names[node] = str(reply.content.config_records["site"]["name"])
-    return node_names.get(node, f"node-{node}")
-
-
-def _metrics(reply: Message) -> dict[str, float]:
-    if reply.has_error() or "metrics" not in reply.content.metric_records:
-        return {}
-    return {k: float(v) for k, v in reply.content.metric_records["metrics"].items()}
-
-
 class Federation:
     """One federated run, resumable from its output folder."""
 
@@ -100,6 +102,8 @@ class Federation:
         self.grid = grid
         self.config = config
         self.strategy = strategy
+        self.hooks = hooks_of(strategy)  # what the loop asks beyond Flower's Strategy (strategies.hooks)
+        parse_lr_round_schedule(config.lr_round_schedule)  # a bad schedule fails here, not in round 1
         self.arrays = initial_arrays
         self.timings = timings or {}
         self.out_dir = Path(out_dir or config.out_dir)
@@ -109,25 +113,60 @@ class Federation:
         self.start_round = 0
         self.simulated_seconds = 0.0
         self._resume()
+        # Replies are validated as data before anything reads them (server.replies); the validator
+        # owns the node -> site-name map (sanitised, unique) and each site's first reported sizes.
+        self.replies = ReplyValidator.for_run(config, self.hooks.required_metrics)
+        self.replies.restore(self.history.records())
+        self.node_names = self.replies.names
 
     # --- resume -----------------------------------------------------------------------
     def _resume(self) -> None:
-        state = load_state(self.out_dir / "server")
-        if state is None:
+        """Continue after the newest intact checkpoint, or start a fresh run; never restart one silently.
+
+        A fresh run writes its configuration and a round-0 checkpoint at once, so a folder with history
+        but no checkpoint is always damage (ResumeError), never "start again". Resuming checks the
+        stored configuration (`check_resume_config`) and records an accepted override in the history.
+        """
+        server_dir = self.out_dir / "server"
+        state = load_state(server_dir)
+        if state is None or (state.round == 0 and not self.history.records()):
+            if state is None:
+                self._refuse_orphaned_history(server_dir)
             self.history.truncate_after(0)
+            write_run_config(self.out_dir, self.config)
+            self._checkpoint(0)
             return
+        changes = check_resume_config(self.out_dir, self.config, state.round)
         self.arrays = state.arrays
         self.start_round = state.round
         self.simulated_seconds = float(state.meta.get("simulated_seconds", 0.0))
         self.history.truncate_after(state.round)
-        if hasattr(self.strategy, "load_state_dict"):
-            self.strategy.load_state_dict(state.strategy_arrays, state.strategy_meta)
+        if state.skipped:
+            self.history.append_event("checkpoint-fallback", after_round=state.round, skipped=state.skipped)
+        if changes:
+            self.history.append_event("resume-override", after_round=state.round, changes=changes)
+        write_run_config(self.out_dir, self.config)
+        if state.round > 0:
+            self.hooks.load_state_dict(state.strategy_arrays, state.strategy_meta)
         log.info("resuming after round %d (weights %s)", state.round, record_digest(state.arrays)[:12])
+
+    def _refuse_orphaned_history(self, server_dir: Path) -> None:
+        """History or round files without server_state.json: resuming would restart at round 0 and lose them."""
+        lines = len(scan_history(self.history.path).lines)
+        rounds = checkpoint_rounds(server_dir)
+        if not lines and not rounds:
+            return
+        found = [f"{self.history.path} ({lines} lines)"] * bool(lines) + [f"checkpoints of rounds {rounds}"] * bool(rounds)
+        raise ResumeError(
+            f"{self.out_dir} holds {' and '.join(found)} but no {server_dir / 'server_state.json'}, which says "
+            f"which round the run completed; starting again would overwrite the run. To start over, remove "
+            f"{self.out_dir} or choose another --out"
+        )
 
     def _checkpoint(self, rnd: int) -> None:
         strategy_arrays, strategy_meta = ({}, {})
-        if hasattr(self.strategy, "state_dict"):
-            strategy_arrays, strategy_meta = self.strategy.state_dict()
+        if rnd > 0:
+            strategy_arrays, strategy_meta = self.hooks.state_dict()
         meta = {"simulated_seconds": self.simulated_seconds, "history_rounds": rnd, "digest": record_digest(self.arrays)}
         save_state(self.out_dir / "server", ServerState(rnd, self.arrays, meta, strategy_arrays, strategy_meta))
 
@@ -156,14 +195,17 @@ class Federation:
         return select_by_deadline(nodes, predicted, c.deadline_seconds, min_sites=c.min_sites)
 
     def _train_config(self, rnd: int) -> ConfigRecord:
-        return ConfigRecord(
+        """The FeTS per-round hooks (lr and epochs), then the strategy's own instructions."""
+        c = self.config
+        config = ConfigRecord(
             {
                 "server-round": rnd,
-                "lr": self.config.lr,
+                "lr": round_lr(rnd, c.lr, c.lr_round_schedule, rounds=c.rounds),
                 "local-epochs": self._epochs(rnd),
-                "local-steps": self.config.local_steps,
+                "local-steps": c.local_steps,
             }
         )
+        return self.hooks.train_config(rnd, config)
 
     def train_round(self, rnd: int, selected: list[int]) -> tuple[list[SiteResult], dict[str, Any]]:
         view = SelectedSites(self.grid, selected)
@@ -171,25 +213,26 @@ class Federation:
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.timeout))
         destinations = _destinations(messages)
         answered = {_reply_node(r, destinations) for r in replies}
-        results, good = [], []
-        for reply in replies:
-            node = _reply_node(reply, destinations)
-            result = SiteResult(node, _site_name(reply, node, self.node_names), _metrics(reply))
-            result.dropped = update_problem(reply, self.arrays) or self._strategy_problem(reply)
+        pairs = [(r, _reply_node(r, destinations)) for r in replies]
+        results, usable = [], []
+        for checked in self.replies.check_round(TRAIN, pairs, reply_arrays(messages)):
+            result = SiteResult(checked.node, checked.site, checked.metrics, checked.problem)
+            if result.dropped is None:
+                result.dropped = update_problem(checked.reply, self.arrays) or self._strategy_problem(checked.reply)
             if "num-examples" in result.metrics:
-                self.sizes[node] = (int(result.metrics["num-examples"]), int(result.metrics.get("num-val", 0)))
+                self.sizes[result.node_id] = (int(result.metrics["num-examples"]), int(result.metrics.get("num-val", 0)))
             if result.dropped:
                 log.warning("round %d: dropped update of %s: %s", rnd, result.site, result.dropped)
             else:
-                good.append(reply)
+                usable.append((checked.reply, result))
             results.append(result)
         for node in sorted(set(selected) - answered):
-            results.append(SiteResult(node, self.node_names.get(node, f"node-{node}"), dropped="no reply before timeout"))
-        info = {
-            "bytes_sent": sum(sum(record_nbytes(r) for r in m.content.array_records.values()) for m in messages),
-            "bytes_received": sum(record_nbytes(r.content.array_records["arrays"]) for r in good),
-        }
-        needed = max(self.config.min_sites, getattr(self.strategy, "min_replies", 0))  # Bulyan: 4f + 3
+            results.append(SiteResult(node, self.replies.site(node), dropped="no reply before timeout"))
+        info: dict[str, Any] = {"screening": self._screen(rnd, usable)}
+        good = [reply for reply, result in usable if not result.dropped]
+        info["bytes_sent"] = sum(sum(record_nbytes(r) for r in m.content.array_records.values()) for m in messages)
+        info["bytes_received"] = sum(record_nbytes(r.content.array_records["arrays"]) for r in good)
+        needed = max(self.config.min_sites, self.hooks.min_replies)  # Bulyan: 4f + 3
         if len(good) < needed:
             short = f"min_sites={needed}" if needed == self.config.min_sites else f"the {needed} {self.config.strategy} needs"
             info["status"] = f"failed: {len(good)} usable updates, fewer than {short}"
@@ -197,10 +240,15 @@ class Federation:
             return results, info
         # Replies in site order: aggregation (float sums) must not depend on arrival order,
         # or a resumed run would not reproduce the weights of an uninterrupted one.
-        arrays, aggregated = self.strategy.aggregate_train(rnd, ordered(good))
+        try:
+            arrays, aggregated = self.strategy.aggregate_train(rnd, ordered(good))
+            problem = "the strategy returned no aggregate" if arrays is None else None
+        except (ValueError, ArithmeticError, InconsistentMessageReplies) as err:  # a round fails, never the run
+            log.exception("round %d: %s could not aggregate", rnd, self.config.strategy)
+            arrays, aggregated = None, None
+            problem = f"the strategy could not aggregate: {type(err).__name__}: {clean_text(err)}"
         if aggregated and "client-epsilon" in aggregated:
             info["client_epsilon"] = float(aggregated["client-epsilon"])
-        problem = "the strategy returned no aggregate" if arrays is None else None
         if arrays is not None:
             arrays, problem = conform_aggregate(arrays, self.arrays)
         if problem:
@@ -211,28 +259,44 @@ class Federation:
         info["status"] = "ok"
         return results, info
 
+    def _screen(self, rnd: int, usable: list[tuple[Message, SiteResult]]) -> dict[str, Any]:
+        """Screen the round's updates (server.screening); a screened update is dropped with its reason."""
+        c = self.config
+        if not c.screen_updates:
+            return {"note": "off (screen-updates = false)"}
+        if c.client_dp_noise_multiplier > 0:
+            return {"note": "skipped: client-level DP clips every update; dropping by the round's median "
+                            "would let one site change which others count"}  # fmt: skip
+        verdict = screen_replies([reply for reply, _ in usable], self.arrays, norm_factor=c.screen_norm_factor,
+                                 min_cosine=c.screen_min_cosine)  # fmt: skip
+        for index, reason in verdict.dropped.items():
+            usable[index][1].dropped = reason
+            log.warning("round %d: dropped update of %s: %s", rnd, usable[index][1].site, reason)
+        return verdict.record([result.site for _, result in usable])
+
     def _strategy_problem(self, reply: Message) -> str | None:
         """A strategy's own needs (e.g. FedPIDAvg's loss metrics) drop one site, not the round."""
-        check = getattr(self.strategy, "reply_problem", None)
-        return check(reply) if check and not reply.has_error() else None
+        return None if reply.has_error() else self.hooks.reply_problem(reply)
 
     def evaluate_round(self, rnd: int, nodes: list[int]) -> list[SiteResult]:
-        messages = list(
-            self.strategy.configure_evaluate(rnd, self.arrays, ConfigRecord({"server-round": rnd}), SelectedSites(self.grid, nodes))
-        )
+        config = self.hooks.evaluate_config(rnd, ConfigRecord({"server-round": rnd}))
+        messages = list(self.strategy.configure_evaluate(rnd, self.arrays, config, SelectedSites(self.grid, nodes)))
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.timeout))
         destinations = _destinations(messages)
-        results = []
-        for reply in replies:
-            node = _reply_node(reply, destinations)
-            result = SiteResult(node, _site_name(reply, node, self.node_names), _metrics(reply))
-            if reply.has_error():
-                result.dropped = f"site error: {reply.error.reason}"
-            results.append(result)
+        pairs = [(r, _reply_node(r, destinations)) for r in replies]
+        results = [SiteResult(c.node, c.site, c.metrics, c.problem) for c in self.replies.check_round(EVALUATE, pairs)]
+        for result in results:
+            if result.dropped:
+                log.warning("round %d: dropped evaluation of %s: %s", rnd, result.site, result.dropped)
         answered = {r.node_id for r in results}
         for node in sorted({m.metadata.dst_node_id for m in messages} - answered):
-            results.append(SiteResult(node, self.node_names.get(node, f"node-{node}"), dropped="no reply before timeout"))
+            results.append(SiteResult(node, self.replies.site(node), dropped="no reply before timeout"))
         return results
+
+    def _attack_mark(self, site: str) -> dict[str, str]:
+        """A simulated attacker's train entry says so (the configuration names the attacking sites)."""
+        attack = attack_marks(self.config).get(site)
+        return {"attack": attack} if attack else {}
 
     def _round_seconds(self, rnd: int, results: list[SiteResult]) -> float:
         times = []
@@ -264,7 +328,7 @@ class Federation:
                 "wall_seconds": time.monotonic() - started,
                 "simulated_round_seconds": round_seconds,
                 "simulated_seconds": self.simulated_seconds,
-                "train": [{"site": r.site, "dropped": r.dropped, **r.metrics} for r in train_results],
+                "train": [{"site": r.site, "dropped": r.dropped, **r.metrics} | self._attack_mark(r.site) for r in train_results],
                 "evaluate": [{"site": r.site, "dropped": r.dropped, **r.metrics} for r in evaluated],
                 "mean_dice": mean_dice(evaluated),
             }

@@ -1,43 +1,36 @@
-"""Never trust an update: names, shapes, dtypes and finiteness are checked before aggregation,
-and the aggregate is checked again before it becomes the global model."""
+"""Never trust an update: its arrays are checked against the global model before aggregation,
+and the aggregate is checked again before it becomes the global model.
+
+`server.replies` has already checked the reply as data (records, metrics, that every Array's bytes
+match its declared shape and dtype); here the arrays are compared with the model they update.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from fedbrats.strategies.arithmetic import cast_like, record_views, to_record
-
-REQUIRED_METRICS = ("num-examples",)
+from fedbrats.strategies.arithmetic import array_view, cast_like, record_views, to_record
 
 
 def update_problem(reply: Message, reference: ArrayRecord) -> str | None:
-    """Why a training reply cannot be aggregated, or None when it can."""
+    """Why a validated training reply's arrays cannot update `reference`, or None when they can."""
     if reply.has_error():
         return f"site error: {reply.error.reason}"
-    content = reply.content
-    if "arrays" not in content.array_records:
+    if "arrays" not in reply.content.array_records:
         return "reply carries no 'arrays' record"
-    if "metrics" not in content.metric_records:
-        return "reply carries no 'metrics' record"
-    metrics = content.metric_records["metrics"]
-    for key in REQUIRED_METRICS:
-        if key not in metrics:
-            return f"metric {key!r} missing"
-    if not metrics["num-examples"] or metrics["num-examples"] <= 0:
-        return f"num-examples must be > 0, got {metrics['num-examples']}"
-    arrays = content.array_records["arrays"]
+    arrays = reply.content.array_records["arrays"]
     missing = sorted(set(reference.keys()) - set(arrays.keys()))
     extra = sorted(set(arrays.keys()) - set(reference.keys()))
     if missing or extra:
-        return f"array names differ from the global model: missing {missing[:5]}, unexpected {extra[:5]}"
+        return f"array names differ from the global model: missing {missing[:5]}, unexpected {[ascii(e)[:40] for e in extra[:5]]}"
     for name, ref in reference.items():
         got = arrays[name]
         if tuple(got.shape) != tuple(ref.shape):
             return f"array {name!r} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
         if got.dtype != ref.dtype:
             return f"array {name!r} has dtype {got.dtype}, expected {ref.dtype}"
-        values = got.numpy()
+        values = array_view(got)
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             return f"array {name!r} has non-finite values"
     return None

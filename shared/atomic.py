@@ -27,12 +27,23 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
-    """Replace `path` by `data` atomically and durably; the folder is created if missing."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, *, mode: int | None = None) -> Path:
+    """Replace `path` by `data` atomically and durably; the folder is created if missing.
+
+    The file gets `mode` (e.g. 0o600 for keys) or, by default, what a plain `open` would give
+    under the process umask (a temporary file alone would be private to its owner).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode if mode is not None else 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -45,9 +56,9 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, text.encode("utf-8"))
+def atomic_write_text(path: str | os.PathLike, text: str, *, mode: int | None = None) -> Path:
+    return atomic_write(path, text.encode("utf-8"), mode=mode)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, mode: int | None = None) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n", mode=mode)

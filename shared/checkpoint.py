@@ -9,15 +9,15 @@ loading a checkpoint can never execute code (safetensors holds tensors and strin
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
+
+from fedbrats.shared.atomic import atomic_write
 
 #: Written into every checkpoint; bump when the metadata layout changes.
 FORMAT = "fedbrats-checkpoint-v1"
@@ -60,7 +60,7 @@ def save_checkpoint(
     model_config: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `model` to `path` atomically (temp file + os.replace), so a crash never leaves half a checkpoint.
+    """Write `model` to `path` through the atomic write, so a crash never leaves half a checkpoint.
 
     `model_name`/`model_config` default to the `model_name`/`config` attributes that
     `shared.models.create_model` sets. `extra` (patch_size, label_set, round, metrics, ...) must be
@@ -84,16 +84,7 @@ def save_checkpoint(
         metadata.update({str(k): json.dumps(_jsonable(v)) for k, v in extra.items()})
     except TypeError as err:
         raise CheckpointError(f"extra metadata for {path} is not JSON-serialisable: {err}") from err
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state_dict_fp32(model), tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, save(state_dict_fp32(model), metadata=metadata))
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -132,8 +123,28 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_digest(path: str | Path, state: dict[str, torch.Tensor], stored: str | None) -> None:
+    """Raise CheckpointError when `stored` (a `records.record_digest`) is given and the weights differ from it."""
+    if not stored:
+        return
+    from flwr.app import ArrayRecord
+
+    from fedbrats.shared.records import record_digest
+
+    actual = record_digest(ArrayRecord(state))
+    if actual != stored:
+        raise CheckpointError(
+            f"{path}: the weights do not match the digest stored with them ({actual[:12]} != {str(stored)[:12]}); "
+            "the file is damaged: use another copy or the run's server checkpoint"
+        )
+
+
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model named in the checkpoint, load its weights strictly, return (model in eval mode, metadata)."""
+    """Rebuild the model named in the checkpoint, load its weights strictly, return (model in eval mode, metadata).
+
+    When the metadata carries a `digest` (the server's final model does), the weights must match it:
+    a damaged file is an error, not a silently different model.
+    """
     from fedbrats.shared.models import create_model
 
     meta = read_metadata(path)
@@ -142,6 +153,7 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot build model {meta['model_name']!r}: {err}") from err
     state = load_state(path)
+    check_digest(path, state, meta.get("digest"))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -9,7 +9,6 @@ The report (`simulations.compare_report`) reads only the run folders.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
@@ -17,23 +16,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.table import Table
-
+from fedbrats.server.state import config_changes, read_run_config
+from fedbrats.shared.atomic import atomic_write_json
 from fedbrats.shared.config import RunConfig
-from fedbrats.simulations.compare_report import (
-    TARGET_REGIONS,
-    summarise_runs,
-    table_columns,
-    write_comparison,
-)
-from fedbrats.simulations.simulate import console, package_versions, prepare_data, resolve_config, simulate
+from fedbrats.simulations.compare_report import TARGET_REGIONS, write_comparison
+from fedbrats.simulations.simulate import console, package_versions, simulate
 
 #: FedProx with mu = 0 is FedAvg; this is the value compared when none is given (Li et al. try 0.001 to 1).
 FEDPROX_DEFAULT_MU = 0.01
 #: Keys that may differ between a run folder and a resumed comparison (paths are resolved per machine).
-RESUMABLE_CHANGES = {"rounds", "data-dir", "partition", "out-dir", "min-sites", "timeout"}
-
-
 @dataclass(frozen=True)
 class StrategySpec:
     label: str  # the run folder's name and the report's row: name, plus the parameters given
@@ -148,19 +139,14 @@ def rounds_done(run_dir: Path) -> int:
 
 
 def check_resumable(run_dir: Path, config: RunConfig) -> None:
-    """A run folder may only be continued with the configuration it was started with."""
-    path = Path(run_dir) / "run_config.json"
-    if not path.is_file():
-        return
-    before = json.loads(path.read_text())
-    now = config.to_flower()
-    changed = sorted(
-        k for k in set(before) | set(now) if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k)
-    )
-    if changed:
-        detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+    """A run folder may only be continued with the configuration it was started with (the server's rule)."""
+    stored = read_run_config(run_dir)
+    changes = config_changes(stored, config) if stored is not None else {}
+    if changes and not config.resume_override:
+        detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
         raise ValueError(
-            f"{run_dir} was run with another configuration ({detail}); use a new --out or remove it"
+            f"{run_dir} was run with another configuration ({detail}); use a new --out, remove it, "
+            "or --set resume-override=true"
         )
 
 
@@ -185,7 +171,10 @@ def compare(
     gpus_per_site: float = 0.0,
     command: str = "",
 ) -> bool:
-    """Run (or resume) every (strategy, seed) in turn, then write the report; True when all runs completed."""
+    """Run (or resume) every (strategy, seed) in turn, then write the report; True when all runs completed.
+
+    The tables of the comparison are the command line's to print (`simulations.compare_report.summarise_runs`).
+    """
     if not 0.0 < target_dice <= 1.0:
         raise ValueError(f"--target-dice must be in (0, 1], got {target_dice}")
     if target_region not in TARGET_REGIONS:
@@ -215,7 +204,7 @@ def compare(
         "versions": package_versions(),
         "runs": {r.folder: r.config.replace(out_dir=str(out / "runs" / r.folder)).to_flower() for r in runs},
     }  # fmt: skip
-    (out / "comparison_config.json").write_text(json.dumps(settings, indent=2))
+    atomic_write_json(out / "comparison_config.json", settings)
     pending = [r for r in runs if rounds_done(out / "runs" / r.folder) < config.rounds]
     console.print(
         f"comparing {len(specs)} strategies x {len(seeds)} seed(s) = {len(runs)} runs of {config.rounds} rounds "
@@ -256,7 +245,6 @@ def compare(
             + (f", {time_left(0)}" if to_run else "")
         )
     report = write_comparison(out)
-    print_tables(summarise_runs(out), target_dice, target_region)
     console.print(
         f"report: {report}\ntable: {out / 'comparison.csv'}\nsettings: {out / 'comparison_config.json'}"
     )
@@ -265,33 +253,3 @@ def compare(
             f"[red]{len(failed)} run(s) did not complete: {', '.join(failed)}; run the same command to resume them."
         )
     return not failed
-
-
-def print_tables(rows: list[dict], target_dice: float, target_region: str) -> None:
-    accuracy, cost = table_columns(rows)
-    what = "the mean of ET, TC and WT" if target_region == "mean" else target_region
-    titles = (
-        "Dice (mean ± std over seeds)",
-        f"Convergence (target: mean Dice over sites >= {target_dice:g} on {what}) and cost",
-    )
-    for title, columns in zip(titles, (accuracy, cost), strict=True):
-        table = Table(title=title, header_style="bold")
-        for header, _ in columns:
-            table.add_column(header, overflow="fold")
-        for row in rows:
-            table.add_row(*(cell(row) for _, cell in columns))
-        console.print(table)
-
-
-def run_compare(args: argparse.Namespace) -> int:
-    """The `fedbrats compare` command."""
-    config = resolve_config(args)
-    specs = parse_strategies(args.strategies)
-    seeds = parse_seeds(args.seeds) if args.seeds else [config.seed]
-    data, partition = prepare_data(config, args.data, args.partition, args.sites)
-    out = args.out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")
-    ok = compare(
-        config, specs, seeds, data, partition, out, target_dice=args.target_dice, target_region=args.target_region,
-        gpus_per_site=args.gpus_per_site, command=shlex.join(["fedbrats", *sys.argv[1:]]),
-    )  # fmt: skip
-    return 0 if ok else 1

@@ -8,24 +8,20 @@ after the fact, or tested, without Flower. Spread over seeds is the sample stand
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
-import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from fedbrats.server.history import read_history  # noqa: E402
-from fedbrats.shared.constants import REGIONS  # noqa: E402
-from fedbrats.simulations.report import save_figure, site_order, site_region_dice  # noqa: E402
+from fedbrats.server.history import read_history
+from fedbrats.shared.atomic import atomic_write_text
+from fedbrats.shared.constants import REGIONS
+from fedbrats.simulations.compare_figures import mean_std, plot_curves, plot_fairness, plot_site_bars
+from fedbrats.simulations.report import site_region_dice
 
 #: FeTS scores convergence over one simulated week (DESIGN section 8).
 ONE_WEEK = 604_800.0
@@ -182,14 +178,6 @@ def collect_runs(
     return sorted(runs, key=lambda r: (order.get(r.label, len(order)), r.label, r.seed))
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation of the defined values (std NaN below two values)."""
-    kept = [float(v) for v in values if v is not None and not math.isnan(v)]
-    if not kept:
-        return math.nan, math.nan
-    return statistics.fmean(kept), statistics.stdev(kept) if len(kept) > 1 else math.nan
-
-
 def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
     """One row per strategy: every metric as mean and std over its seeds."""
     rows = []
@@ -223,89 +211,6 @@ def summarise_runs(
 
 
 # --- plots ------------------------------------------------------------------------------------
-def _by_label(runs: list[Run]) -> dict[str, list[Run]]:
-    grouped: dict[str, list[Run]] = {}
-    for r in runs:
-        grouped.setdefault(r.label, []).append(r)
-    return grouped
-
-
-def plot_curves(runs: list[Run], path: Path, target: float | None = None) -> Path:
-    """Mean Dice against rounds and against simulated time: mean over seeds, min-max band, target dashed."""
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for i, (label, mine) in enumerate(_by_label(runs).items()):
-        points: dict[int, list[tuple[float, float]]] = {}
-        for r in mine:
-            for rnd, hours, dice in r.summary["curve"]:
-                points.setdefault(rnd, []).append((hours, dice))
-        rounds = sorted(points)
-        if not rounds:
-            continue
-        hours = [statistics.fmean(h for h, _ in points[k]) for k in rounds]
-        mean = [statistics.fmean(d for _, d in points[k]) for k in rounds]
-        low = [min(d for _, d in points[k]) for k in rounds]
-        high = [max(d for _, d in points[k]) for k in rounds]
-        color = f"C{i % 10}"
-        for ax, xs in ((axes[0], rounds), (axes[1], hours)):
-            ax.plot(
-                xs, mean, marker="o", color=color, label=f"{label} ({len(mine)} seed{'s' * (len(mine) > 1)})"
-            )
-            ax.fill_between(xs, low, high, color=color, alpha=0.2, linewidth=0)
-    top = min(
-        1.0,
-        1.2 * max((d for r in runs for *_, d in r.summary["curve"] if not math.isnan(d)), default=1) + 0.05,
-    )
-    axes[0].set(title="Mean Dice (ET, TC, WT; mean over sites)", xlabel="round", ylabel="Dice", ylim=(0, top))
-    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[1].set(
-        title="Mean Dice against simulated time", xlabel="simulated hours (FeTS timing model)", ylim=(0, top)
-    )
-    for ax in axes:
-        if target is not None and target <= top:
-            ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return save_figure(fig, path)
-
-
-def plot_site_bars(runs: list[Run], path: Path) -> Path:
-    """Final Dice per site (mean over regions), one bar per strategy, error bar = std over seeds."""
-    grouped = _by_label(runs)
-    sites = sorted({s for r in runs for s in r.summary["site_dice"]}, key=site_order)
-    fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(sites) * len(grouped) + 3), 4.5))
-    width = 0.8 / max(1, len(grouped))
-    for i, (label, mine) in enumerate(grouped.items()):
-        stats = [mean_std([r.summary["site_dice"].get(s, math.nan) for r in mine]) for s in sites]
-        xs = [j + (i - (len(grouped) - 1) / 2) * width for j in range(len(sites))]
-        errors = None if len(mine) < 2 else [0.0 if math.isnan(sd) else sd for _, sd in stats]
-        ax.bar(xs, [m for m, _ in stats], width, yerr=errors, capsize=3, color=f"C{i % 10}", label=label)
-    ax.set_xticks(range(len(sites)), [f"site {s}" for s in sites])
-    ax.set(title="Final Dice per site (mean of ET, TC, WT; mean over seeds)", ylabel="Dice", ylim=(0, 1))
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
-    return save_figure(fig, path)
-
-
-def plot_fairness(runs: list[Run], path: Path) -> Path:
-    """Spread of the sites' final Dice per strategy: a box per strategy, one dot per site and seed."""
-    grouped = _by_label(runs)
-    values = [
-        [d for r in mine for d in r.summary["site_dice"].values() if not math.isnan(d)]
-        for mine in grouped.values()
-    ]
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(grouped) + 2), 4.5))
-    ax.boxplot([v or [math.nan] for v in values], tick_labels=list(grouped), showfliers=False)
-    for i, v in enumerate(values):
-        jitter = [(j % 7 - 3) * 0.03 for j in range(len(v))]
-        ax.scatter([i + 1 + x for x in jitter], v, s=18, color=f"C{i % 10}", alpha=0.8, zorder=3)
-    ax.set(
-        title="Fairness: final Dice of every site (and seed)", ylabel="Dice (mean of ET, TC, WT)", ylim=(0, 1)
-    )
-    ax.grid(axis="y", alpha=0.3)
-    return save_figure(fig, path)
-
-
-# --- tables -----------------------------------------------------------------------------------
 def fmt(row: dict[str, Any], metric: str, digits: int = 3, scale: float = 1.0) -> str:
     """'mean ± std' over seeds ('mean' alone for one seed, '-' when undefined)."""
     mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
@@ -360,13 +265,11 @@ def target_text(target_dice: float, target_region: str) -> str:
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(
-            {k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows
-        )
-    return path
+    handle = io.StringIO(newline="")
+    writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows)
+    return atomic_write_text(path, handle.getvalue())
 
 
 def _local_work(config: dict[str, Any]) -> str:
@@ -448,6 +351,4 @@ def write_comparison(
             f"{s['worst_site']} ({s['worst_site_dice']:.3f}) | {s['convergence_score']:.3f} | {s['wall_seconds']:.0f} | "
             f"{' -> '.join(dict.fromkeys(r.commits)) or '-'} | `runs/{r.path.name}` |"
         )
-    report = out / "comparison.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    return atomic_write_text(out / "comparison.md", "\n".join(lines) + "\n")

@@ -1,6 +1,6 @@
 """Making partitions for simulated federations: by institution, IID, non-IID over tumour size, quantity skew.
 
-Every scheme writes the FeTS CSV format (`shared.partition`), so a simulated split and a real FeTS split
+Every scheme writes the FeTS CSV format (`fedbrats.shared.data.partition`), so a simulated split and a real FeTS split
 are read by the same code. Site ids are "1".."N" like FeTS. Results depend on the set of case ids and the
 seed only, not on the order the folders were listed in.
 """
@@ -11,13 +11,11 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-from rich.console import Console
 from rich.progress import track
-from rich.table import Table
 
 from fedbrats.shared.constants import LABELS_2021, LABELS_2023
+from fedbrats.shared.data.nifti import open_nifti
 from fedbrats.shared.data.partition import (
     Partition,
     check_on_disk,
@@ -167,7 +165,8 @@ def tumor_sizes_from_disk(root: Path, case_ids: Sequence[str], *, progress: bool
     for case in track(list(case_ids), description="Measuring tumours", disable=not progress):
         path, labels = found[case]
         try:
-            seg = np.rint(np.asanyarray(nib.load(path).dataobj)).astype(np.int64)
+            with open_nifti(path) as nifti:  # bounded: a lying header cannot exhaust memory
+                seg = np.rint(nifti.read_labels()).astype(np.int64)
         except Exception as err:  # nibabel raises several types for a broken file
             raise ValueError(f"{path}: cannot read segmentation ({err}); expected a NIfTI label map") from err
         sizes[case] = float(np.isin(seg, list(labels)).sum())
@@ -190,8 +189,11 @@ def run_partition(
     seed: int,
     out: Path,
     institution_csv: Path | None = None,
-) -> int:
-    """`fedbrats data partition`: partition the case folders under `root`, write the CSV to `out`, show it.
+) -> tuple[Partition, dict[str, float] | None]:
+    """`fedbrats data partition`: partition the case folders under `root`, write the CSV to `out`.
+
+    Returns the partition and, for the dirichlet scheme, the tumour size of each case (for the table
+    the command prints).
 
     Institution scheme without a CSV: ROOT/partitioning_1.csv. Every subject of the result is a case folder
     (make_partition checks the institution CSV against the folders; the other schemes start from them).
@@ -217,25 +219,4 @@ def run_partition(
         tumor_sizes=sizes,
     )
     write_partition(partition, out)
-    Console().print(partition_table(partition, sizes, title=f"{scheme} partition of {root} -> {out}"))
-    return 0
-
-
-def partition_table(
-    partition: Partition, tumor_sizes: dict[str, float] | None = None, *, title: str = ""
-) -> Table:
-    """Rich table: one row per site with its case count (and mean tumour size when known)."""
-    table = Table(title=title or None)
-    table.add_column("site")
-    table.add_column("cases", justify="right")
-    if tumor_sizes is not None:
-        table.add_column("mean tumour (voxels)", justify="right")
-    for site, subjects in partition.sites.items():
-        row = [site, str(len(subjects))]
-        if tumor_sizes is not None:
-            row.append(f"{np.mean([tumor_sizes[s] for s in subjects]):.0f}")
-        table.add_row(*row)
-    table.add_row(
-        "total", str(len(partition.subjects)), *([""] if tumor_sizes is not None else []), style="bold"
-    )
-    return table
+    return partition, sizes

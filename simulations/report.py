@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -13,15 +14,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fedbrats.server.history import read_history  # noqa: E402
+from fedbrats.shared.atomic import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 from fedbrats.shared.constants import REGIONS  # noqa: E402
 
 
 def save_figure(fig, path: Path) -> Path:
     """Write a report figure as PNG and free it (reports draw many figures in one process)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
-    return path
+    return atomic_write(path, buffer.getvalue())
 
 
 COLORS = {"ET": "#d62728", "TC": "#ff7f0e", "WT": "#2ca02c"}
@@ -99,7 +102,7 @@ def write_report(out_dir: Path) -> Path:
         "bytes_received": sum(h["bytes_received"] for h in history),
         "dropped": [(h["round"], t["site"], t["dropped"]) for h in history for t in h["train"] if t.get("dropped")],
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out_dir / "summary.json", summary)
     lines = [
         f"# FedBraTS run report: {config.get('strategy', '?')}, {summary['rounds']} rounds",
         "",
@@ -145,6 +148,4 @@ def write_report(out_dir: Path) -> Path:
             + " | ".join(f"{d[r]:.3f}" if r in d else "-" for r in REGIONS)
             + f" | {h['wall_seconds']:.1f} | {h['simulated_seconds'] / 3600:.2f} |"
         )
-    report = out_dir / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    return atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")

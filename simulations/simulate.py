@@ -10,7 +10,6 @@ stopped when the run ends.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -28,7 +27,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from fedbrats.shared.config import DEMO, RunConfig
+from fedbrats.server.history import read_history
+from fedbrats.shared.atomic import atomic_write_text
+from fedbrats.shared.config import RunConfig
 from fedbrats.shared.data.partition import read_partition
 
 console = Console()
@@ -79,32 +80,6 @@ def app_pyproject(config: RunConfig) -> str:
     ]
     lines += [f"{key} = {_toml_value(value)}" for key, value in config.to_flower().items()]
     return "\n".join(lines) + "\n"
-
-
-def resolve_config(args: argparse.Namespace) -> RunConfig:
-    """Defaults < preset < TOML file < command-line flags."""
-    preset = args.preset
-    if preset == "auto":
-        import torch
-
-        preset = "full" if torch.cuda.is_available() else "demo"
-    config = RunConfig()
-    if preset == "demo":
-        config = config.replace(**{k: v for k, v in DEMO.items()})
-    if args.config:
-        config = RunConfig.from_toml(args.config, base=config)
-    changes: dict = {}
-    for item in args.set:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        changes[key.strip()] = value.strip()
-    if changes:
-        config = RunConfig.from_flower({**config.to_flower(), **changes})
-    for name in ("rounds", "strategy", "seed"):
-        if getattr(args, name, None) is not None:
-            config = config.replace(**{name: getattr(args, name)})
-    return config
 
 
 def phantom_for(config: RunConfig, sites: int) -> Path:
@@ -275,7 +250,7 @@ def simulate(
     start = {"started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "from_round": before.round if before else 0}
     with open(out / "sources.jsonl", "a") as sources:
         sources.write(json.dumps({**start, "versions": package_versions()}) + "\n")
-    (app_dir / "pyproject.toml").write_text(app_pyproject(config))
+    atomic_write_text(app_dir / "pyproject.toml", app_pyproject(config))
     console.print(
         f"simulating {sites} sites, {config.rounds} rounds of {config.strategy} "
         f"(model {config.model} width {config.model_width}, patch {config.patch_size}) -> {out}"
@@ -297,14 +272,34 @@ def simulate(
             f"and {out / '.flwr' / 'local-superlink' / 'superlink.log'}. Run the same command with --out {out} to resume."
         )
         return False
+    failure = untrained(read_history(out / "history.jsonl"))
+    if failure:
+        console.print(f"[red]the federation did not train: {escape(failure)}. See {out / 'flower.log'}.")
+        return False
     return True
 
 
-def run_simulate(args: argparse.Namespace) -> int:
-    config = resolve_config(args)
-    data, partition = prepare_data(config, args.data, args.partition, args.sites)
-    out = (args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")).resolve()
-    if not simulate(config, data, partition, out, gpus_per_site=args.gpus_per_site):
+def untrained(history: list[dict]) -> str | None:
+    """Why a finished federation never changed the global model (no round aggregated), else None.
+
+    Every round "failing" still completes and checkpoints, so a run over sites without usable cases
+    would otherwise look finished. The reason names the first failed round and its sites' replies.
+    """
+    if any(record.get("status") == "ok" for record in history):
+        return None
+    if not history:
+        return "no round was recorded"
+    first = history[0]
+    replies = "; ".join(f"{t.get('site')}: {t['dropped']}" for t in first.get("train", []) if t.get("dropped"))
+    return (
+        f"all {len(history)} round(s) failed, round {first.get('round')}: {first.get('status', 'no status')}"
+        + (f" ({replies})" if replies else "")
+    )
+
+
+def run_simulate(config: RunConfig, data: Path, partition: Path, out: Path, *, gpus_per_site: float = 0.0) -> int:
+    """Run (or resume) the federation, then its report; exit status 0, or 1 when it did not run or train."""
+    if not simulate(config, data, partition, out, gpus_per_site=gpus_per_site):
         return 1
     from fedbrats.simulations.report import write_report
 

@@ -2,9 +2,10 @@
 
 Flower's FedAvg configures the messages and checks reply consistency; a subclass says only what
 differs: ``site_weights`` (how much each site counts) or ``combine`` (how the arrays are merged).
-Every strategy here also tells the server which metrics it needs (``required_metrics``) and can
-judge a reply before aggregation (``reply_problem``), so an incomplete reply is dropped with a
-reason instead of failing the round.
+The round loop's hooks (``fedbrats.strategies.hooks``) come with it: every strategy here says which
+metrics it needs (``required_metrics``), so an incomplete reply is dropped with a reason
+(``reply_problem``) instead of failing the round, and one that needs the sites' losses asks for them
+in the round's config (``train_config``).
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from fedbrats.strategies.arithmetic import (
     to_record,
     weighted_average,
 )
+from fedbrats.strategies.hooks import StrategyHooks
 
 log = logging.getLogger("fedbrats.strategies")
 
 
-class ReweightedFedAvg(FedAvg):
+class ReweightedFedAvg(StrategyHooks, FedAvg):
     """Weighted FedAvg (weights: ``num-examples``) computed with our shared arithmetic.
 
     Identical in result to Flower's FedAvg for replies in the same order; replies are put in a
@@ -49,9 +51,12 @@ class ReweightedFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.global_arrays = arrays  # the model the sites start from; updates are measured against it
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def train_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         if "loss-before" in self.required_metrics:
             config["report-loss"] = True  # sites measure losses (extra forward passes) only when asked
-        return super().configure_train(server_round, arrays, config, grid)
+        return config
 
     def reply_problem(self, reply: Message) -> str | None:
         """Why this strategy cannot use `reply` (a missing metric, ...), or None."""

@@ -41,12 +41,14 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
+
+from fedbrats.strategies.hooks import RoundHooks, StrategyHooks, hooks_of
 
 __all__ = [
     "ClientDPAdaptiveClipping", "ClientDPFixedClipping", "GUARANTEE", "adaptive_effective_noise",
@@ -93,12 +95,36 @@ def adaptive_effective_noise(noise_multiplier_update: float, clipped_count_stdde
     return float((noise_multiplier_update**-2 + clipped_count_stddev**-2) ** -0.5)
 
 
-class _ClientDPAccounting:
-    """Mixin over Flower's server-side wrappers: equal weights, honest noise scale, epsilon per round."""
+class _ClientDPAccounting(StrategyHooks):
+    """Mixin over Flower's server-side wrappers: equal weights, honest noise scale, epsilon per round.
+
+    The round loop's hooks (``fedbrats.strategies.hooks``) are the wrapped strategy's, plus this
+    wrapper's own state in the checkpoint."""
 
     strategy: Strategy
     noise_multiplier: float
     clipping_norm: float
+
+    @property
+    def inner_hooks(self) -> RoundHooks:
+        return hooks_of(self.strategy)
+
+    @property
+    def required_metrics(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.inner_hooks.required_metrics
+
+    @property
+    def min_replies(self) -> int:  # type: ignore[override]
+        return self.inner_hooks.min_replies
+
+    def reply_problem(self, reply: Message) -> str | None:
+        return self.inner_hooks.reply_problem(reply)
+
+    def train_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+        return self.inner_hooks.train_config(server_round, config)
+
+    def evaluate_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+        return self.inner_hooks.evaluate_config(server_round, config)
 
     def _setup_accounting(self, total_sites: int, delta: float, amplification: bool, num_sampled: int) -> None:
         if total_sites < num_sampled:
@@ -164,18 +190,15 @@ class _ClientDPAccounting:
                  self._round_count)  # fmt: skip
         return ArrayRecord(noisy)
 
-    # --- checkpointing (server.state): the inner strategy's state plus ours --------------
+    # --- checkpointing (fedbrats.server.state): the inner strategy's state plus ours --------
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        arrays, meta = ({}, {})
-        if hasattr(self.strategy, "state_dict"):
-            arrays, meta = self.strategy.state_dict()
+        arrays, meta = self.inner_hooks.state_dict()
         return arrays, {**meta, "client_dp": {"releases": self.releases, "clipping_norm": self.clipping_norm}}
 
     def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         meta = dict(meta)
         ours = meta.pop("client_dp", None)
-        if hasattr(self.strategy, "load_state_dict"):
-            self.strategy.load_state_dict(arrays, meta)
+        self.inner_hooks.load_state_dict(arrays, meta)
         if ours:
             self.releases = int(ours["releases"])
             self.clipping_norm = float(ours["clipping_norm"])

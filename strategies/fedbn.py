@@ -17,10 +17,10 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.serverapp import Grid
+from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 
+from fedbrats.strategies.hooks import StrategyHooks
 from fedbrats.strategies.registry import register_strategy
 
 log = logging.getLogger("fedbrats.strategies")
@@ -81,24 +81,24 @@ def keep_local_norms(incoming: Mapping[str, V], local_norms: Mapping[str, V] | N
 
 
 @register_strategy("fedbn")
-class FedBN(FedAvg):
+class FedBN(StrategyHooks, FedAvg):
     """FedAvg that tells sites to keep their own normalisation parameters (config ``"fedbn": True``).
 
     No parameters beyond FedAvg's. Without the client side (see module docstring) it is plain FedAvg.
+    The flag travels in the round's train and evaluate configs (the ``train_config`` and
+    ``evaluate_config`` hooks), which the round loop asks for every round.
     """
+
+    required_metrics = ("num-examples",)
 
     def summary(self) -> None:
         log.info("FedBN: sites keep their own normalisation layers")
         super().summary()
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
+    def train_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         config["fedbn"] = True
-        return super().configure_train(server_round, arrays, config, grid)
+        return config
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
+    def evaluate_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         config["fedbn"] = True
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        return config

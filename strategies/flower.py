@@ -1,5 +1,8 @@
 """Flower's message strategies, registered by name, with checkpointable state where they keep any.
 
+Subclasses here inherit the round loop's hooks (``fedbrats.strategies.hooks.StrategyHooks``);
+Flower's classes registered as they are get the same defaults from ``hooks_of``.
+
 Parameters come from the run config's ``strategy_params`` (all floats); whole-number parameters
 are converted here. Defaults are Flower 1.41's unless noted:
 
@@ -44,6 +47,7 @@ from flwr.serverapp.strategy import (
     QFedAvg,
 )
 
+from fedbrats.strategies.hooks import StrategyHooks
 from fedbrats.strategies.registry import register_strategy
 
 
@@ -71,7 +75,7 @@ def _in_order(record: ArrayRecord, names: list[str]) -> ArrayRecord:
     return ArrayRecord({name: record[name] for name in names})
 
 
-class StatefulFedAvgM(FedAvgM):
+class StatefulFedAvgM(StrategyHooks, FedAvgM):
     """Flower's FedAvgM whose momentum is checkpointed, pairing arrays by name.
 
     The model the momentum applies to (``current_arrays``) is not saved: after a restart it is
@@ -144,7 +148,7 @@ def fets_fedavgm(*, server_learning_rate: float = 1.0, server_momentum: float = 
 
 
 # --- adaptive server optimisers (FedOpt family) ------------------------------------------
-class _FedOptState:
+class _FedOptState(StrategyHooks):
     """Checkpoint of FedOpt's first and second moments (``current_arrays`` is reset every round)."""
 
     m_t: dict[str, np.ndarray] | None
@@ -198,7 +202,7 @@ def multikrum(*, num_malicious_nodes: float = 0, num_nodes_to_select: float = 1,
     )
 
 
-class SizedBulyan(Bulyan):
+class SizedBulyan(StrategyHooks, Bulyan):
     """Flower's Bulyan, saying how many updates it needs: a round with fewer fails with that reason
     instead of Flower's "no aggregate"."""
 
@@ -213,8 +217,12 @@ def bulyan(*, num_malicious_nodes: float = 0, **common: Any) -> Bulyan:
 
 
 # --- fairness ------------------------------------------------------------------------------
-class NamedQFedAvg(QFedAvg):
-    """Flower's QFedAvg pairing the global arrays with the sites' by name, not position."""
+class NamedQFedAvg(StrategyHooks, QFedAvg):
+    """Flower's QFedAvg pairing the global arrays with the sites' by name, not position.
+
+    A site whose reply lacks ``train-loss`` (q-FFL's weights) is left out with that reason."""
+
+    required_metrics = ("num-examples", "train-loss")
 
     def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)

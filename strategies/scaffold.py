@@ -30,6 +30,7 @@ from fedbrats.strategies.arithmetic import (
     to_record,
     weighted_average,
 )
+from fedbrats.strategies.hooks import StrategyHooks
 from fedbrats.strategies.registry import register_strategy
 
 log = logging.getLogger("fedbrats.strategies")
@@ -71,7 +72,7 @@ def client_control_update(
 
 # --- server side -------------------------------------------------------------------------
 @register_strategy("scaffold")
-class Scaffold(FedAvg):
+class Scaffold(StrategyHooks, FedAvg):
     """SCAFFOLD server: FedAvg's messages plus the control variate.
 
     Parameters

@@ -2,8 +2,13 @@
 
 FeTS lets participants choose the training sites each round (all, a fraction, the fastest,
 time-aware) and the learning rate and epochs per round. Here each choice is a function of plain
-values (node ids, predicted seconds, the round), so the server's round loop can call it and a test
-can check it without a grid. Rounds are numbered from 1, as in our loop.
+values (node ids, predicted seconds, the round), so the server's round loop
+(``fedbrats.server.federation``) calls it and a test can check it without a grid. Rounds are
+numbered from 1, as in our loop.
+
+Run-configuration keys: ``selection`` (with ``fraction-train``, ``select-k``, ``deadline-seconds``),
+``epoch-decay`` (`epochs_at`) and ``lr-round-schedule`` (`round_lr`: the "lr" each round's config
+carries).
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ def predict_round_seconds(
     timings: Mapping[str, SiteTiming],
     epochs: float,
 ) -> dict[int, float]:
-    """Predicted simulated seconds of each site's next round (FeTS formula, ``shared.wallclock``).
+    """Predicted simulated seconds of each site's next round (FeTS formula, ``fedbrats.shared.wallclock``).
 
     `sizes` maps node -> (training cases, validation cases) as last reported (``num-examples``,
     ``num-val``); a node not yet heard from is left out (the selectors treat it as 0 s)."""
@@ -112,3 +117,56 @@ def lr_at(
     else:
         raise ValueError(f"lr schedule must be constant, exponential, step or cosine, got {schedule!r}")
     return max(min_lr, lr)
+
+
+#: Parameters each per-round learning-rate schedule takes in ``lr-round-schedule`` (see `round_lr`).
+LR_ROUND_SCHEDULES: dict[str, tuple[str, ...]] = {
+    "constant": (),
+    "exponential": ("decay", "min_lr"),
+    "step": ("milestone", "decay", "min_lr"),
+    "cosine": ("min_lr",),
+}
+
+
+def parse_lr_round_schedule(spec: str) -> tuple[str, dict[str, float]]:
+    """``"NAME[:key=value,...]"`` -> (name, parameters), e.g. ``"step:milestone=10,decay=0.1"``.
+
+    Errors name the run-configuration key ``lr-round-schedule``, the value and what was expected."""
+    key = "lr-round-schedule"
+    name, _, rest = str(spec).strip().partition(":")
+    name = name.strip()
+    if name not in LR_ROUND_SCHEDULES:
+        raise ValueError(f"{key} must start with one of {', '.join(LR_ROUND_SCHEDULES)}, got {spec!r}")
+    allowed = LR_ROUND_SCHEDULES[name]
+    params: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        param, sep, value = item.partition("=")
+        param = param.strip().replace("-", "_")
+        if not sep or param not in allowed:
+            takes = f"takes {', '.join(allowed)}" if allowed else "takes no parameters"
+            raise ValueError(f"{key} {spec!r}: {item!r} is not key=value for {name!r}, which {takes}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{key} {spec!r}: {param} must be a number, got {value.strip()!r}") from None
+        if not math.isfinite(number) or number < 0:
+            raise ValueError(f"{key} {spec!r}: {param} must be a finite number >= 0, got {value.strip()!r}")
+        params[param] = number
+    if "decay" in params and not 0 < params["decay"] <= 1:
+        raise ValueError(f"{key} {spec!r}: decay must be in (0, 1], got {params['decay']}")
+    if name == "step":
+        milestone = params.get("milestone", 0.0)
+        if milestone < 2 or milestone != int(milestone):
+            raise ValueError(f"{key} {spec!r}: step needs milestone=M, a whole round number >= 2")
+        params["milestone"] = int(milestone)
+    return name, params
+
+
+def round_lr(server_round: int, base_lr: float, spec: str = "constant", *, rounds: int = 1) -> float:
+    """The learning rate each site receives in `server_round` under schedule `spec` (`lr_at`).
+
+    It is the base of the site's own per-step schedule (``lr-schedule``, warm-up then cosine or poly
+    over the whole run): the two multiply. For FeTS-style rates set per round by the server, use
+    ``lr-schedule = "constant"`` at the sites."""
+    name, params = parse_lr_round_schedule(spec)
+    return lr_at(server_round, base_lr, name, rounds=rounds, **params)

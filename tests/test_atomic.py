@@ -28,3 +28,14 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
         atomic_write(target, b"new")
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_permissions_follow_the_umask_unless_a_mode_is_given(tmp_path):
+    old = os.umask(0o022)
+    try:
+        report = atomic_write_text(tmp_path / "report.md", "# run")
+        key = atomic_write(tmp_path / "site.key", b"secret", mode=0o600)
+    finally:
+        os.umask(old)
+    assert report.stat().st_mode & 0o777 == 0o644
+    assert key.stat().st_mode & 0o777 == 0o600

@@ -108,3 +108,69 @@ def test_uncompressed_nifti_is_accepted_and_duplicates_are_stray(tmp_path):
     gz.unlink()
     (case,), problems = discover_cases(tmp_path)
     assert case.files["t2"] == plain and problems == []
+
+
+# ------------------------------------------------------------------ symlinks and the data root
+
+
+def test_case_folder_symlinked_out_of_the_root_is_refused(tmp_path):
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    write_case(root, seed=0)
+    outside = write_case(elsewhere, seed=1)
+    (root / outside.name).symlink_to(outside, target_is_directory=True)
+    cases, problems = discover_cases(root)
+    assert [c.case_id for c in cases] == [case_id_for(1)]
+    (problem,) = problems
+    assert problem.case_id == outside.name and problem.fatal
+    assert f"resolves to {outside.resolve()}, outside the data root {root.resolve()}" in problem.problem
+
+
+def test_volume_symlinked_out_of_the_root_is_refused_by_name(tmp_path):
+    root = tmp_path / "root"
+    folder = write_case(root)
+    t1 = folder / f"{case_id_for(1)}_t1.nii.gz"
+    secret = tmp_path / "other_patient.nii.gz"
+    t1.rename(secret)
+    t1.symlink_to(secret)
+    cases, problems = discover_cases(root)
+    assert cases == []
+    (problem,) = problems  # no second "missing t1" problem for the same file
+    assert problem.file == t1.name and problem.fatal
+    assert f"resolves to {secret.resolve()}, outside the data root" in problem.problem
+    with pytest.raises(CaseError, match="outside the data root"):
+        find_case(folder)
+
+
+def test_symlinks_inside_the_root_are_followed(tmp_path):
+    root = tmp_path / "root"
+    store = write_case(root / ".store", seed=1)  # hidden: not itself a case folder
+    (root / store.name).symlink_to(store, target_is_directory=True)
+    folder = write_case(root, seed=0)
+    t1 = folder / f"{case_id_for(1)}_t1.nii.gz"
+    kept = root / ".store" / "t1_copy.nii.gz"
+    t1.rename(kept)
+    t1.symlink_to(kept)
+    cases, problems = discover_cases(root)
+    assert problems == []
+    assert [c.case_id for c in cases] == [case_id_for(1), case_id_for(2)]
+
+
+def test_root_given_through_a_symlink_is_its_target(tmp_path):
+    write_case(tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    cases, problems = discover_cases(tmp_path / "link")
+    assert [c.case_id for c in cases] == [case_id_for(1)] and problems == []
+
+
+def test_symlink_loops_and_broken_links_are_problems_not_crashes(tmp_path):
+    root = tmp_path / "root"
+    folder = write_case(root)
+    (root / "loop").symlink_to(root / "loop")
+    flair = folder / f"{case_id_for(1)}_flair.nii.gz"
+    flair.unlink()
+    flair.symlink_to(folder / "gone.nii.gz")
+    cases, problems = discover_cases(root)
+    assert cases == []
+    by_case = {(p.case_id, p.file): p for p in problems}
+    assert "cannot resolve the symlink" in by_case[("loop", "")].problem
+    assert "broken symlink" in by_case[(case_id_for(1), flair.name)].problem

@@ -103,3 +103,18 @@ def test_weights_that_do_not_fit_the_config_are_rejected(tmp_path):
                            model_config={"width": 16, "depth": 2})
     with pytest.raises(CheckpointError, match="do not fit"):
         load_checkpoint(path)
+
+
+def test_a_stored_digest_is_checked_on_load(tmp_path):
+    from fedbrats.shared.records import model_to_record, record_digest
+
+    model = _model()
+    digest = record_digest(model_to_record(model))
+    path = save_checkpoint(tmp_path / "c.safetensors", model, extra={"digest": digest})
+    _, meta = load_checkpoint(path)  # the digest of the weights as saved and reloaded is the server's
+    assert meta["digest"] == digest
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # a flipped bit in the tensor data: still a valid safetensors file
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="do not match the digest stored"):
+        load_checkpoint(path)

@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 
+from fedbrats.client.site import run_key
 from fedbrats.server.app import run_server
 from fedbrats.server.history import read_history
 from fedbrats.shared.checkpoint import load_checkpoint
@@ -58,13 +59,15 @@ def test_two_rounds_end_to_end_and_nothing_private_leaves_a_site(phantom, tmp_pa
             assert all(np.isfinite(a.numpy()).all() for a in content["arrays"].values())
 
 
-def test_schedule_position_persists_across_rounds(phantom, tmp_path):
-    config = _config(phantom, tmp_path)
-    run_server(LocalGrid(config.to_flower(), sites=2), config)
+def test_schedule_position_follows_the_rounds_in_the_runs_own_folder(phantom, tmp_path):
     import json
 
-    state = json.loads((tmp_path / "sites" / "1" / "site_state.json").read_text())
-    assert state["step"] == 2 * config.local_steps and state["last_round"] == 2
+    config = _config(phantom, tmp_path)
+    run_server(LocalGrid(config.to_flower(), sites=2), config)
+    state = json.loads((tmp_path / "sites" / "1" / "runs" / run_key(1, config) / "state.json").read_text())
+    assert [state["rounds"][r]["start-step"] for r in ("1", "2")] == [0, config.local_steps]
+    assert state["rounds"]["2"]["end-step"] == 2 * config.local_steps
+    assert not (tmp_path / "sites" / "1" / "site_state.json").exists()  # nothing outside a run's folder
 
 
 def test_site_without_usable_cases_replies_with_an_error(phantom, tmp_path):
@@ -88,14 +91,15 @@ def test_strategies_with_site_side_parts_run(phantom, tmp_path, strategy):
     assert [h["status"] for h in history] == ["ok", "ok"], history[-1]["train"]
     if strategy == "fedpidavg":
         assert all("loss-before" in t and "loss-after" in t for t in history[0]["train"])
+    run = run_key(1, config)  # LocalGrid's Flower run id is 1
     if strategy == "fedbn":
-        assert (tmp_path / "sites" / "1" / "fedbn_norms.safetensors").is_file()
+        assert (tmp_path / "sites" / "1" / "runs" / run / "fedbn_norms.r0002.safetensors").is_file()
     if strategy == "scaffold":
-        assert (tmp_path / "sites" / "2" / "scaffold_control.safetensors").is_file()
+        assert (tmp_path / "sites" / "2" / "runs" / run / "scaffold_control.r0002.safetensors").is_file()
 
 
 def test_dp_sites_keep_a_ledger_and_stop_at_their_budget(phantom, tmp_path):
-    from fedbrats.client.audit import run_audit
+    from fedbrats.client.audit import audit_run
     from fedbrats.client.ledger import PrivacyLedger
 
     # sigma fixed: with q = 1 rounds cost about 11.8, 18.3, 23.8 in total, so round 3 exceeds 20
@@ -111,7 +115,8 @@ def test_dp_sites_keep_a_ledger_and_stop_at_their_budget(phantom, tmp_path):
     for site in ("1", "2"):
         rows = PrivacyLedger.at(tmp_path / "sites" / site).rows()
         assert rows and max(r.epsilon for r in rows) <= 20.0
-    assert run_audit(tmp_path) == 0
+    audit = audit_run(tmp_path)
+    assert audit.ok, audit.failures()
 
 
 def test_client_level_dp_reports_epsilon(phantom, tmp_path):

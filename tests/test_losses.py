@@ -105,6 +105,28 @@ def test_hierarchical_probabilities_are_nested_and_perfect_logits_give_zero():
         loss(torch.randn(2, 3, 8, 8, 8), target)
 
 
+def test_hierarchical_dice_waits_for_a_model_with_label_logits():
+    """Every registered model outputs region logits (ET, TC, WT), which HierarchicalDiceLoss refuses: the
+    loss is kept for the seed papers' softmax-over-labels model (DESIGN section 4). When such a model is
+    registered, train it with this loss and turn this test into that model's training test."""
+    import inspect
+
+    from fedbrats.shared.constants import REGIONS
+    from fedbrats.shared.models import MODELS, available_models
+
+    segmenters = 0
+    for name in available_models():
+        parameters = inspect.signature(MODELS.get(name)).parameters
+        if "out_channels" not in parameters:  # a case-level classifier (n_classes), no voxel logits
+            continue
+        segmenters += 1
+        out_channels = parameters["out_channels"].default
+        assert out_channels == len(REGIONS), f"model {name!r} outputs {out_channels} channels: use HierarchicalDiceLoss?"
+        with pytest.raises(ValueError, match="expected label logits"):
+            HierarchicalDiceLoss()(torch.zeros(1, out_channels, 4, 4, 4), torch.zeros(1, len(REGIONS), 4, 4, 4))
+    assert segmenters >= 1
+
+
 def test_loss_decreases_on_a_tiny_overfit():
     torch.manual_seed(0)
     model = create_model("resunet", width=8, depth=3, deep_supervision=True)

@@ -1,4 +1,4 @@
-"""Partition CSV IO (shared.partition) and partition schemes (simulations.partitioning)."""
+"""Partition CSV IO (fedbrats.shared.data.partition) and partition schemes (fedbrats.simulations.partitioning)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from rich.console import Console
 
 from fedbrats.shared.data.partition import (
     Partition,
@@ -23,6 +24,7 @@ from fedbrats.simulations.partitioning import (
     run_partition,
     tumor_sizes_from_disk,
 )
+from fedbrats.tables import partition_table
 
 # Head of a FeTS 2022 partitioning_1.csv: integer institution ids, FeTS2022_ subject ids.
 FETS_SAMPLE = (
@@ -323,11 +325,15 @@ def test_run_partition_writes_readable_csv(tmp_path, capsys, scheme):
         cases = sorted(sizes)
         write_partition(Partition({"1": cases[:5], "2": cases[5:]}, {}), root / "partitioning_1.csv")
     out = tmp_path / "out" / "split.csv"
-    assert run_partition(root, scheme, None if scheme == "institution" else 3, 0.5, 0, out) == 0
+    partition, measured = run_partition(root, scheme, None if scheme == "institution" else 3, 0.5, 0, out)
+    assert "total" not in capsys.readouterr().out  # the module returns data; the command prints the table
     p = read_partition(out)
-    assert sorted(p.subjects) == sorted(sizes)
+    assert p == partition and sorted(p.subjects) == sorted(sizes)
     assert len(p.sites) == (2 if scheme == "institution" else 3)
-    printed = capsys.readouterr().out
+    assert (measured == sizes) if scheme == "dirichlet" else measured is None
+    console = Console(record=True, width=120)
+    console.print(partition_table(partition, measured))
+    printed = console.export_text()
     assert "total" in printed and ("mean tumour" in printed) == (scheme == "dirichlet")
 
 

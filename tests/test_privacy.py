@@ -19,11 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fedbrats.client.privacy as privacy
-from fedbrats.client.ledger import LedgerError, PrivacyLedger, epsilon_for, make_accountant
+from fedbrats.client.accounting import calibrate_noise, epsilon_for, make_accountant
+from fedbrats.client.ledger import LedgerError, PrivacyLedger
 from fedbrats.client.privacy import (
     DPConfig,
     IncompatibleModelError,
     PrivacyBudgetExhausted,
+    PrivacyPlanExceeded,
     check_budget,
     default_delta,
     plan_privacy,
@@ -78,7 +80,7 @@ def _changed(model, before) -> bool:
 
 
 CONFIG = TrainConfig(steps=2, batch_size=2, lr=1e-3)
-DP = DPConfig(epsilon=100.0, noise_multiplier=SIGMA, max_grad_norm=1.0)
+DP = DPConfig(epsilon=100.0, noise_multiplier=SIGMA, max_grad_norm=1.0, planned_rounds=10)
 
 
 # --- accounting oracles (DESIGN section 6), delta 1e-5 -----------------------------------------
@@ -105,13 +107,35 @@ def test_plan_calibrates_sigma_once_for_all_planned_rounds():
     assert plan_privacy(20, 2, dp, epochs=1).noise_multiplier == plan.noise_multiplier  # same every round
 
 
+def test_a_second_run_calibrates_against_what_is_left():
+    """What earlier runs spent counts: the same plan after a spent run needs more noise and still fits the budget."""
+    dp = DPConfig(epsilon=8.0, planned_rounds=5)
+    first = plan_privacy(20, 2, dp, epochs=1)
+    spent = [first.entry] * 5  # the first run used its whole plan
+    assert first.epsilon_after(spent[:-1]) <= 8.0
+    with pytest.raises(PrivacyBudgetExhausted, match="nothing is left to plan a run with"):
+        plan_privacy(20, 2, dp, epochs=1, spent=spent)
+    half = [first.entry] * 2
+    second = plan_privacy(20, 2, dp, epochs=1, spent=half)
+    assert second.noise_multiplier > first.noise_multiplier and second.spent_before == pytest.approx(
+        epsilon_for(half, 1e-5))
+    assert 7.95 < second.epsilon_after(half + [second.entry] * 4) <= 8.0  # earlier spend + the whole new plan
+    assert calibrate_noise(8.0, 1e-5, 0.1, 50) == first.noise_multiplier  # no history: the plain calibration
+
+
 def test_config_defaults_and_errors():
+    from fedbrats.shared.config import RunConfig
+
     assert default_delta(10) == 1e-5 and default_delta(1_000_000) == pytest.approx(1e-7)
     with pytest.raises(ValueError, match="epsilon budget must be > 0.*accountant must be one of"):
         DPConfig(epsilon=0, accountant="moments")
-    run = SimpleNamespace(rounds=12, dp_epsilon=3.0, dp_max_grad_norm=0.5, dp_accountant="prv")
+    run = RunConfig(rounds=12, dp_epsilon=3.0, dp_max_grad_norm=0.5, dp_accountant="prv", dp_target_epsilon=2.0,
+                    dp_max_physical_batch=4, dp_grad_sample_mode="hooks", dp_noise_multiplier=1.5, dp_delta=1e-6)
     dp = DPConfig.from_run_config(run)
-    assert (dp.epsilon, dp.max_grad_norm, dp.accountant, dp.planned_rounds, dp.delta) == (3.0, 0.5, "prv", 12, 0.0)
+    assert dp == DPConfig(epsilon=3.0, delta=1e-6, max_grad_norm=0.5, noise_multiplier=1.5, target_epsilon=2.0,
+                          planned_rounds=12, accountant="prv", max_physical_batch=4, grad_sample_mode="hooks")
+    with pytest.raises(AttributeError, match="dp_epsilon"):  # explicit fields, nothing silently defaulted
+        DPConfig.from_run_config(SimpleNamespace(rounds=3))
 
 
 # --- budget never exceeded, whatever the settings ------------------------------------------------
@@ -202,6 +226,59 @@ def test_a_model_opacus_cannot_handle_is_refused_before_training(tmp_path):
     validate_model(_model())  # every registered model uses GroupNorm
 
 
+def test_sigma_is_calibrated_once_per_run_and_a_round_beyond_the_plan_is_refused(tmp_path):
+    """The run's plan is made at its first round and reused, even when later rounds are shorter (epoch-decay)."""
+    model, data, ledger = _model(), _data(), PrivacyLedger.at(tmp_path)
+    dp = DPConfig(epsilon=30.0, planned_rounds=3)
+    shorter = [TrainConfig(steps=s, batch_size=2) for s in (3, 2, 1)]
+    results = [train_private(model, data, c, dp, ledger, round=r, run_id="a") for r, c in enumerate(shorter, 1)]
+    plan = ledger.plan_for("a")
+    assert plan.round_steps == 3 and plan.total_steps == 9 and plan.spent_before == 0.0
+    assert {r.noise_multiplier for r in ledger.rows()} == {plan.noise_multiplier}  # never recalibrated
+    assert [r.row_hash for r in ledger.rows()] and {r.plan_hash for r in ledger.rows()} == {plan.row_hash}
+    assert results[-1].epsilon < 30.0 and ledger.verify() == []
+    with pytest.raises(PrivacyPlanExceeded, match="allows 3 per round"):
+        train_private(model, data, TrainConfig(steps=4, batch_size=2), dp, ledger, round=4, run_id="a")
+    train_private(model, data, TrainConfig(steps=3, batch_size=2), dp, ledger, round=4, run_id="a")  # 6 + 3 = 9
+    with pytest.raises(PrivacyPlanExceeded, match="taken 9 of the 9 DP steps"):
+        train_private(model, data, TrainConfig(steps=1, batch_size=2), dp, ledger, round=5, run_id="a")
+    assert len(ledger.rows()) == 4 and ledger.epsilon() <= 30.0
+
+
+def test_a_second_run_at_a_site_counts_what_the_first_spent(tmp_path):
+    model, data, ledger = _model(), _data(), PrivacyLedger.at(tmp_path)
+    config, q = TrainConfig(steps=2, batch_size=2), 2 / N
+    for rnd in (1, 2):  # the first run aims at half the budget
+        train_private(model, data, config, DPConfig(epsilon=30.0, target_epsilon=15.0, planned_rounds=2), ledger,
+                      round=rnd, run_id="first")  # fmt: skip
+    spent = ledger.epsilon()
+    second = train_private(model, data, config, DPConfig(epsilon=30.0, planned_rounds=2), ledger, round=1,
+                           run_id="second")  # fmt: skip
+    plan = ledger.plan_for("second")
+    assert plan.spent_before == pytest.approx(spent) and 14.9 < spent <= 15.0
+    whole = [*ledger.history(), (plan.noise_multiplier, q, 2)]  # after the second run's last planned round
+    assert second.epsilon < epsilon_for(whole, 1e-5) <= 30.0
+    naive = calibrate_noise(30.0, 1e-5, q, 4)  # as if nothing had been spent: the budget would be exceeded
+    assert plan.noise_multiplier > naive and epsilon_for([*ledger.history()[:2], (naive, q, 4)], 1e-5) > 30.0
+    metrics = second.metrics()
+    row = ledger.rows()[-1]
+    assert metrics["ledger-row"] == row.seq == 3 and metrics["ledger-head"] == int(row.row_hash[:12], 16)
+    assert metrics["ledger-key"] == int(ledger.meta()["key_fingerprint"][:12], 16)
+
+
+def test_a_site_does_not_train_on_a_ledger_that_fails_verification(tmp_path):
+    import sqlite3
+
+    model, data, ledger = _model(), _data(), PrivacyLedger.at(tmp_path)
+    train_private(model, data, CONFIG, DP, ledger, round=1, run_id="a")
+    with sqlite3.connect(ledger.path) as conn:
+        conn.execute("UPDATE rounds SET noise_multiplier = 9.0")
+    before = _weights(model)
+    with pytest.raises(LedgerError, match="fails verification .row 1: its contents do not match its hash"):
+        train_private(model, data, CONFIG, DP, ledger, round=2, run_id="a")
+    assert not _changed(model, before) and len(ledger.rows()) == 1
+
+
 SITE_ROUND = textwrap.dedent(
     """
     import os, signal, sys, torch
@@ -219,7 +296,8 @@ SITE_ROUND = textwrap.dedent(
     for rnd in rounds:  # each round as the client app runs it: a fresh ledger object, restored from disk
         last = rnd == rounds[-1]
         train_private(create_model("resunet", width=8, depth=2), data, TrainConfig(steps=2, batch_size=2),
-                      DPConfig(epsilon=100.0, noise_multiplier={sigma}), PrivacyLedger.at({site!r}), round=rnd,
+                      DPConfig(epsilon=100.0, noise_multiplier={sigma}, planned_rounds=3), PrivacyLedger.at({site!r}),
+                      round=rnd,
                       run_id="run", progress=kill if die_during and last else None)
     kill()  # a site process killed between rounds, without any clean shutdown
     """

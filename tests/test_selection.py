@@ -6,7 +6,9 @@ from fedbrats.shared.wallclock import SiteTiming
 from fedbrats.strategies.selection import (
     epochs_at,
     lr_at,
+    parse_lr_round_schedule,
     predict_round_seconds,
+    round_lr,
     select_by_deadline,
     select_fastest,
     select_fraction,
@@ -37,3 +39,24 @@ def test_schedules_per_round():
     assert lr_at(4, 1.0, "step", milestone=5, decay=0.1) == 1.0 and lr_at(5, 1.0, "step", milestone=5, decay=0.1) == 0.1
     with pytest.raises(ValueError, match="schedule"):
         lr_at(1, 1.0, "warm")
+
+
+def test_lr_round_schedule_specs():
+    """The run-config key lr-round-schedule ("NAME[:key=value,...]") and the lr each round sends."""
+    assert parse_lr_round_schedule("constant") == ("constant", {})
+    assert parse_lr_round_schedule(" step: milestone=10, decay=0.1 ") == ("step", {"milestone": 10, "decay": 0.1})
+    assert parse_lr_round_schedule("cosine:min-lr=1e-5") == ("cosine", {"min_lr": 1e-5})
+    assert [round_lr(r, 1e-3) for r in (1, 7)] == [1e-3, 1e-3]
+    assert round_lr(3, 1.0, "exponential:decay=0.5") == pytest.approx(0.25)
+    assert round_lr(3, 1.0, "exponential:decay=0.5,min_lr=0.3") == pytest.approx(0.3)
+    assert [round_lr(r, 1.0, "step:milestone=3,decay=0.1") for r in (1, 2, 3, 9)] == pytest.approx([1, 1, 0.1, 0.1])
+    cosine = [round_lr(r, 1.0, "cosine", rounds=5) for r in range(1, 6)]
+    assert cosine[0] == 1.0 and cosine[2] == pytest.approx(0.5) and cosine[-1] == pytest.approx(0.0)
+    for bad, says in [("warm", "must start with one of constant"), ("constant:decay=0.5", "takes no parameters"),
+                      ("exponential:milestone=3", "takes decay, min_lr"), ("exponential:decay", "not key=value"),
+                      ("exponential:decay=fast", "decay must be a number"), ("exponential:decay=1.5", "in (0, 1]"),
+                      ("step:decay=0.1", "milestone=M"), ("step:milestone=2.5", "milestone=M"),
+                      ("cosine:min_lr=-1", ">= 0")]:
+        with pytest.raises(ValueError, match="lr-round-schedule") as err:
+            parse_lr_round_schedule(bad)
+        assert says in str(err.value), (bad, str(err.value))

@@ -8,7 +8,12 @@ import json
 import re
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
+
+from fedbrats.run_options import build_run_config, run_config_from_args
+from fedbrats.server import state as server_state
 from fedbrats.shared.config import DEMO, RunConfig
 from fedbrats.simulations import simulate
 
@@ -28,11 +33,47 @@ def test_generated_app_carries_exactly_the_run_config():
 def test_config_precedence_preset_file_set_flags(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text("rounds = 7\nlr = 0.01\n")
-    config = simulate.resolve_config(_args(config=toml, set=["lr=0.02", "local-epochs=3"], strategy="fedprox"))
+    args = _args(config=toml, set=["lr=0.02", "local_epochs=3"])
+    config = run_config_from_args(args, {"strategy": "fedprox", "seed": None}, federated=True)
     assert config.model_width == DEMO["model_width"]  # preset
     assert config.rounds == 7  # file over preset
-    assert (config.lr, config.local_epochs) == (0.02, 3)  # --set over file
-    assert config.strategy == "fedprox"  # flags last
+    assert (config.lr, config.local_epochs) == (0.02, 3)  # --set over file (underscores accepted)
+    assert (config.strategy, config.seed) == ("fedprox", 0)  # flags last; a flag left out changes nothing
+    assert build_run_config("full").model_width == RunConfig().model_width
+
+
+def test_bad_strategy_or_set_fails_before_anything_starts():
+    with pytest.raises(ValueError, match="unknown strategy 'nosuch'; known: .*fedavg"):
+        run_config_from_args(_args(preset="auto", set=["strategy=nosuch"]), federated=True)
+    with pytest.raises(ValueError, match="strategy 'fedavg': bad parameters"):
+        run_config_from_args(_args(set=["strategy-eta=0.1"]), federated=True)
+    with pytest.raises(ValueError, match="--set expects KEY=VALUE"):
+        run_config_from_args(_args(set=["rounds"]))
+
+
+def test_a_federation_that_never_aggregated_did_not_train():
+    failed = {"round": 1, "status": "failed: 0 usable updates, fewer than min_sites=2",
+              "train": [{"site": "3", "dropped": "site error: site 3 has no usable training case"}, {"site": "4"}]}
+    reason = simulate.untrained([failed, {**failed, "round": 2}])
+    assert reason.startswith("all 2 round(s) failed, round 1: failed: 0 usable updates")
+    assert "3: site error: site 3 has no usable training case" in reason
+    assert simulate.untrained([failed, {"round": 2, "status": "ok"}]) is None
+    assert simulate.untrained([]) == "no round was recorded"
+
+
+def test_simulate_fails_when_every_round_failed(tmp_path, monkeypatch):
+    partition = tmp_path / "partitioning_1.csv"
+    partition.write_text("Partition_ID,Subject_ID\n1,A_001\n2,B_001\n")
+    out = tmp_path / "run"
+
+    def finished_without_training(app_dir, out_dir, sites, **kwargs):
+        (out_dir / "history.jsonl").write_text(json.dumps({"round": 1, "status": "failed: no update"}) + "\n")
+        return 0
+
+    monkeypatch.setattr(simulate, "run_flower", finished_without_training)
+    # Every round completed (and checkpointed), as the round loop does even when a round fails.
+    monkeypatch.setattr(server_state, "load_state", lambda folder: SimpleNamespace(round=1))
+    assert simulate.run_simulate(RunConfig(rounds=1), tmp_path, partition, out) == 1
 
 
 def test_each_run_gets_its_own_local_superlink_ports(tmp_path, monkeypatch):
@@ -70,3 +111,13 @@ def test_every_start_of_a_run_records_its_code(tmp_path, monkeypatch):
     assert versions["flwr"].startswith("1.41") and versions["torch"] != "not installed"
     if (Path(simulate.__file__).parents[1] / ".git").exists():  # a git checkout, as in development and CI
         assert re.fullmatch(r"[0-9a-f]{7}(\+changes)?", versions["fedbrats-commit"])
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_auto_preset_is_demo_on_a_cpu_and_full_on_a_gpu(monkeypatch, cuda):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    config = run_config_from_args(_args(preset="auto"), {"model": None})
+    assert config.model_width == (RunConfig().model_width if cuda else DEMO["model_width"])
+    assert config.patch_size == (RunConfig().patch_size if cuda else DEMO["patch_size"])

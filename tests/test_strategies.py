@@ -6,6 +6,7 @@ import copy
 import gc
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from flwr.serverapp.strategy import (
     FedAvg,
     FedAvgM,
     FedMedian,
+    FedProx,
     FedTrimmedAvg,
     FedYogi,
     Krum,
@@ -31,6 +33,7 @@ from fedbrats.strategies import available_strategies, build_strategy
 from fedbrats.strategies.arithmetic import array_view, mix, record_views, to_record, weighted_average
 from fedbrats.strategies.base import ReweightedFedAvg
 from fedbrats.strategies.fedbn import keep_local_norms, norm_param_names, split_norm_params
+from fedbrats.strategies.hooks import RoundHooks, StrategyHooks, hooks_of
 from fedbrats.strategies.scaffold import client_control_update, gradient_correction
 
 COMMON = {"min_train_nodes": 1, "min_evaluate_nodes": 1, "min_available_nodes": 1}
@@ -130,7 +133,7 @@ def test_fets_clipped_clips_each_change_to_the_pooled_80th_percentile():
     ]
     # |changes| pooled: 0 1 1 2 2 3 4 10 -> 80th percentile (linear) = 3.6
     # clipped: s1 [1 2 3 3.6], s2 [-1 0 3.6 2]; weights 1/4, 3/4
-    got = round_of(build_strategy("fets_clipped"), 1, start, replies)
+    got = round_of(build_strategy("fets_clipped", {"pooled": 1}), 1, start, replies)  # FeTS's own rule
     np.testing.assert_allclose(got["w"], [-0.5, 0.5, 3.45, 2.4], rtol=1e-6)
     np.testing.assert_allclose(got["b"], [1, 1])
     assert got["w"].dtype == np.float32
@@ -224,11 +227,10 @@ def test_fednova_normalises_by_local_steps():
 def test_fedbn_flags_sites_and_finds_norm_layers_by_type():
     import torch.nn as nn
 
-    strategy = build_strategy("fedbn")
-    msgs = list(strategy.configure_train(1, record(w=[0]), ConfigRecord({}), Grid([1, 2])))
-    assert all(m.content["config"]["fedbn"] is True for m in msgs)
-    msgs = list(strategy.configure_evaluate(1, record(w=[0]), ConfigRecord({}), Grid([1])))
-    assert msgs[0].content["config"]["fedbn"] is True
+    strategy = build_strategy("fedbn")  # the flag travels in the round's configs (hooks; through the loop below)
+    assert strategy.train_config(1, ConfigRecord({"lr": 0.1}))["fedbn"] is True
+    assert strategy.evaluate_config(1, ConfigRecord({}))["fedbn"] is True
+    assert "fedbn" not in hooks_of(build_strategy("fedavg")).train_config(1, ConfigRecord({}))
 
     model = nn.Sequential(nn.Conv3d(1, 8, 3), nn.GroupNorm(2, 8), nn.Sequential(nn.Conv3d(8, 8, 1), nn.GroupNorm(2, 8)))
     names = list(model.state_dict())
@@ -421,3 +423,136 @@ def test_server_resume_gives_identical_weights(tmp_path, name):
     run(tmp_path / "part", 2)
     resumed = run(tmp_path / "part", 4)
     assert record_digest(resumed) == record_digest(full)
+
+
+# --- the round loop's hooks (strategies/hooks.py) ----------------------------------------------
+def _defined_here(strategy) -> bool:
+    return type(strategy).__module__.startswith("fedbrats.")
+
+
+@pytest.mark.parametrize("name", available_strategies())
+def test_every_registered_strategy_gives_the_round_loop_its_hooks(name):
+    strategy = build_strategy(name)
+    hooks = hooks_of(strategy)
+    assert isinstance(hooks, RoundHooks)
+    if _defined_here(strategy):  # ours implement the hooks themselves; Flower's classes get the defaults
+        assert hooks is strategy and isinstance(strategy, StrategyHooks)
+    else:
+        assert type(strategy).__module__.startswith("flwr.") and hooks is not strategy
+    assert hooks.min_replies >= 1 and all(isinstance(m, str) for m in hooks.required_metrics)
+    config = hooks.train_config(3, ConfigRecord({"server-round": 3, "lr": 0.5}))
+    assert config["server-round"] == 3 and config["lr"] == 0.5  # a strategy adds, never overrides the loop's keys
+    arrays, meta = hooks.state_dict()
+    assert isinstance(arrays, dict) and json.loads(json.dumps(meta)) == meta  # meta goes to JSON as it is
+    good = reply(1, {"w": [1.0]}, {"num-examples": 2, "train-loss": 0.5, "local-steps": 3, "loss-before": 1.0,
+                                   "loss-after": 0.5}, control_delta={"w": [0.0]})
+    if name == "scaffold":
+        list(strategy.configure_train(1, record(w=[0.0]), ConfigRecord({}), Grid([1])))  # sets the control variate
+    assert hooks.reply_problem(good) is None, name
+
+
+def test_the_round_loop_calls_hooks_instead_of_probing_the_strategy():
+    import inspect
+
+    from fedbrats.server import federation
+
+    source = inspect.getsource(federation)
+    probes = re.findall(r"(?:hasattr|getattr)\(\s*self\.strategy", source)
+    assert probes == [], "the round loop must call fedbrats.strategies.hooks.hooks_of(strategy), not probe it"
+    assert "hooks_of(strategy)" in source
+
+
+def test_partial_hooks_are_an_error_and_stateless_strategies_refuse_state():
+    class HalfDone(FedAvg):
+        def state_dict(self):
+            return {"m": np.zeros(1)}, {}
+
+    with pytest.raises(TypeError, match="inherit fedbrats.strategies.hooks.StrategyHooks"):
+        hooks_of(HalfDone(**COMMON))
+    for strategy in (build_strategy("fedavg"), build_strategy("fedbn")):
+        hooks_of(strategy).load_state_dict({}, {})  # nothing to restore: fine
+        with pytest.raises(ValueError, match="keeps none"):
+            hooks_of(strategy).load_state_dict({}, {"history": {"s1": [0.5]}})
+
+
+def test_bulyan_says_how_many_replies_it_needs():
+    assert hooks_of(build_strategy("bulyan", {"num_malicious_nodes": 2.0})).min_replies == 11
+    assert hooks_of(build_strategy("krum")).min_replies == 1
+
+
+def test_client_dp_wrapper_passes_the_inner_strategys_hooks_through():
+    from fedbrats.strategies.client_dp import with_client_dp
+
+    def wrapped(name, params=None):
+        return with_client_dp(build_strategy(name, params), noise_multiplier=1.0, num_sampled_sites=2, total_sites=2)
+
+    assert isinstance(wrapped("fedavg"), RoundHooks)
+    assert hooks_of(wrapped("bulyan", {"num_malicious_nodes": 1.0})).min_replies == 7
+    assert wrapped("fedbn").train_config(1, ConfigRecord({}))["fedbn"] is True
+    assert wrapped("fedpidavg").train_config(1, ConfigRecord({}))["report-loss"] is True
+    missing = reply(1, {"w": [0.0]}, {"loss-before": 1.0})
+    assert "no metric 'loss-after'" in wrapped("fedpidavg").reply_problem(missing)
+    dp = wrapped("fedpidavg")
+    dp.strategy.history = {"s1": [0.5, 0.4]}
+    dp.releases = 3
+    restored = wrapped("fedpidavg")
+    restored.load_state_dict(*_through_disk(dp.state_dict()))
+    assert restored.strategy.history == {"s1": [0.5, 0.4]} and restored.releases == 3
+    with pytest.raises(ValueError, match="keeps none"):  # the DP wrapper's own state is not the inner one's
+        wrapped("fedavg").load_state_dict({}, {"history": {}, "client_dp": {"releases": 1, "clipping_norm": 1.0}})
+
+
+class ConfigGrid(LossGrid):
+    """LossGrid that keeps the config of every message it sends, per message type."""
+
+    def __init__(self, nodes=(1, 2, 3)):
+        super().__init__(nodes)
+        self.configs: dict[str, list[dict]] = {MessageType.TRAIN: [], MessageType.EVALUATE: []}
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for msg in messages:
+            self.configs[msg.metadata.message_type].append(dict(msg.content["config"]))
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def _run_loop(tmp_path, name, **config):
+    from fedbrats.server.federation import Federation
+    from fedbrats.shared.config import RunConfig
+
+    grid = ConfigGrid()
+    run_config = RunConfig(min_sites=2, selection="all", out_dir=str(tmp_path), **config)
+    Federation(grid, run_config, build_strategy(name), record(w=[0.0, 1.0]), out_dir=tmp_path).run()
+    return grid.configs
+
+
+def test_the_loop_sends_each_strategys_instructions(tmp_path):
+    fedbn = _run_loop(tmp_path / "fedbn", "fedbn", rounds=1)
+    assert fedbn[MessageType.TRAIN] and all(c["fedbn"] is True for c in fedbn[MessageType.TRAIN])
+    assert fedbn[MessageType.EVALUATE] and all(c["fedbn"] is True for c in fedbn[MessageType.EVALUATE])
+    pid = _run_loop(tmp_path / "pid", "fedpidavg", rounds=1)
+    assert all(c["report-loss"] is True for c in pid[MessageType.TRAIN])
+    plain = _run_loop(tmp_path / "plain", "fedavg", rounds=1)
+    assert not any("fedbn" in c or "report-loss" in c for c in plain[MessageType.TRAIN])
+
+
+def test_the_loop_sends_the_lr_of_each_round(tmp_path):
+    from fedbrats.server.federation import Federation
+    from fedbrats.shared.config import RunConfig
+
+    configs = _run_loop(tmp_path / "step", "fedavg", rounds=3, lr=0.01, lr_round_schedule="step:milestone=3,decay=0.1")
+    by_round = {c["server-round"]: c["lr"] for c in configs[MessageType.TRAIN]}
+    assert by_round == pytest.approx({1: 0.01, 2: 0.01, 3: 0.001})
+    constant = _run_loop(tmp_path / "constant", "fedavg", rounds=2, lr=0.01)
+    assert {c["lr"] for c in constant[MessageType.TRAIN]} == {0.01}
+    bad = RunConfig(lr_round_schedule="exponential:decay=2", out_dir=str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="lr-round-schedule"):  # refused before any round runs
+        Federation(ConfigGrid(), bad, build_strategy("fedavg"), record(w=[0.0]), out_dir=tmp_path / "bad")
+
+
+def test_registering_a_second_strategy_under_a_taken_name_is_refused():
+    from fedbrats.strategies import register_strategy
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_strategy("fedavg")(FedProx)
+    assert build_strategy("fedavg").__class__ is FedAvg  # the first registration stands

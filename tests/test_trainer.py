@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedbrats.client.settings import train_config
 from fedbrats.client.trainer import (
     TrainConfig,
     evaluate_local,
@@ -15,7 +16,6 @@ from fedbrats.client.trainer import (
     get_device,
     loss_on,
     lr_at,
-    train_config_from_run,
     train_local,
 )
 from fedbrats.shared.config import RunConfig
@@ -172,6 +172,10 @@ def test_bad_configs_and_devices_are_explained():
         TrainConfig(epochs=0, steps=None)
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(schedule="step")
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got nan"):
+        TrainConfig(lr=float("nan"))  # an lr from the server's round config is checked too
+    with pytest.raises(ValueError, match="proximal_mu must be a finite number >= 0, got inf"):
+        TrainConfig(proximal_mu=float("inf"))
     assert get_device("cpu").type == "cpu"
     if not torch.cuda.is_available():
         assert get_device("auto").type == "cpu"
@@ -196,8 +200,8 @@ def test_deep_supervision_outputs_and_the_wrap_hook():
 
 
 def test_run_config_schedule_spans_every_round():
-    by_epochs = train_config_from_run(RunConfig(rounds=10, local_epochs=2, batch_size=2, lr_schedule="poly"), 5)
+    by_epochs = train_config(RunConfig(rounds=10, local_epochs=2, batch_size=2, lr_schedule="poly"), 5)
     assert by_epochs.total_steps == 10 * 2 * 3 and by_epochs.steps is None and by_epochs.schedule == "poly"
-    by_steps = train_config_from_run(RunConfig(rounds=4, local_steps=7, proximal_mu=0.1), 5)
+    by_steps = train_config(RunConfig(rounds=4, local_steps=7, proximal_mu=0.1), 5)
     assert (by_steps.steps, by_steps.total_steps, by_steps.proximal_mu) == (7, 28, 0.1)
     assert lr_at(by_steps.total_steps, by_steps) == 0.0

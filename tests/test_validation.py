@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from rich.console import Console
@@ -194,3 +196,28 @@ def test_format_report_columns(tmp_path):
     console.print(table)
     text = console.export_text()
     assert CID in text and "missing t1" in text and "error" in text
+
+
+def test_check_in_a_log_prints_one_unwrapped_line_per_problem(tmp_path, capsys):
+    long_id = case_id_for(7) + "_" + "x" * 90  # a table would fold a name this long across lines
+    write_case(tmp_path, long_id, missing=("t1",), extra_files=("notes.txt",))
+    write_case(tmp_path, CID)
+    assert run_check(tmp_path, progress=False, plain=True) == 1
+    lines = capsys.readouterr().out.splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {long_id}") and "t1" in errors[0]
+    assert any(line.startswith(f"warning: {long_id}/notes.txt: ") for line in lines)
+    assert lines[-1] == f"2 cases, 1 unusable: {long_id}"
+
+
+def test_check_json_report(tmp_path, capsys):
+    write_case(tmp_path, CID)
+    write_case(tmp_path, case_id_for(2), missing=("flair",))
+    assert run_check(tmp_path, progress=False, as_json=True) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["cases"] == 2 and report["usable"] == [CID] and report["unusable"] == [case_id_for(2)]
+    assert report["ok"] is False
+    (problem,) = [p for p in report["problems"] if p["severity"] == "error"]
+    assert problem["case"] == case_id_for(2) and "flair" in problem["file"] + problem["problem"]
+    assert run_check(tmp_path / "absent", as_json=True) == 2
+    assert "is not a directory" in json.loads(capsys.readouterr().out)["error"]

@@ -9,25 +9,24 @@ open between accesses, so the dataset can be copied into DataLoader workers.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import nibabel as nib
 import numpy as np
 import torch
 from rich.progress import track
 from torch.utils.data import Dataset, get_worker_info
 
+from fedbrats.shared.atomic import atomic_write, atomic_write_text
 from fedbrats.shared.data.cases import Case
 from fedbrats.shared.data.problems import CaseError, CaseProblem
 from fedbrats.shared.data.rules import grid_problems, image_problems, unreadable_problem
 from fedbrats.shared.data.transforms import IMAGE, LABEL, preprocess, train_augmentation
-from fedbrats.shared.data.volumes import load_case
+from fedbrats.shared.data.volumes import load_case, read_grid
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +47,11 @@ def cache_key(case: Case) -> str:
     return f"{case.case_id}-{_digest(str(case.folder.resolve()))[:8]}-{_digest(CACHE_VERSION, stats)[:12]}"
 
 
-def _save_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _npy_bytes(array: np.ndarray) -> memoryview:
+    """The .npy file of `array` in memory (a view, not a second copy), for the atomic write."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getbuffer()
 
 
 class PatientDataset(Dataset):
@@ -141,16 +136,15 @@ class PatientDataset(Dataset):
         problems: list[CaseProblem] = []
         ref = None
         for path in case.files.values():
-            try:
-                img = nib.load(path, mmap=False)
-            except Exception as error:  # noqa: BLE001 - reported, not raised
-                problems.append(unreadable_problem(case.case_id, path.name, error))
+            grid, found = read_grid(case.case_id, path)  # header only, never decompresses the voxels
+            if grid is None:
+                problems.extend(found)
                 continue
-            shape = tuple(img.shape)
+            shape, affine = grid
             found = image_problems(case.case_id, path.name, shape, None)
             if not found and ref is not None:
-                found = grid_problems(case.case_id, path.name, shape, img.affine, *ref)
-            ref = ref or (path.name, shape, img.affine)
+                found = grid_problems(case.case_id, path.name, shape, affine, *ref)
+            ref = ref or (path.name, shape, affine)
             problems.extend(found)
         return problems
 
@@ -163,11 +157,11 @@ class PatientDataset(Dataset):
     def _write_cache(self, case: Case, data: Preprocessed) -> None:
         key = self._keys[case.case_id]
         image, regions, spacing = data
-        _save_atomic(self.cache_dir / f"{key}.image.npy", lambda f: np.save(f, image))
-        _save_atomic(self.cache_dir / f"{key}.regions.npy", lambda f: np.save(f, regions))
+        atomic_write(self.cache_dir / f"{key}.image.npy", _npy_bytes(image))
+        atomic_write(self.cache_dir / f"{key}.regions.npy", _npy_bytes(regions))
         meta = {"case_id": case.case_id, "spacing": list(spacing), "version": CACHE_VERSION}
         # the .json goes last: its presence marks a complete entry
-        _save_atomic(self.cache_dir / f"{key}.json", lambda f: f.write(json.dumps(meta).encode()))
+        atomic_write_text(self.cache_dir / f"{key}.json", json.dumps(meta))
         prefix = key.rsplit("-", 1)[0] + "-"
         for stale in self.cache_dir.glob(f"{prefix}*"):  # same case and folder, older content
             if not stale.name.startswith(key + ".") and not stale.name.startswith("."):

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import random
-import tempfile
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from fedbrats.shared.atomic import atomic_write_text
 
 PARTITION_COLUMN = "Partition_ID"
 SUBJECT_COLUMN = "Subject_ID"
@@ -23,10 +24,28 @@ SPLIT_COLUMN = "TrainOrVal"
 SPLITS = ("train", "val")
 #: How many missing subjects an error lists before it only counts the rest.
 _LISTED = 20
+#: Largest partition file read (FeTS 2022's 1251 rows take 30 KB): a site input may not exhaust memory.
+MAX_PARTITION_BYTES = 64 * 2**20
 
 
 class PartitionError(ValueError):
     """A partition file or a partition that cannot be used as it is."""
+
+
+#: A site id names the site's folder (cache, privacy ledger), so it may not be a path: FeTS's integers,
+#: or names such as "hospital-A_2".
+SITE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def safe_site_id(value: object, where: str) -> str:
+    """`value` as a site id, or a PartitionError naming `where` (file and line, or config key) and the value."""
+    text = str(value)
+    if SITE_ID.fullmatch(text) and ".." not in text:
+        return text
+    raise PartitionError(
+        f"{where} {text!r} is not a safe site id; expected 1 to 64 characters from A-Z a-z 0-9 . _ -, "
+        "starting with a letter or digit, without '..' (a site id names the site's folder)"
+    )
 
 
 @dataclass(frozen=True)
@@ -43,6 +62,7 @@ class Partition:
     def __post_init__(self) -> None:
         owner: dict[str, str] = {}
         for site, subjects in self.sites.items():
+            safe_site_id(site, "partition site")
             if not subjects:
                 raise PartitionError(f"site {site!r} has no subjects; every site needs at least one")
             for subject in subjects:
@@ -68,19 +88,36 @@ def _cell(row: list[str], index: int | None) -> str:
     return row[index].strip() if index is not None and index < len(row) else ""
 
 
+def _csv_rows(reader, path: Path):
+    """The reader's rows; a CSV syntax error (e.g. a field over the csv module's limit) names the line."""
+    try:
+        yield from reader
+    except csv.Error as err:
+        raise PartitionError(f"{path}, line {reader.line_num}: {err}; expected CSV text") from None
+
+
 def read_partition(csv_path: Path) -> Partition:
     """Read a FeTS partition CSV (partitioning_1.csv / partitioning_2.csv unchanged, or ours)."""
     path = Path(csv_path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_PARTITION_BYTES + 1)
+        if len(raw) > MAX_PARTITION_BYTES:
+            raise PartitionError(
+                f"{path}: larger than {MAX_PARTITION_BYTES:,} bytes; expected a partition CSV (one short row per subject)"
+            )
+        text = raw.decode("utf-8-sig")
     except FileNotFoundError:
         raise PartitionError(f"{path}: partition file not found") from None
     except UnicodeDecodeError as err:
         raise PartitionError(f"{path}: not UTF-8 text ({err}); expected a CSV file") from None
+    except OSError as err:
+        raise PartitionError(f"{path}: cannot read ({err}); expected a CSV file") from None
 
     reader = csv.reader(io.StringIO(text, newline=""))
+    rows = _csv_rows(reader, path)
     header: list[str] | None = None
-    for row in reader:
+    for row in rows:
         if any(cell.strip() for cell in row):
             header = [cell.strip() for cell in row]
             break
@@ -102,13 +139,14 @@ def read_partition(csv_path: Path) -> Partition:
     sites: dict[str, list[str]] = {}
     splits: dict[str, str] = {}
     seen: dict[str, tuple[int, str]] = {}  # subject -> (line, site)
-    for row in reader:
+    for row in rows:
         line = reader.line_num
         if not any(cell.strip() for cell in row):
             continue
         site, subject = _cell(row, part_col), _cell(row, subj_col)
         if not site:
             raise PartitionError(f"{path}, line {line}: empty {PARTITION_COLUMN}; expected a partition id")
+        safe_site_id(site, f"{path}, line {line}: {PARTITION_COLUMN}")
         if not subject:
             raise PartitionError(f"{path}, line {line}: empty {SUBJECT_COLUMN}; expected a subject id")
         if subject in seen:
@@ -143,23 +181,15 @@ def _site_order(sites: Iterable[str]) -> list[str]:
 
 def write_partition(partition: Partition, csv_path: Path) -> Path:
     """Write `partition` in the FeTS format, atomically (a reader never sees half a file)."""
-    path = Path(csv_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with_split = bool(partition.train_or_val)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow([PARTITION_COLUMN, SUBJECT_COLUMN] + ([SPLIT_COLUMN] if with_split else []))
-            for site in _site_order(partition.sites):
-                for subject in partition.sites[site]:
-                    extra = [partition.train_or_val.get(subject, "")] if with_split else []
-                    writer.writerow([site, subject, *extra])
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    handle = io.StringIO()
+    writer = csv.writer(handle, lineterminator="\n")
+    writer.writerow([PARTITION_COLUMN, SUBJECT_COLUMN] + ([SPLIT_COLUMN] if with_split else []))
+    for site in _site_order(partition.sites):
+        for subject in partition.sites[site]:
+            extra = [partition.train_or_val.get(subject, "")] if with_split else []
+            writer.writerow([site, subject, *extra])
+    return atomic_write_text(Path(csv_path), handle.getvalue())
 
 
 def name_list(names: Sequence[str]) -> str:

@@ -15,6 +15,8 @@ def image_problems(
 ) -> list[CaseProblem]:
     """Dimensionality, finiteness and contrast of one modality (`data=None`: shape only)."""
     dims = len(shape)
+    if dims and min(shape) < 1:
+        return [CaseProblem(case_id, file, f"image of shape {shape} holds no voxels; expected a 3D volume")]
     if dims < 3 or (dims == 3 and min(shape) == 1):
         return [
             CaseProblem(case_id, file, f"2D image of shape {shape}; expected a 3D volume (e.g. 240x240x155)")

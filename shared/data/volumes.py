@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from fedbrats.shared.constants import MODALITIES, LabelSet, Layout, label_sets_for
 from fedbrats.shared.data.cases import Case
+from fedbrats.shared.data.nifti import MAX_VOXELS, NiftiLimitError, open_nifti
 from fedbrats.shared.data.problems import CaseError, CaseProblem
 from fedbrats.shared.data.rules import grid_problems, image_problems, unreadable_problem
 from fedbrats.shared.labels import describe, label_values, region_masks
@@ -105,12 +107,13 @@ def _seg_problems(case: Case, file: str, seg: np.ndarray) -> tuple[np.ndarray | 
 
 
 def inspect_case(
-    case: Case, *, with_labels: bool = True, keep: bool = True
+    case: Case, *, with_labels: bool = True, keep: bool = True, max_voxels: int = MAX_VOXELS
 ) -> tuple[CaseVolume | None, list]:
     """Read and check every file of a case once; the volume is None if `keep` is False or a problem is fatal.
 
     Later files are still read after a fatal problem, so one pass reports everything wrong with a case.
-    Files whose header already disqualifies them (2D/4D, other grid) are not decompressed.
+    Files whose header already disqualifies them (2D/4D, other grid, over `max_voxels`) are not
+    decompressed, and no file is decompressed past what its header accounts for (`nifti.open_nifti`).
     """
     problems: list[CaseProblem] = []
     names = [m for m in (*MODALITIES, "seg") if m in case.files and (m != "seg" or with_labels)]
@@ -130,26 +133,22 @@ def inspect_case(
         path = case.files[m]
         file = path.name
         try:
-            img = nib.load(path, mmap=False)
-            shape = tuple(int(s) for s in img.shape)
-        except Exception as error:  # noqa: BLE001 - any reader failure is a finding, never a crash
-            problems.append(unreadable_problem(case.case_id, file, error))
+            with open_nifti(path, max_voxels=max_voxels) as nifti:
+                shape, img = nifti.shape, nifti.image
+                found = image_problems(case.case_id, file, shape, None)
+                if not found and ref is not None:
+                    found = grid_problems(case.case_id, file, shape, img.affine, *ref)
+                if found:
+                    problems.extend(found)
+                    continue
+                if ref is None:
+                    ref = (file, shape, img.affine.copy())
+                    header = img.header.copy()
+                    spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+                data = (nifti.read_labels() if m == "seg" else nifti.read_image()).reshape(shape[:3])
+        except NiftiLimitError as error:
+            problems.append(CaseProblem(case.case_id, file, str(error)))
             continue
-        found = image_problems(case.case_id, file, shape, None)
-        if not found and ref is not None:
-            found = grid_problems(case.case_id, file, shape, img.affine, *ref)
-        if found:
-            problems.extend(found)
-            continue
-        if ref is None:
-            ref = (file, shape, img.affine.copy())
-            header = img.header.copy()
-            spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-        try:
-            if m == "seg":
-                data = np.asanyarray(img.dataobj).reshape(shape[:3])
-            else:
-                data = img.get_fdata(dtype=np.float32, caching="unchanged").reshape(shape[:3])
         except Exception as error:  # noqa: BLE001 - truncated gzip raises EOFError, zlib.error, OSError, ...
             problems.append(unreadable_problem(case.case_id, file, error))
             continue
@@ -172,10 +171,11 @@ def inspect_case(
     return volume, problems
 
 
-def load_case(case: Case, *, with_labels: bool = True) -> CaseVolume:
+def load_case(case: Case, *, with_labels: bool = True, max_voxels: int = MAX_VOXELS) -> CaseVolume:
     """Load a case into arrays (input geometry kept, no reorientation); raises CaseError on any fatal problem.
 
-    `with_labels=True` requires a seg file; pass False at prediction time.
+    `with_labels=True` requires a seg file; pass False at prediction time. A volume over `max_voxels`
+    voxels is refused from its header alone.
     """
     if with_labels and "seg" not in case.files:
         seg_name = case.layout.filename(case.case_id, "seg")
@@ -188,9 +188,22 @@ def load_case(case: Case, *, with_labels: bool = True) -> CaseVolume:
                 )
             ]
         )
-    volume, problems = inspect_case(case, with_labels=with_labels, keep=True)
+    volume, problems = inspect_case(case, with_labels=with_labels, keep=True, max_voxels=max_voxels)
     if volume is None:
         raise CaseError(problems)
     for p in problems:
         log.warning("%s", p)
     return volume
+
+
+def read_grid(
+    case_id: str, path: Path, *, max_voxels: int = MAX_VOXELS
+) -> tuple[tuple[tuple[int, ...], np.ndarray] | None, list[CaseProblem]]:
+    """(shape, affine) from one file's header without reading its voxels, or None and the problem why."""
+    try:
+        with open_nifti(path, max_voxels=max_voxels) as nifti:
+            return (nifti.shape, nifti.image.affine.copy()), []
+    except NiftiLimitError as error:
+        return None, [CaseProblem(case_id, Path(path).name, str(error))]
+    except Exception as error:  # noqa: BLE001 - any reader failure is a finding, never a crash
+        return None, [unreadable_problem(case_id, Path(path).name, error)]

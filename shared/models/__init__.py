@@ -10,7 +10,7 @@ arguments, defaults filled in), so `create_model(model.model_name, **model.confi
 same architecture and a checkpoint can store both.
 """
 
-from fedbrats.shared.models import resunet  # noqa: F401  (registers "resunet")
+from fedbrats.shared.models import classifier, resunet  # noqa: F401  (register their models)
 from fedbrats.shared.models.registry import (
     DEFAULT_MODEL,
     MODELS,

@@ -50,7 +50,8 @@ def conv3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv3d:
 class SEBlock(nn.Module):
     """Squeeze-and-excitation (Hu et al. 2018): reweight channels by a gate from their global means.
 
-    Used by the TuNet cascade (DESIGN section 4); cheap (2 C^2 / reduction parameters).
+    Optional in the residual block (run-configuration key ``model-se``), as in the seed papers' TuNet
+    cascade (DESIGN section 4, not built yet); cheap (2 C^2 / reduction parameters).
     """
 
     def __init__(self, channels: int, reduction: int = 4):

@@ -15,7 +15,9 @@ when every region is present in every sample.
 `HierarchicalDiceLoss` (residual-FCN seed paper): the model outputs label logits
 [B, 4, ...] (background, NCR, ED, ET, whatever the dataset's label numbers), softmax over them,
 then P(WT) = NCR + ED + ET, P(TC) = NCR + ET, P(ET) = ET; mean of the three soft Dice losses.
-`hierarchical_probabilities` gives the same region probabilities for inference.
+`hierarchical_probabilities` gives the same region probabilities for inference. No registered model
+outputs label logits yet (every one gives 3 sigmoid region logits, trained with `RegionLoss`); this
+loss waits for the seed papers' softmax-over-labels model (tests/test_losses.py says so).
 
 Deep supervision: pass the model's list of logits (full resolution first). Level i has weight
 0.5^i, weights normalised to sum 1 so the value is on the same scale as a single output; the target

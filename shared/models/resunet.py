@@ -10,7 +10,7 @@ takes 128^3 patches; tests use width 8, depth 3 (83 k) on 32^3.
 
 Deep supervision: in training mode the model returns a list of logits, full resolution first,
 then one per coarser decoder level at its OWN size (1/2, 1/4, ... of the input; depth-2 extra
-outputs). `shared.losses.RegionLoss` resizes the target to each. In eval mode it returns the
+outputs). `fedbrats.shared.models.losses.RegionLoss` resizes the target to each. In eval mode it returns the
 full-resolution tensor only, so inference code never sees the list.
 """
 

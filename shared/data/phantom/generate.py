@@ -31,7 +31,16 @@ from fedbrats.shared.data.phantom.anatomy import (
 )
 from fedbrats.shared.data.phantom.imaging import render
 from fedbrats.shared.data.phantom.sites import GENERATOR_VERSION, SiteProfile, case_id, draw_site_profiles
-from fedbrats.shared.data.phantom.tumor import CORE, EDEMA, ENHANCING, choose_seed, draw_tumor, grow_tumor
+from fedbrats.shared.data.phantom.tumor import (
+    CORE,
+    EDEMA,
+    ENHANCING,
+    GradeFeatures,
+    choose_seed,
+    draw_grade_features,
+    draw_tumor,
+    grow_tumor,
+)
 
 _CASE_STREAM = 0xCA5E
 _ATTEMPTS = 20
@@ -49,23 +58,38 @@ class PhantomCase:
     seg: np.ndarray
     affine: np.ndarray
     tissue: np.ndarray  # uint8: 1 CSF, 2 GM, 3 WM where that class fills >= 60 % of the voxel, else 0
+    features: GradeFeatures  # what the grade looks like in this case (necrosis/cyst, enhancement)
 
     @property
     def voxel_size(self) -> float:
         return float(self.affine[0, 0])
 
 
+def _case_rng(seed: int, site: SiteProfile, case: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, site.site, case, _CASE_STREAM]))
+
+
+def _draw_case_features(rng: np.random.Generator, site: SiteProfile) -> GradeFeatures:
+    return draw_grade_features(rng, "HGG" if rng.random() < site.hgg_share else "LGG")
+
+
+def case_grade_features(seed: int, site: SiteProfile, case: int) -> GradeFeatures:
+    """Grade, fluid centre and enhancement pattern `make_case` will draw, without making any image."""
+    return _draw_case_features(_case_rng(seed, site, case), site)
+
+
 def make_case(
     seed: int, site: SiteProfile, case: int, grid: Grid, template: Template, et_label: int = 4
 ) -> PhantomCase:
     """Generate one case in memory (nothing written); deterministic in (seed, site, case, voxel size)."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, site.site, case, _CASE_STREAM]))
-    grade = "HGG" if rng.random() < site.hgg_share else "LGG"
+    rng = _case_rng(seed, site, case)
+    features = _draw_case_features(rng, site)  # once: a retry redraws the shape, not the grade's look
+    grade = features.grade
     deform = draw_deformation(rng, template)
     origin = grid.affine[:3, 3]
     box_start = np.array([s.start for s in grid.box])
     for _ in range(_ATTEMPTS):
-        spec = draw_tumor(rng, grade, grid.voxel_size)
+        spec = draw_tumor(rng, features, grid.voxel_size)
         seed_point = choose_seed(rng, template, spec)
         pushed = dataclasses.replace(
             deform, push_at=seed_point, push_strength=spec.push_strength, push_radius=spec.radius_mm
@@ -79,7 +103,7 @@ def make_case(
         raise RuntimeError(
             f"{case_id(site.site, case)}: no tumor with all required labels in {_ATTEMPTS} tries"
         )
-    images_box, brain = render(rng, anatomy, tumor, site, grid.affine, grid.box, grade == "HGG")
+    images_box, brain = render(rng, anatomy, tumor, site, grid.affine, grid.box)
 
     seg_box = np.zeros(brain.shape, np.uint8)
     lut = np.array([0, 1, 2, et_label], np.uint8)  # internal CORE, EDEMA, ENHANCING -> file labels
@@ -95,7 +119,9 @@ def make_case(
     seg[grid.box] = seg_box
     tissue = np.zeros(grid.shape, np.uint8)
     tissue[grid.box] = _dominant_tissue(anatomy, brain)
-    return PhantomCase(case_id(site.site, case), site.site, grade, images, seg, grid.affine, tissue)
+    return PhantomCase(
+        case_id(site.site, case), site.site, grade, images, seg, grid.affine, tissue, features
+    )
 
 
 def _dominant_tissue(anatomy: np.ndarray, brain: np.ndarray) -> np.ndarray:

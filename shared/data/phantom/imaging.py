@@ -67,9 +67,12 @@ def render(
     site: SiteProfile,
     affine: np.ndarray,
     box: tuple[slice, slice, slice],
-    hgg: bool,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Images (int16 over the work box, 0 outside the brain) and the brain mask."""
+    """Images (int16 over the work box, 0 outside the brain) and the brain mask.
+
+    The non-enhancing core is rendered as fluid (necrosis or cyst: `tumor.fluid`) or as solid
+    tumor, whatever the grade, so the core's look follows the drawn features, not the grade label.
+    """
     spacing = float(affine[0, 0])
     mask, gm, wm = anatomy
     brain = mask > 0.5
@@ -78,7 +81,9 @@ def render(
     sub = tumor.region
     lab = tumor.labels
     soft = 0.5  # partial volume of the tumor boundary, in voxels
-    f_core = ndimage.gaussian_filter((lab == CORE).astype(np.float32), soft)
+    f_ncr = ndimage.gaussian_filter(((lab == CORE) & tumor.fluid).astype(np.float32), soft)
+    f_net = ndimage.gaussian_filter(((lab == CORE) & ~tumor.fluid).astype(np.float32), soft)
+    f_core = f_ncr + f_net
     f_et = ndimage.gaussian_filter((lab == ENHANCING).astype(np.float32), soft)
     f_ed = ndimage.gaussian_filter(tumor.edema_weight * (lab > 0), soft) - f_core - f_et
     f_ed = np.clip(f_ed, 0.0, 1.0)
@@ -94,7 +99,7 @@ def render(
         scanner = site.scanner[modality]
         mu = tissue_means(modality, scanner, site.enhancement, rng)
         img = csf * mu[0] + gm * mu[1] + wm * mu[2]
-        tumor_mix = f_core * mu[4 if not hgg else 3] + f_et * mu[6] + f_ed * mu[5]
+        tumor_mix = f_ncr * mu[3] + f_net * mu[4] + f_et * mu[6] + f_ed * mu[5]
         img[sub] = img[sub] * (1.0 - f_tumor) + m_sub * tumor_mix * texture
         sigma = site.blur_mm / spacing
         if sigma > 0.2:

@@ -17,7 +17,7 @@ import numpy as np
 from fedbrats.shared.constants import MODALITIES
 
 #: Bumped whenever the same arguments would give different files.
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"  # 1.1: grade features overlap (tumor.py)
 
 #: Site case counts: 3 + lognormal, so the median is FeTS 2021's 9 and the tail is heavy (3 to ~130).
 SIZE_MIN, SIZE_EXCESS_MEDIAN, SIZE_SIGMA, SIZE_MAX = 3, 6.0, 1.3, 400
@@ -58,7 +58,7 @@ class SiteProfile:
     site: int  # Partition_ID, from 1
     name: str  # case-id prefix, e.g. "Phantom_001"
     n_cases: int
-    hgg_share: float  # probability that a case is high grade (necrosis + enhancing rim)
+    hgg_share: float  # probability that a case is high grade (features by grade: tumor.py)
     field_strength_t: float  # 1.5 or 3.0: cosmetic, but 1.5 T sites are noisier
     scanner: dict[str, ModalityScanner]
     bias_strength: float  # log-amplitude of the multiplicative bias field

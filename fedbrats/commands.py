@@ -1,0 +1,187 @@
+"""The handlers of the `fedbrats` subcommands: each resolves its inputs, delegates, and prints the result.
+
+Imports happen inside the handlers so `fedbrats --help` stays instant and a broken optional part
+cannot stop the others from working. Modules return data; the tables are printed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from fedbrats.run_options import run_config_from_args
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def data_check(args: argparse.Namespace) -> int:
+    from fedbrats.check_output import run_check
+
+    return run_check(args.root, workers=args.workers, progress=True, as_json=args.json)
+
+
+def data_phantom(args: argparse.Namespace) -> int:
+    from fedbrats.shared.data.phantom import generate_phantom
+
+    out = generate_phantom(
+        args.out, sites=args.sites, cases_per_site=args.cases_per_site, voxel_size=args.voxel_size,
+        seed=args.seed, layout=args.layout, progress=True,
+    )  # fmt: skip
+    print(f"phantom written to {out}")
+    if args.check:
+        from fedbrats.check_output import run_check
+
+        return run_check(Path(out))
+    return 0
+
+
+def data_montage(args: argparse.Namespace) -> int:
+    from fedbrats.shared.data.phantom import save_montage
+
+    print(save_montage(args.root, args.cases, args.out))
+    return 0
+
+
+def data_partition(args: argparse.Namespace) -> int:
+    from fedbrats.simulations.partitioning import run_partition
+    from fedbrats.tables import partition_table
+
+    partition, sizes = run_partition(
+        args.root, args.scheme, args.sites, args.alpha, args.seed, args.out, institution_csv=args.institution_csv
+    )
+    _console().print(partition_table(partition, sizes, title=f"{args.scheme} partition of {args.root} -> {args.out}"))
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    from fedbrats.client.training_run import one_site_config, run_train
+    from fedbrats.data_checks import checked_partition
+
+    config = one_site_config(run_config_from_args(args, {"model": args.model, "seed": args.seed}), args.epochs)
+    sites = None if args.site is None else [args.site]
+    partition, discovered, narrowed = checked_partition(
+        args.data, args.partition, allow_missing=args.allow_missing, sites=sites
+    )
+    run_train(
+        config, args.data, partition=partition if narrowed else args.partition, site=args.site, out=args.out,
+        device=args.device, discovered=discovered,
+    )  # fmt: skip
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from fedbrats.data_checks import checked_partition
+    from fedbrats.shared.evaluation.evaluate import evaluate_checkpoint
+    from fedbrats.tables import evaluation_table
+
+    config = run_config_from_args(args, {"seed": args.seed})
+    partition, discovered, _ = checked_partition(args.data, args.partition, allow_missing=args.allow_missing)
+    result = evaluate_checkpoint(
+        args.checkpoint, args.data, partition, out_csv=args.out, tta=args.tta, device=args.device,
+        split=args.split, seed=config.seed, val_fraction=config.val_fraction, discovered=discovered,
+    )  # fmt: skip
+    console = _console()
+    console.print(evaluation_table(result.summary, result.title))
+    if result.skipped:
+        console.print(f"[yellow]skipped {len(result.skipped)} case(s):[/] " + "; ".join(result.skipped))
+    if result.written:
+        console.print("\n".join(f"written: {path}" for path in result.written))
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    from fedbrats.shared.evaluation.inference import predict_case
+
+    written = predict_case(args.checkpoint, args.case, args.out, tta=not args.no_tta, device=args.device)
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _federation_data(args: argparse.Namespace, config, out: Path) -> tuple[Path, Path]:
+    """The dataset and partition a federation runs on, checked against the disk before Flower starts.
+
+    With --allow-missing and subjects dropped, the narrowed partition is written to OUT/partition.csv
+    and that file is what the sites read, so sites left without cases are not started.
+    """
+    from fedbrats.data_checks import checked_partition
+    from fedbrats.shared.data.partition import write_partition
+    from fedbrats.simulations.simulate import prepare_data
+
+    data, partition = prepare_data(config, args.data, args.partition, args.sites)
+    used, _, narrowed = checked_partition(data, partition, allow_missing=args.allow_missing)
+    if narrowed and used is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        partition = write_partition(used, out / "partition.csv")
+    return data, partition
+
+
+def _federation_flags(args: argparse.Namespace) -> dict:
+    return {"rounds": args.rounds, "seed": args.seed, "strategy": getattr(args, "strategy", None)}
+
+
+def simulate(args: argparse.Namespace) -> int:
+    from fedbrats.simulations.simulate import run_simulate
+
+    config = run_config_from_args(args, _federation_flags(args), federated=True)
+    out = (args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")).resolve()
+    data, partition = _federation_data(args, config, out)
+    return run_simulate(config, data, partition, out, gpus_per_site=args.gpus_per_site)
+
+
+def compare(args: argparse.Namespace) -> int:
+    from fedbrats.simulations.compare import compare as run_comparison
+    from fedbrats.simulations.compare import parse_seeds, parse_strategies, plan_runs
+    from fedbrats.simulations.compare_report import summarise_runs
+    from fedbrats.tables import comparison_tables
+
+    config = run_config_from_args(args, _federation_flags(args))
+    specs = parse_strategies(args.strategies)
+    seeds = parse_seeds(args.seeds) if args.seeds else [config.seed]
+    plan_runs(config, specs, seeds)  # every strategy and its parameters, checked before data or Flower
+    out = (args.out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")).resolve()
+    data, partition = _federation_data(args, config, out)
+    ok = run_comparison(
+        config, specs, seeds, data, partition, out, target_dice=args.target_dice, target_region=args.target_region,
+        gpus_per_site=args.gpus_per_site, command=shlex.join(["fedbrats", *sys.argv[1:]]),
+    )  # fmt: skip
+    console = _console()
+    for table in comparison_tables(summarise_runs(out), args.target_dice, args.target_region):
+        console.print(table)
+    return 0 if ok else 1
+
+
+def deploy_app(args: argparse.Namespace) -> int:
+    from fedbrats.shared.atomic import atomic_write_text
+    from fedbrats.shared.config import RunConfig
+    from fedbrats.simulations.simulate import app_pyproject
+
+    config = RunConfig.from_toml(args.config) if args.config else RunConfig()
+    if args.out_dir:
+        config = config.replace(out_dir=str(Path(args.out_dir).resolve()))
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "pyproject.toml", app_pyproject(config))
+    print(f"Flower app written to {args.out / 'pyproject.toml'}; run it with: flwr run {args.out} <connection> --stream")
+    return 0
+
+
+def privacy_audit(args: argparse.Namespace) -> int:
+    from fedbrats.privacy_commands import run_audit
+
+    return run_audit(args.path, budget=args.budget, out_png=args.png, history=args.history)
+
+
+def privacy_plan(args: argparse.Namespace) -> int:
+    from fedbrats.privacy_commands import run_plan
+
+    return run_plan(
+        args.cases, args.batch_size, args.rounds, args.local_epochs, args.epsilon, args.delta,
+        local_steps=args.local_steps, accountant=args.accountant,
+    )  # fmt: skip
