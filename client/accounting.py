@@ -58,7 +58,9 @@ def epsilon_for(history: Sequence[tuple[float, float, int]], delta: float, accou
     if not history:
         return 0.0
     merged = merge_history(history)
-    if accountant == "rdp":  # what RDPAccountant.get_epsilon computes, with each (q, sigma) curve computed once
+    if (
+        accountant == "rdp"
+    ):  # what RDPAccountant.get_epsilon computes, with each (q, sigma) curve computed once
         from opacus.accountants import RDPAccountant
         from opacus.accountants.analysis.rdp import get_privacy_spent
 

@@ -66,7 +66,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         return _error(msg, SITE_UNUSABLE, f"site {site.name} has no usable training case ({site.skipped_count} skipped)")
     round_config = msg.content["config"]
     server_round = _server_round(msg)
-    run = run_key(msg.metadata.run_id, config)
+    run = run_key(msg.metadata.run_id, config, msg.content["config"].get("run-key", ""))
     incoming = msg.content["arrays"]
     model = _model(msg, config)
     norms = LocalNorms(site.run_dir(run)) if round_config.get("fedbn", False) else None
@@ -137,7 +137,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         return _reply(msg, site, {"num-examples": len(site.val), "eval-seconds": 0.0})  # nothing per patient leaves
     model = _model(msg, config)
     if msg.content["config"].get("fedbn", False):  # each site is scored with its own normalisation
-        LocalNorms(site.run_dir(run_key(msg.metadata.run_id, config))).apply(model, upto_round=_server_round(msg))
+        LocalNorms(site.run_dir(run_key(msg.metadata.run_id, config, msg.content["config"].get("run-key", "")))).apply(model, upto_round=_server_round(msg))
     evaluation = evaluate_local(model, site.val, patch_size=config.patch, device=get_device("auto"))
     metrics = {k.replace("_", "-"): v for k, v in flat_metrics(evaluation).items()}
     metrics.update({"num-examples": len(site.val), "eval-seconds": evaluation["seconds"]})

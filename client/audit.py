@@ -106,12 +106,16 @@ def find_ledgers(path: Path) -> dict[str, Path]:
     if path.is_file():
         return {path.parent.name or path.stem: path}
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} does not exist; expected a run folder, a site folder or a {FILENAME}")
+        raise FileNotFoundError(
+            f"{path} does not exist; expected a run folder, a site folder or a {FILENAME}"
+        )
     found = {p.parent.name: p for p in sorted(path.glob(f"sites/*/{FILENAME}"))}
     if (path / FILENAME).is_file():
         found[path.name] = path / FILENAME
     if not found:
-        raise FileNotFoundError(f"no privacy ledger in {path}: expected {path}/sites/<site>/{FILENAME} or {path}/{FILENAME}")
+        raise FileNotFoundError(
+            f"no privacy ledger in {path}: expected {path}/sites/<site>/{FILENAME} or {path}/{FILENAME}"
+        )
     return found
 
 
@@ -168,7 +172,9 @@ def _check_plans(ledger: PrivacyLedger, rows: Sequence[LedgerRow]) -> dict[int, 
     return problems
 
 
-def _check_server(audit: SiteAudit, rows: Sequence[LedgerRow], reported: Sequence[tuple[int, dict]], fingerprint: str):
+def _check_server(
+    audit: SiteAudit, rows: Sequence[LedgerRow], reported: Sequence[tuple[int, dict]], fingerprint: str
+):
     """Each DP round the server recorded for the site must be in the ledger, as the site reported it."""
     by_seq = {r.seq: r for r in rows}
     matched: list[LedgerRow] = []
@@ -183,14 +189,20 @@ def _check_server(audit: SiteAudit, rows: Sequence[LedgerRow], reported: Sequenc
                                       "(rows deleted or the table emptied)")  # fmt: skip
                 continue
             if row.round != rnd:
-                audit.problems.append(f"row {seq}: records round {row.round}; the site reported it for round {rnd}")
+                audit.problems.append(
+                    f"row {seq}: records round {row.round}; the site reported it for round {rnd}"
+                )
             if "ledger-head" in entry and key_id(row.row_hash) != int(entry["ledger-head"]):
-                audit.problems.append(f"row {seq}: is not the row the site reported in round {rnd} (its hash differs)")
+                audit.problems.append(
+                    f"row {seq}: is not the row the site reported in round {rnd} (its hash differs)"
+                )
             if "ledger-key" in entry and fingerprint and key_id(fingerprint) != int(entry["ledger-key"]):
                 audit.problems.append(f"row {seq}: the ledger's key {fingerprint[:12]} is not the key the site "
                                       f"reported in round {rnd} ({int(entry['ledger-key']):012x})")  # fmt: skip
         else:  # a site that reports no row number: match by round and epsilon
-            row = next((r for r in rows if r.round == rnd and _relative(r.epsilon, eps) <= REPORTED_TOLERANCE), None)
+            row = next(
+                (r for r in rows if r.round == rnd and _relative(r.epsilon, eps) <= REPORTED_TOLERANCE), None
+            )
             if row is None:
                 audit.problems.append(f"{where}: the site reported epsilon {eps:.6g}; no ledger row of round {rnd} "
                                       "records it (rows deleted or rewritten)")  # fmt: skip
@@ -233,11 +245,15 @@ def audit_ledger(
         audit.budget = rows[-1].budget
     for previous, row in zip(rows, rows[1:], strict=False):
         if row.seq != previous.seq + 1:
-            audit.problems.append(f"rows {previous.seq + 1}..{row.seq - 1} are missing (row ids jump {previous.seq} -> {row.seq})")
+            audit.problems.append(
+                f"rows {previous.seq + 1}..{row.seq - 1} are missing (row ids jump {previous.seq} -> {row.seq})"
+            )
     if rows[0].seq != 1:
         audit.problems.append(f"rows 1..{rows[0].seq - 1} are missing (the first row id is {rows[0].seq})")
     off_plan = _check_plans(ledger, rows)
-    independent = independent_epsilons([(r.noise_multiplier, r.sample_rate, r.steps, r.delta, r.accountant) for r in rows])
+    independent = independent_epsilons(
+        [(r.noise_multiplier, r.sample_rate, r.steps, r.delta, r.accountant) for r in rows]
+    )
     last_round: dict[str, int] = {}
     total = 0
     for i, row in enumerate(rows):
@@ -251,10 +267,14 @@ def audit_ledger(
         if i and row.delta == rows[i - 1].delta and row.epsilon < rows[i - 1].epsilon:
             check.problems.append(f"epsilon decreased ({rows[i - 1].epsilon:.4f} -> {row.epsilon:.4f})")
         if _relative(row.epsilon, check.recomputed) > TOLERANCE:
-            check.problems.append(f"recorded epsilon {row.epsilon:.4f} but the history gives {check.recomputed:.4f}")
+            check.problems.append(
+                f"recorded epsilon {row.epsilon:.4f} but the history gives {check.recomputed:.4f}"
+            )
         if _relative(row.epsilon, check.independent) > INDEPENDENT_TOLERANCE:
             check.problems.append(f"independent accountant gives {check.independent:.4f}")
-        if not (row.noise_multiplier > 0 and 0 < row.sample_rate <= 1 and row.steps >= 1 and 0 < row.delta < 1):
+        if not (
+            row.noise_multiplier > 0 and 0 < row.sample_rate <= 1 and row.steps >= 1 and 0 < row.delta < 1
+        ):
             check.problems.append("impossible values (sigma, q, steps or delta)")
         check.problems += off_plan.get(row.seq, [])
         audit.rounds.append(check)
@@ -279,7 +299,9 @@ def audit_run(path: Path, *, budget: float | None = None, history: Path | None =
             claimed |= {str(e.get("site")) for _, e in mine}
         sites.append(audit_ledger(ledger_path, site=name, budget=budget, reported=mine))
     run = RunAudit(sites, history)
-    if reported is not None and Path(path).is_dir() and not (Path(path) / FILENAME).is_file():  # a whole run folder
+    if (
+        reported is not None and Path(path).is_dir() and not (Path(path) / FILENAME).is_file()
+    ):  # a whole run folder
         for name in sorted({str(e.get("site")) for _, e in reported} - claimed):
             count = sum(1 for _, e in reported if str(e.get("site")) == name)
             run.problems.append(f"site {name}: the server recorded {count} DP round(s), but {path} holds no "

@@ -156,10 +156,14 @@ def row_hash(row: LedgerRow | PlanRow) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _typed(cls, values) -> LedgerRow | PlanRow:
+def _typed(cls, values, path: Path) -> LedgerRow | PlanRow:
     """A row with each value in its field's type, so a REAL read back as 1.0 hashes like the 1.0 written."""
     kinds = {"int": int, "float": float, "str": str}
-    return cls(*(kinds[f.type](v) for f, v in zip(fields(cls), values, strict=True)))
+    try:
+        return cls(*(kinds[f.type](v) for f, v in zip(fields(cls), values, strict=True)))
+    except (TypeError, ValueError) as err:
+        raise LedgerError(f"{path}: a {'plan' if cls is PlanRow else 'round'} row with id {values[0]} holds a value "
+                          f"of the wrong type ({err}): the table was edited outside FedBraTS") from err  # fmt: skip
 
 
 class PrivacyLedger:
@@ -238,11 +242,17 @@ class PrivacyLedger:
 
     def rows(self) -> list[LedgerRow]:
         """Every round row, in the order written."""
-        return [_typed(LedgerRow, r) for r in self._select(f"SELECT {', '.join(_ROUND_COLUMNS)} FROM rounds ORDER BY seq")]
+        return [
+            _typed(LedgerRow, r, self.path)
+            for r in self._select(f"SELECT {', '.join(_ROUND_COLUMNS)} FROM rounds ORDER BY seq")
+        ]
 
     def plans(self) -> list[PlanRow]:
         """Every run's plan, in the order made."""
-        return [_typed(PlanRow, r) for r in self._select(f"SELECT {', '.join(_PLAN_COLUMNS)} FROM plans ORDER BY seq")]
+        return [
+            _typed(PlanRow, r, self.path)
+            for r in self._select(f"SELECT {', '.join(_PLAN_COLUMNS)} FROM plans ORDER BY seq")
+        ]
 
     def meta(self) -> dict[str, str]:
         return dict(self._select("SELECT key, value FROM meta"))
@@ -281,12 +291,15 @@ class PrivacyLedger:
                               f"{fingerprint[:16]} ({self.key.path}); a ledger cannot change hands")  # fmt: skip
         return fingerprint
 
-    def _append(self, conn: sqlite3.Connection, cls, table: str, columns: list[str], values: dict) -> LedgerRow | PlanRow:
+    def _append(
+        self, conn: sqlite3.Connection, cls, table: str, columns: list[str], values: dict
+    ) -> LedgerRow | PlanRow:
         fingerprint = self._bind_key(conn)
         last = conn.execute(f"SELECT row_hash FROM {table} ORDER BY seq DESC LIMIT 1").fetchone()
         (seq,) = conn.execute(  # what AUTOINCREMENT would give: never a number used before
             f"SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = ?), 0), "
-            f"COALESCE((SELECT MAX(seq) FROM {table}), 0)) + 1", (table,)
+            f"COALESCE((SELECT MAX(seq) FROM {table}), 0)) + 1",
+            (table,),
         ).fetchone()
         row = cls(seq=int(seq), **values, key_fingerprint=fingerprint,
                   prev_hash=last[0] if last else genesis_hash(fingerprint), row_hash="", signature="")  # fmt: skip
@@ -306,7 +319,9 @@ class PrivacyLedger:
                       accountant=str(accountant), budget=float(budget), max_grad_norm=float(max_grad_norm),
                       n_cases=int(n_cases), timestamp=_now(), plan_hash=str(plan_hash))  # fmt: skip
         with self._transaction() as conn:
-            if conn.execute("SELECT 1 FROM rounds WHERE run_id = ? AND round = ?", (str(run_id), int(round))).fetchone():
+            if conn.execute(
+                "SELECT 1 FROM rounds WHERE run_id = ? AND round = ?", (str(run_id), int(round))
+            ).fetchone():
                 raise LedgerError(f"{self.path}: round {round} of run {run_id!r} is already recorded")
             return self._append(conn, LedgerRow, "rounds", _ROUND_COLUMNS, values)
 
@@ -321,9 +336,11 @@ class PrivacyLedger:
                       spent_before=float(spent_before), budget=float(budget), n_cases=int(n_cases),
                       timestamp=_now())  # fmt: skip
         with self._transaction() as conn:
-            found = conn.execute(f"SELECT {', '.join(_PLAN_COLUMNS)} FROM plans WHERE run_id = ?", (str(run_id),)).fetchone()
+            found = conn.execute(
+                f"SELECT {', '.join(_PLAN_COLUMNS)} FROM plans WHERE run_id = ?", (str(run_id),)
+            ).fetchone()
             if found:
-                return _typed(PlanRow, found)
+                return _typed(PlanRow, found, self.path)
             return self._append(conn, PlanRow, "plans", _PLAN_COLUMNS, values)
 
     # ------------------------------------------------------------------ checking
@@ -339,8 +356,11 @@ class PrivacyLedger:
         public, fingerprint = meta.get("public_key"), meta.get("key_fingerprint")
         if (rows or plans) and not (public and fingerprint):
             return [("ledger", "has rows but no public key in meta: the rows cannot be verified")]
-        if public and public_fingerprint(public) != fingerprint:
-            problems.append(("ledger", "the public key in meta does not match its recorded fingerprint"))
+        try:
+            if public and public_fingerprint(public) != fingerprint:
+                problems.append(("ledger", "the public key in meta does not match its recorded fingerprint"))
+        except ValueError:
+            problems.append(("ledger", "the public key in meta is not a PEM public key"))
         key_file = self.path.parent / KEY_FILENAME
         if fingerprint and key_file.is_file():
             try:
@@ -367,7 +387,9 @@ class PrivacyLedger:
                 elif not _signature_ok(public, item):
                     problems.append((where, "its signature does not verify with the ledger's key"))
                 if kind == "row" and item.plan_hash and item.plan_hash not in plan_hashes:
-                    problems.append((where, f"names plan {item.plan_hash[:12]}, which the ledger does not hold"))
+                    problems.append(
+                        (where, f"names plan {item.plan_hash[:12]}, which the ledger does not hold")
+                    )
                 previous = item.row_hash
         written = self.rows_written()
         if written > (rows[-1].seq if rows else 0):

@@ -124,7 +124,9 @@ def poisson_loader(
     num_workers: int = 0, pin_memory: bool = False,
 ) -> DataLoader:  # fmt: skip
     """Opacus' Poisson sampler and empty-batch collate, one pass = `steps` logical batches (one round)."""
-    sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=rate, generator=generator, steps=steps)
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(dataset), sample_rate=rate, generator=generator, steps=steps
+    )
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=wrap_collate_with_empty(collate_fn=default_collate),
                       num_workers=num_workers, pin_memory=pin_memory)  # fmt: skip
 
@@ -178,7 +180,9 @@ def train_private(
     validate_model(model)
     steps = round_steps(n, config.batch_size, epochs=config.epochs, steps=config.steps)
     if ledger.has_round(run_id, round):
-        raise LedgerError(f"round {round} of run {run_id!r} was already trained at this site; not spending privacy twice")
+        raise LedgerError(
+            f"round {round} of run {run_id!r} was already trained at this site; not spending privacy twice"
+        )
     broken = ledger.verify()
     if broken:
         where, what = broken[0]
@@ -247,7 +251,10 @@ def train_private(
                     optimizer.step()
                     empty += 1
                 else:
-                    images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+                    images, targets = (
+                        batch[0].to(device, non_blocking=True),
+                        batch[1].to(device, non_blocking=True),
+                    )
                     loss = loss_fn(gsm(images), targets.float())
                     if not torch.isfinite(loss):
                         raise FloatingPointError(

@@ -39,7 +39,13 @@ class PrivacyBudgetExhausted(SiteError):
     """
 
     def __init__(self, *, spent: float, projected: float, budget: float, delta: float, steps: int):
-        self.spent, self.projected, self.budget, self.delta, self.steps = spent, projected, budget, delta, steps
+        self.spent, self.projected, self.budget, self.delta, self.steps = (
+            spent,
+            projected,
+            budget,
+            delta,
+            steps,
+        )
         tail = (f"the next round ({steps} steps) would reach {projected:.3f}" if steps
                 else "nothing is left to plan a run with")  # fmt: skip
         super().__init__(
@@ -104,7 +110,9 @@ class DPConfig:
         if not self.epsilon > 0:
             problems.append(f"epsilon budget must be > 0, got {self.epsilon}")
         if not 0 <= self.delta < 1:
-            problems.append(f"delta must be in [0, 1) (0 = derived from the number of cases), got {self.delta}")
+            problems.append(
+                f"delta must be in [0, 1) (0 = derived from the number of cases), got {self.delta}"
+            )
         if not self.max_grad_norm > 0:
             problems.append(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.noise_multiplier < 0:
@@ -116,9 +124,13 @@ class DPConfig:
         if self.accountant not in ACCOUNTANTS:
             problems.append(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
         if self.max_physical_batch < 0:
-            problems.append(f"max_physical_batch must be >= 0 (0 = batch size), got {self.max_physical_batch}")
+            problems.append(
+                f"max_physical_batch must be >= 0 (0 = batch size), got {self.max_physical_batch}"
+            )
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
-            problems.append(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}")
+            problems.append(
+                f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}"
+            )
         if problems:
             raise ValueError("invalid differential privacy configuration: " + "; ".join(problems))
 
@@ -165,7 +177,9 @@ class PrivacyPlan:
     def entry(self) -> tuple[float, float, int]:
         return (self.noise_multiplier, self.sample_rate, self.steps)
 
-    def epsilon_after(self, history: Sequence[tuple[float, float, int]] = (), steps: int | None = None) -> float:
+    def epsilon_after(
+        self, history: Sequence[tuple[float, float, int]] = (), steps: int | None = None
+    ) -> float:
         """Epsilon once a round of `steps` (default: the plan's) is added to `history`."""
         entry = (self.noise_multiplier, self.sample_rate, int(steps or self.steps))
         return epsilon_for([*history, entry], self.delta, self.accountant)
@@ -190,7 +204,11 @@ def plan_privacy(
     rounds = int(rounds or dp.planned_rounds)
     delta = dp.delta or default_delta(n_cases)
     if dp.delta and dp.delta >= 1 / n_cases:
-        log.warning("delta %.2g is not below 1/n = %.2g: the guarantee allows leaking a whole patient", delta, 1 / n_cases)
+        log.warning(
+            "delta %.2g is not below 1/n = %.2g: the guarantee allows leaking a whole patient",
+            delta,
+            1 / n_cases,
+        )
     before = epsilon_for(spent, delta, dp.accountant)
     target = 0.0
     sigma = dp.noise_multiplier
@@ -199,7 +217,9 @@ def plan_privacy(
         if before >= target - 0.01:  # less than the calibration's resolution left
             raise PrivacyBudgetExhausted(spent=before, projected=before, budget=target, delta=delta, steps=0)
         sigma = calibrate_noise(target, delta, rate, per_round * rounds, dp.accountant, spent=spent)
-    return PrivacyPlan(n_cases, batch_size, rate, per_round, rounds, float(sigma), delta, dp.accountant, target, before)
+    return PrivacyPlan(
+        n_cases, batch_size, rate, per_round, rounds, float(sigma), delta, dp.accountant, target, before
+    )
 
 
 def check_budget(plan: PrivacyPlan, history: History, budget: float, steps: int | None = None) -> float:
@@ -208,7 +228,9 @@ def check_budget(plan: PrivacyPlan, history: History, budget: float, steps: int 
     projected = plan.epsilon_after(history, steps)
     if projected > budget:
         spent = epsilon_for(history, plan.delta, plan.accountant)
-        raise PrivacyBudgetExhausted(spent=spent, projected=projected, budget=budget, delta=plan.delta, steps=steps)
+        raise PrivacyBudgetExhausted(
+            spent=spent, projected=projected, budget=budget, delta=plan.delta, steps=steps
+        )
     return projected
 
 

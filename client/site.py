@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,13 +71,18 @@ class Site:
         _prune_runs(self.work_dir / "runs", keep=key)
 
 
-def run_key(run_id: int | str, config: RunConfig) -> str:
-    """The identity of a run at a site: Flower's run id plus a fingerprint of the whole run configuration.
+def run_key(run_id: int | str, config: RunConfig, server_key: object = "") -> str:
+    """The identity of a run at a site: the key the server gives the run, or Flower's run id plus a
+    fingerprint of the run configuration when the server sends none.
 
-    A second run at the same hospital (or a rerun with other settings under the same run id, as in
-    tests) gets a new key, hence a fresh folder: no schedule position, FedBN norms or SCAFFOLD
-    control variate leaks from one run into another.
+    The server's key (`run-key` in every round's config) stays the same when a run is resumed, even
+    under a new Flower run id, and changes for a new run: a second run at the same hospital gets a
+    fresh folder (no schedule position, FedBN norms or SCAFFOLD control variate leaks across runs),
+    while a resumed run finds its own state. A key that is not a short hex string is ignored.
     """
+    key = str(server_key)
+    if re.fullmatch(r"[0-9a-f]{8,32}", key):
+        return f"run-{key}"
     flat = json.dumps(config.to_flower(), sort_keys=True, default=str)
     return f"{run_id}-{hashlib.sha256(flat.encode()).hexdigest()[:12]}"
 

@@ -48,7 +48,9 @@ class SiteKeyError(RuntimeError):
 
 def public_fingerprint(public_pem: bytes | str) -> str:
     """SHA-256 (hex) of the public key's DER SubjectPublicKeyInfo: the site's identity in ledgers and reports."""
-    key = serialization.load_pem_public_key(public_pem.encode() if isinstance(public_pem, str) else public_pem)
+    key = serialization.load_pem_public_key(
+        public_pem.encode() if isinstance(public_pem, str) else public_pem
+    )
     der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
 
@@ -61,7 +63,9 @@ def key_id(fingerprint: str) -> int:
 def verify_signature(public_pem: bytes | str, signature: bytes, data: bytes) -> bool:
     """True when `signature` over `data` verifies with the PEM public key."""
     try:
-        key = serialization.load_pem_public_key(public_pem.encode() if isinstance(public_pem, str) else public_pem)
+        key = serialization.load_pem_public_key(
+            public_pem.encode() if isinstance(public_pem, str) else public_pem
+        )
     except ValueError:
         return False
     try:
@@ -88,19 +92,27 @@ class SiteKey:
         """Read a PEM private key (Ed25519, EC P-256 or EC P-384, unencrypted)."""
         path = Path(path)
         if not path.is_file():
-            raise SiteKeyError(f"site key {path} does not exist; expected a PEM private key (Ed25519 or EC P-256/P-384)")
+            raise SiteKeyError(
+                f"site key {path} does not exist; expected a PEM private key (Ed25519 or EC P-256/P-384)"
+            )
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
-            raise SiteKeyError(f"site key {path} is readable by others (mode {mode:o}); run: chmod 600 {path}")
+            raise SiteKeyError(
+                f"site key {path} is readable by others (mode {mode:o}); run: chmod 600 {path}"
+            )
         try:
             private = serialization.load_pem_private_key(path.read_bytes(), password=None)
         except (ValueError, TypeError) as err:
             raise SiteKeyError(f"site key {path} is not an unencrypted PEM private key: {err}") from err
         if isinstance(private, ec.EllipticCurvePrivateKey):
             if private.curve.name not in _CURVES:
-                raise SiteKeyError(f"site key {path} is on curve {private.curve.name}; expected P-256 or P-384 (or Ed25519)")
+                raise SiteKeyError(
+                    f"site key {path} is on curve {private.curve.name}; expected P-256 or P-384 (or Ed25519)"
+                )
         elif not isinstance(private, ed25519.Ed25519PrivateKey):
-            raise SiteKeyError(f"site key {path} is a {type(private).__name__}; expected Ed25519 or EC P-256/P-384")
+            raise SiteKeyError(
+                f"site key {path} is a {type(private).__name__}; expected Ed25519 or EC P-256/P-384"
+            )
         return cls(private, path)
 
     @classmethod
@@ -117,9 +129,11 @@ class SiteKey:
 
     @property
     def public_pem(self) -> str:
-        return self.private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ).decode()
+        return (
+            self.private.public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            .decode()
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -139,7 +153,9 @@ def _default_home() -> Path:
 def _safe(name: str) -> str:
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".")
     if not cleaned:
-        raise SiteKeyError(f"site name {name!r} cannot name a ledger folder; set ledger-key or another site-name")
+        raise SiteKeyError(
+            f"site name {name!r} cannot name a ledger folder; set ledger-key or another site-name"
+        )
     return cleaned
 
 

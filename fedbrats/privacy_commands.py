@@ -24,8 +24,12 @@ def _site_table(audit: SiteAudit) -> Table:
     independent = "RDP/PLD" if len(kinds) > 1 else "RDP" if True in kinds else "PLD"
     accountant = "/".join(sorted({c.row.accountant for c in audit.rounds})) or "-"
     key = f"key {audit.key_fingerprint[:16]}" if audit.key_fingerprint else "no key"
-    table = Table(title=f"site {audit.site}: {audit.path} ({key})", caption=(
-        f"eps: recorded ({accountant}); Opacus: recomputed from the history; {independent}: dp_accounting"))
+    table = Table(
+        title=f"site {audit.site}: {audit.path} ({key})",
+        caption=(
+            f"eps: recorded ({accountant}); Opacus: recomputed from the history; {independent}: dp_accounting"
+        ),
+    )
     for name in ("row", "run:round", "sigma", "q", "steps", "total", "delta", "eps", "Opacus", independent,
                  "left", "problems"):  # fmt: skip
         table.add_column(name, justify="left" if name in ("run:round", "problems") else "right")
@@ -79,9 +83,14 @@ def run_audit(path: Path, *, budget: float | None = None, out_png: Path | None =
         console.print(_site_table(audit))
         for note in audit.notes:
             console.print(f"{audit.site}: note: {note}")
-    summary = Table(title="privacy budget per site", caption=(
-        f"checked against the server's history {run.history}" if run.history else
-        "no server history found: chain, signatures and arithmetic checked, not the rows the server saw"))
+    summary = Table(
+        title="privacy budget per site",
+        caption=(
+            f"checked against the server's history {run.history}"
+            if run.history
+            else "no server history found: chain, signatures and arithmetic checked, not the rows the server saw"
+        ),
+    )
     for name in ("site", "rounds trained", "server rounds", "epsilon", "delta", "budget", "left", "status"):
         summary.add_column(name)
     for a in run.sites:

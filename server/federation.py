@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,12 @@ class SiteResult:
     dropped: str | None = None
 
 
+def new_run_key() -> str:
+    """A fresh run's identity: sites key what they keep between messages by it, so a new run at a
+    hospital starts clean while a resumed one (even under a new Flower run id) finds its state."""
+    return uuid.uuid4().hex[:16]
+
+
 def _destinations(messages: list[Message]) -> dict[str, int]:
     """Message id -> the node it went to (ids are set by the grid when it sends)."""
     return {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
@@ -112,6 +119,7 @@ class Federation:
         self.sizes: dict[int, tuple[int, int]] = {}  # node -> (training cases, validation cases)
         self.start_round = 0
         self.simulated_seconds = 0.0
+        self.run_key = ""  # the run's identity at every site, kept across resumes (set by _resume)
         self._resume()
         # Replies are validated as data before anything reads them (server.replies); the validator
         # owns the node -> site-name map (sanitised, unique) and each site's first reported sizes.
@@ -134,12 +142,14 @@ class Federation:
                 self._refuse_orphaned_history(server_dir)
             self.history.truncate_after(0)
             write_run_config(self.out_dir, self.config)
+            self.run_key = new_run_key()
             self._checkpoint(0)
             return
         changes = check_resume_config(self.out_dir, self.config, state.round)
         self.arrays = state.arrays
         self.start_round = state.round
         self.simulated_seconds = float(state.meta.get("simulated_seconds", 0.0))
+        self.run_key = str(state.meta.get("run_key") or new_run_key())  # runs saved before run keys get one now
         self.history.truncate_after(state.round)
         if state.skipped:
             self.history.append_event("checkpoint-fallback", after_round=state.round, skipped=state.skipped)
@@ -167,7 +177,12 @@ class Federation:
         strategy_arrays, strategy_meta = ({}, {})
         if rnd > 0:
             strategy_arrays, strategy_meta = self.hooks.state_dict()
-        meta = {"simulated_seconds": self.simulated_seconds, "history_rounds": rnd, "digest": record_digest(self.arrays)}
+        meta = {
+            "simulated_seconds": self.simulated_seconds,
+            "history_rounds": rnd,
+            "digest": record_digest(self.arrays),
+            "run_key": self.run_key,
+        }
         save_state(self.out_dir / "server", ServerState(rnd, self.arrays, meta, strategy_arrays, strategy_meta))
 
     # --- one round ----------------------------------------------------------------------
@@ -200,6 +215,7 @@ class Federation:
         config = ConfigRecord(
             {
                 "server-round": rnd,
+                "run-key": self.run_key,
                 "lr": round_lr(rnd, c.lr, c.lr_round_schedule, rounds=c.rounds),
                 "local-epochs": self._epochs(rnd),
                 "local-steps": c.local_steps,
@@ -279,7 +295,7 @@ class Federation:
         return None if reply.has_error() else self.hooks.reply_problem(reply)
 
     def evaluate_round(self, rnd: int, nodes: list[int]) -> list[SiteResult]:
-        config = self.hooks.evaluate_config(rnd, ConfigRecord({"server-round": rnd}))
+        config = self.hooks.evaluate_config(rnd, ConfigRecord({"server-round": rnd, "run-key": self.run_key}))
         messages = list(self.strategy.configure_evaluate(rnd, self.arrays, config, SelectedSites(self.grid, nodes)))
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.timeout))
         destinations = _destinations(messages)

@@ -32,7 +32,9 @@ def make_run(tmp_path, *, rounds: int = 3, budget: float = 50.0):
     for name in SITES:
         ledger = fill(PrivacyLedger.at(tmp_path / "sites" / name), rounds, budget=budget)
         reported[name] = _report(ledger.rows(), name, ledger.meta()["key_fingerprint"])
-    lines = [json.dumps({"round": r, "train": [reported[s][r - 1] for s in SITES]}) for r in range(1, rounds + 1)]
+    lines = [
+        json.dumps({"round": r, "train": [reported[s][r - 1] for s in SITES]}) for r in range(1, rounds + 1)
+    ]
     (tmp_path / "history.jsonl").write_text("\n".join(lines) + "\n")
     return tmp_path
 
@@ -71,7 +73,10 @@ def _reorder(path, _key):
 def _foreign_signatures(path, _key):
     other = SiteKey.load_or_create(path.parent.parent / "forger.pem")
     for row in PrivacyLedger.open_existing(path).rows():
-        _sql(path, f"UPDATE rounds SET signature = '{other.sign(row.row_hash.encode()).hex()}' WHERE seq = {row.seq}")
+        _sql(
+            path,
+            f"UPDATE rounds SET signature = '{other.sign(row.row_hash.encode()).hex()}' WHERE seq = {row.seq}",
+        )
 
 
 TAMPERING = {
@@ -111,7 +116,9 @@ def test_each_tampering_is_caught_naming_the_site_and_row(tmp_path, capsys, kind
     assert audit_run(run / "sites" / "A").ok  # the untouched site still passes
 
 
-@pytest.mark.parametrize("kind", ["last rows deleted", "table emptied", "rows reordered", "another key's signatures"])
+@pytest.mark.parametrize(
+    "kind", ["last rows deleted", "table emptied", "rows reordered", "another key's signatures"]
+)
 def test_the_ledger_alone_shows_most_tampering(tmp_path, kind):
     """Without the server's history the chain, signatures and row counter still catch these."""
     path = make_run(tmp_path) / "sites" / "B" / FILENAME
@@ -143,20 +150,26 @@ def test_a_whole_new_key_is_caught(tmp_path):
     from fedbrats.client.ledger import genesis_hash
 
     for row in PrivacyLedger.open_existing(path).rows():
-        row = replace(row, key_fingerprint=forger.fingerprint, prev_hash=previous or genesis_hash(forger.fingerprint))
+        row = replace(
+            row, key_fingerprint=forger.fingerprint, prev_hash=previous or genesis_hash(forger.fingerprint)
+        )
         previous = _rewrite(path, row, forger).row_hash
     failures = audit_run(run).failures()
     assert any("the key beside it" in f for f in failures), failures
     (path.parent / KEY_FILENAME).unlink()  # the forger also removes the site's key file
     failures = audit_run(run).failures()
-    assert any("row 1: the ledger's key" in f and "not the key the site reported" in f for f in failures), failures
+    assert any("row 1: the ledger's key" in f and "not the key the site reported" in f for f in failures), (
+        failures
+    )
 
 
 def test_a_ledger_missing_for_a_site_the_server_saw_train_fails(tmp_path):
     run = make_run(tmp_path)
     (run / "sites" / "B" / FILENAME).unlink()
     audit = audit_run(run)
-    assert audit.failures() == ["site B: the server recorded 3 DP round(s), but " + str(run) + " holds no ledger for it (deleted?)"]
+    assert audit.failures() == [
+        "site B: the server recorded 3 DP round(s), but " + str(run) + " holds no ledger for it (deleted?)"
+    ]
 
 
 def test_older_checks_still_hold(tmp_path):
@@ -164,7 +177,9 @@ def test_older_checks_still_hold(tmp_path):
     path = run / "sites" / "B" / FILENAME
     _sql(path, "UPDATE rounds SET steps = 1 WHERE seq = 2")
     assert any("the history gives" in f for f in audit_ledger(path).failures())
-    assert run_audit(run, budget=2.0) == 1 and audit_ledger(run / "sites" / "A" / FILENAME, budget=2.0).exceeded
+    assert (
+        run_audit(run, budget=2.0) == 1 and audit_ledger(run / "sites" / "A" / FILENAME, budget=2.0).exceeded
+    )
 
 
 def test_independent_accountant_agrees_with_opacus(tmp_path):
@@ -236,7 +251,9 @@ def test_a_dp_run_audits_clean_and_a_deleted_last_row_fails_it(phantom, tmp_path
                        local_steps=2, cache="memory", dp=True, dp_epsilon=50.0)  # fmt: skip
     run_server(LocalGrid(config.to_flower(), sites=1), config)
     history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
-    assert all(t["dropped"] is None and t["ledger-row"] == r for r, h in enumerate(history, 1) for t in h["train"])
+    assert all(
+        t["dropped"] is None and t["ledger-row"] == r for r, h in enumerate(history, 1) for t in h["train"]
+    )
     assert all("dice-WT" not in e for h in history for e in h["evaluate"])  # suppressed under DP by default
     audit = audit_run(tmp_path)
     assert audit.ok, audit.failures()
@@ -244,4 +261,5 @@ def test_a_dp_run_audits_clean_and_a_deleted_last_row_fails_it(phantom, tmp_path
     site = audit.sites[0].site
     _sql(audit.sites[0].path, "DELETE FROM rounds WHERE seq = 2")
     assert f"site {site}: server round 2: the site reported ledger row 2, which the ledger does not hold" in (
-        " | ".join(audit_run(tmp_path).failures()))
+        " | ".join(audit_run(tmp_path).failures())
+    )

@@ -17,7 +17,9 @@ from fedbrats.client.site_key import KEY_FILENAME, SiteKey, SiteKeyError, key_id
 SIGMA, Q, STEPS, DELTA = 1.3, 0.1, 10, 1e-5
 
 
-def fill(ledger: PrivacyLedger, rounds: int, *, budget: float = 50.0, run_id: str = "7", accountant: str = "rdp"):
+def fill(
+    ledger: PrivacyLedger, rounds: int, *, budget: float = 50.0, run_id: str = "7", accountant: str = "rdp"
+):
     """`rounds` rounds of SIGMA, Q, STEPS, each with the epsilon the site's accountant gives."""
     history = ledger.history()
     for r in range(1, rounds + 1):
@@ -42,7 +44,9 @@ def test_rows_round_trip_and_restore_the_accountant_history(tmp_path):
     rows = again.rows()
     assert [r.seq for r in rows] == [1, 2, 3] and [r.round for r in rows] == [1, 2, 3]
     assert again.history() == [(SIGMA, Q, STEPS)] * 3
-    assert rows[-1].epsilon == pytest.approx(epsilon_for([(SIGMA, Q, 3 * STEPS)], DELTA))  # composes like one shot
+    assert rows[-1].epsilon == pytest.approx(
+        epsilon_for([(SIGMA, Q, 3 * STEPS)], DELTA)
+    )  # composes like one shot
     assert rows[0].epsilon < rows[1].epsilon < rows[2].epsilon
     assert again.epsilon() == rows[-1].epsilon and ledger.has_round("7", 2) and not ledger.has_round("8", 2)
 
@@ -78,7 +82,9 @@ def test_rows_are_chained_by_hash_and_signed_with_the_site_key(tmp_path):
     for row in rows:
         assert row.row_hash == row_hash(row) and row.key_fingerprint == key.fingerprint
         assert verify_signature(meta["public_key"], bytes.fromhex(row.signature), row.row_hash.encode())
-    assert not verify_signature(meta["public_key"], bytes.fromhex(rows[0].signature), rows[1].row_hash.encode())
+    assert not verify_signature(
+        meta["public_key"], bytes.fromhex(rows[0].signature), rows[1].row_hash.encode()
+    )
     assert ledger.verify() == []
     assert key_id(key.fingerprint) < 2**48  # a Flower metric (float) carries it exactly
 
@@ -133,7 +139,10 @@ def test_the_ledger_follows_the_site_not_its_work_folder(tmp_path, monkeypatch):
     assert len(moved.rows()) == 2
     # ledger-dir names the home; ledger-key names the identity, so a renamed site keeps its budget
     pem = write_pem(tmp_path / "node.pem", ec.generate_private_key(ec.SECP256R1()))
-    nodes = [{"ledger-dir": str(tmp_path / "home"), "ledger-key": str(pem), "work-dir": str(tmp_path / w)} for w in "xy"]
+    nodes = [
+        {"ledger-dir": str(tmp_path / "home"), "ledger-key": str(pem), "work-dir": str(tmp_path / w)}
+        for w in "xy"
+    ]
     a = PrivacyLedger.for_site(nodes[0], "old-name", tmp_path / "x")
     fill(a, 1)
     b = PrivacyLedger.for_site(nodes[1], "new-name", tmp_path / "y")
@@ -146,7 +155,9 @@ def test_a_plan_is_stored_once_per_run_and_signed(tmp_path):
     args = dict(sample_rate=Q, round_steps=STEPS, rounds=4, delta=DELTA, accountant="rdp", target_epsilon=8.0,
                 spent_before=0.0, budget=8.0, n_cases=10)  # fmt: skip
     plan = ledger.record_plan(run_id="7", noise_multiplier=SIGMA, **args)
-    again = ledger.record_plan(run_id="7", noise_multiplier=SIGMA * 0.5, **args)  # a later round cannot replan
+    again = ledger.record_plan(
+        run_id="7", noise_multiplier=SIGMA * 0.5, **args
+    )  # a later round cannot replan
     assert again == plan == ledger.plan_for("7") and plan.total_steps == 4 * STEPS
     assert ledger.plan_for("8") is None and ledger.verify() == []
     with sqlite3.connect(ledger.path) as conn:

@@ -93,7 +93,9 @@ def test_accounting_oracles(q, sigma, steps, accountant, expected):
     assert epsilon_for([(sigma, q, steps)], 1e-5, accountant) == pytest.approx(expected, rel=0.01)
     if accountant == "rdp":  # our cached path computes what Opacus' accountant computes
         direct = make_accountant("rdp", [(sigma, q, steps)]).get_epsilon(delta=1e-5)
-        assert epsilon_for([(sigma, q, steps // 3), (sigma, q, steps - steps // 3)], 1e-5) == pytest.approx(direct)
+        assert epsilon_for([(sigma, q, steps // 3), (sigma, q, steps - steps // 3)], 1e-5) == pytest.approx(
+            direct
+        )
 
 
 def test_plan_calibrates_sigma_once_for_all_planned_rounds():
@@ -118,7 +120,8 @@ def test_a_second_run_calibrates_against_what_is_left():
     half = [first.entry] * 2
     second = plan_privacy(20, 2, dp, epochs=1, spent=half)
     assert second.noise_multiplier > first.noise_multiplier and second.spent_before == pytest.approx(
-        epsilon_for(half, 1e-5))
+        epsilon_for(half, 1e-5)
+    )
     assert 7.95 < second.epsilon_after(half + [second.entry] * 4) <= 8.0  # earlier spend + the whole new plan
     assert calibrate_noise(8.0, 1e-5, 0.1, 50) == first.noise_multiplier  # no history: the plain calibration
 
@@ -130,10 +133,11 @@ def test_config_defaults_and_errors():
     with pytest.raises(ValueError, match="epsilon budget must be > 0.*accountant must be one of"):
         DPConfig(epsilon=0, accountant="moments")
     run = RunConfig(rounds=12, dp_epsilon=3.0, dp_max_grad_norm=0.5, dp_accountant="prv", dp_target_epsilon=2.0,
-                    dp_max_physical_batch=4, dp_grad_sample_mode="hooks", dp_noise_multiplier=1.5, dp_delta=1e-6)
-    dp = DPConfig.from_run_config(run)
-    assert dp == DPConfig(epsilon=3.0, delta=1e-6, max_grad_norm=0.5, noise_multiplier=1.5, target_epsilon=2.0,
-                          planned_rounds=12, accountant="prv", max_physical_batch=4, grad_sample_mode="hooks")
+                    dp_max_physical_batch=4, dp_grad_sample_mode="hooks", dp_noise_multiplier=1.5, dp_delta=1e-6)  # fmt: skip
+    assert DPConfig.from_run_config(run) == DPConfig(
+        epsilon=3.0, delta=1e-6, max_grad_norm=0.5, noise_multiplier=1.5, target_epsilon=2.0, planned_rounds=12,
+        accountant="prv", max_physical_batch=4, grad_sample_mode="hooks",
+    )  # fmt: skip
     with pytest.raises(AttributeError, match="dp_epsilon"):  # explicit fields, nothing silently defaulted
         DPConfig.from_run_config(SimpleNamespace(rounds=3))
 
@@ -189,7 +193,9 @@ def test_a_gradient_correction_survives_the_dp_optimizer(tmp_path):
     train_private(model, _data(), CONFIG, DP, PrivacyLedger.at(tmp_path), round=1, grad_correction=correction)
     assert torch.allclose(param.detach(), before - 2 * CONFIG.lr, atol=2e-4)
     with pytest.raises(ValueError, match="does not have"):
-        train_private(model, _data(), CONFIG, DP, PrivacyLedger.at(tmp_path), round=2, grad_correction={"x": param})
+        train_private(
+            model, _data(), CONFIG, DP, PrivacyLedger.at(tmp_path), round=2, grad_correction={"x": param}
+        )
 
 
 def test_budget_exhausted_refuses_before_training(tmp_path):
@@ -231,7 +237,9 @@ def test_sigma_is_calibrated_once_per_run_and_a_round_beyond_the_plan_is_refused
     model, data, ledger = _model(), _data(), PrivacyLedger.at(tmp_path)
     dp = DPConfig(epsilon=30.0, planned_rounds=3)
     shorter = [TrainConfig(steps=s, batch_size=2) for s in (3, 2, 1)]
-    results = [train_private(model, data, c, dp, ledger, round=r, run_id="a") for r, c in enumerate(shorter, 1)]
+    results = [
+        train_private(model, data, c, dp, ledger, round=r, run_id="a") for r, c in enumerate(shorter, 1)
+    ]
     plan = ledger.plan_for("a")
     assert plan.round_steps == 3 and plan.total_steps == 9 and plan.spent_before == 0.0
     assert {r.noise_multiplier for r in ledger.rows()} == {plan.noise_multiplier}  # never recalibrated
@@ -239,7 +247,9 @@ def test_sigma_is_calibrated_once_per_run_and_a_round_beyond_the_plan_is_refused
     assert results[-1].epsilon < 30.0 and ledger.verify() == []
     with pytest.raises(PrivacyPlanExceeded, match="allows 3 per round"):
         train_private(model, data, TrainConfig(steps=4, batch_size=2), dp, ledger, round=4, run_id="a")
-    train_private(model, data, TrainConfig(steps=3, batch_size=2), dp, ledger, round=4, run_id="a")  # 6 + 3 = 9
+    train_private(
+        model, data, TrainConfig(steps=3, batch_size=2), dp, ledger, round=4, run_id="a"
+    )  # 6 + 3 = 9
     with pytest.raises(PrivacyPlanExceeded, match="taken 9 of the 9 DP steps"):
         train_private(model, data, TrainConfig(steps=1, batch_size=2), dp, ledger, round=5, run_id="a")
     assert len(ledger.rows()) == 4 and ledger.epsilon() <= 30.0
@@ -309,11 +319,15 @@ def test_the_ledger_survives_killed_site_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # process 1 trains round 1 and is killed; process 2 restores it, trains round 2, is killed during round 3
     for rounds, how in (("1", "die-after"), ("2,3", "die-during")):
-        proc = subprocess.run([sys.executable, "-c", code, rounds, how], env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", code, rounds, how], env=env, capture_output=True, text=True
+        )
         assert proc.returncode == -9, proc.stderr[-2000:]
     ledger = PrivacyLedger.at(tmp_path / "site")
     assert [r.round for r in ledger.rows()] == [1, 2]  # round 3 died mid-round: nothing recorded
-    assert ledger.epsilon() == pytest.approx(make_accountant("rdp", [(SIGMA, 2 / N, 4)]).get_epsilon(delta=1e-5))
+    assert ledger.epsilon() == pytest.approx(
+        make_accountant("rdp", [(SIGMA, 2 / N, 4)]).get_epsilon(delta=1e-5)
+    )
 
 
 # --- client-level DP at the server -------------------------------------------------------------
@@ -345,7 +359,9 @@ def test_fixed_clipping_clips_averages_equally_and_accounts_each_release():
                               num_sampled_sites=2, total_sites=10)  # fmt: skip
     strategy.current_arrays = current
     # site 1 pushes +1 per weight (norm sqrt 5) with 1000 cases, site 2 pushes -0.01 (norm 0.022) with 1 case
-    arrays, metrics = strategy.aggregate_train(1, [_reply(1, 1.0, 1000, current), _reply(2, -0.01, 1, current)])
+    arrays, metrics = strategy.aggregate_train(
+        1, [_reply(1, 1.0, 1000, current), _reply(2, -0.01, 1, current)]
+    )
     update = np.concatenate([a.numpy().ravel() for a in arrays.values()])
     expected = (0.5 / np.sqrt(5) - 0.01) / 2  # clipped to 0.5, then an unweighted mean
     assert update == pytest.approx(np.full(5, expected), abs=1e-4)
@@ -388,7 +404,9 @@ class _Grid:
             content = RecordDict({"metrics": MetricRecord({"num-examples": 10 * node, "num-val": 1}),
                                   "site": ConfigRecord({"name": f"s{node}"})})  # fmt: skip
             if msg.metadata.message_type.startswith("train"):
-                content["arrays"] = ArrayRecord({k: Array(v.numpy() + node / 10) for k, v in msg.content["arrays"].items()})
+                content["arrays"] = ArrayRecord(
+                    {k: Array(v.numpy() + node / 10) for k, v in msg.content["arrays"].items()}
+                )
             replies.append(Message(content=content, reply_to=msg))
         return replies
 
@@ -411,4 +429,6 @@ def test_client_dp_runs_in_the_round_loop_and_resumes(tmp_path):
     assert dp.releases == 2 and load_state(tmp_path / "server").strategy_meta["client_dp"]["releases"] == 2
     resumed = strategy()
     Federation(_Grid(), config.replace(rounds=3), resumed, arrays, out_dir=tmp_path).run()
-    assert resumed.releases == 3 and resumed.epsilon() == pytest.approx(client_level_epsilons(0.01, 1.0, 3)[-1])
+    assert resumed.releases == 3 and resumed.epsilon() == pytest.approx(
+        client_level_epsilons(0.01, 1.0, 3)[-1]
+    )

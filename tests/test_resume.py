@@ -241,3 +241,12 @@ def test_a_run_without_a_completed_round_may_start_again_with_another_configurat
     assert read_events(tmp_path / "history.jsonl") == []
     federation.run()
     assert _rounds(tmp_path) == [1, 2]
+
+
+def test_the_run_key_sites_see_is_kept_across_a_resume_and_new_for_a_new_run(tmp_path):
+    first = _federation(tmp_path / "a", 2)
+    first.run()
+    resumed = _federation(tmp_path / "a", 3)
+    other = _federation(tmp_path / "b", 2)
+    assert len(first.run_key) == 16 and resumed.run_key == first.run_key != other.run_key
+    assert first._train_config(1)["run-key"] == first.run_key

@@ -161,3 +161,19 @@ def test_the_schedule_position_follows_the_round_with_epoch_decay():
     assert start_step(RunConfig(rounds=4, local_steps=7), 5, 3) == 14
     with pytest.raises(ValueError, match="counted from 1"):
         start_step(config, 5, 0)
+
+
+def test_a_resumed_run_finds_its_state_under_a_new_flower_run_id(phantom, tmp_path):
+    """The server's run key survives a resubmission (new Flower run id); a new run's key does not match."""
+    config = _config(phantom, tmp_path)
+    initial = _initial(config)
+    one = _train(config, initial, 1, run_id=21, fedbn=True, **{"run-key": "0123456789abcdef"})
+    site = cached_site(NODE, config)
+    kept = site.run_dir(run_key(21, config, "0123456789abcdef"))
+    assert RoundFiles(kept, "fedbn_norms").rounds() == [1]
+    assert run_key(99, config, "0123456789abcdef") == run_key(21, config, "0123456789abcdef")
+    assert run_key(99, config, "fedcba9876543210") != run_key(21, config, "0123456789abcdef")
+    assert run_key(5, config, "../../etc") == run_key(5, config)  # not a key: ignored, never a path
+    again = _train(config, one.content["arrays"], 2, run_id=22, fedbn=True, **{"run-key": "0123456789abcdef"})
+    assert RoundFiles(kept, "fedbn_norms").rounds() == [1, 2]
+    assert not again.has_error()
