@@ -1,4 +1,4 @@
-"""Local training and evaluation of a segmentation model on one site's cases (no Flower here).
+"""Local training and evaluation of a model on one site's cases (no Flower here); the task gives the loss.
 
 The same functions serve the federated client (one call per round), the single-site baseline
 (`client.training_run`) and the benchmarks, so a round of federated training is exactly a slice
@@ -16,16 +16,19 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedbrats.shared.constants import REGIONS
-from fedbrats.shared.evaluation.inference import fast_layout, get_device, predict_probabilities
+from fedbrats.shared.evaluation.inference import fast_layout, get_device
+from fedbrats.shared.evaluation.local import (  # re-exported: callers import them here
+    evaluate_local,
+    flat_metrics,
+)
 
 __all__ = [
-    "TrainConfig", "TrainResult", "evaluate_local", "flat_metrics", "get_device", "loss_on", "lr_at", "train_local",
+    "TrainConfig", "TrainResult", "as_float", "evaluate_local", "flat_metrics", "get_device", "loss_on", "lr_at",
+    "targets_to", "train_local",
 ]  # fmt: skip
 
 SCHEDULES = ("cosine", "poly", "constant")
@@ -120,6 +123,21 @@ def _autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
+def as_float(outputs: Any) -> Any:
+    """Model outputs (a tensor, a deep-supervision list, a multi-task tuple of both) in fp32, same nesting."""
+    if isinstance(outputs, list | tuple):
+        return type(outputs)(as_float(o) for o in outputs)
+    return outputs.float()
+
+
+def targets_to(targets: Any, device: torch.device) -> Any:
+    """A batch's targets (region masks, class indices, or a multi-task tuple of both) on `device` as floats;
+    a loss that needs class indices takes `.long()` of them (`shared.tasks`)."""
+    if isinstance(targets, list | tuple):
+        return tuple(targets_to(t, device) for t in targets)
+    return targets.to(device, non_blocking=True).float()
+
+
 def _batches(loader: DataLoader, steps: int | None):
     """Yield batches: whole epochs, or exactly `steps` batches cycling through the loader."""
     if steps is None:
@@ -155,7 +173,9 @@ def train_local(
     loss_fn: LossFn | None = None,
     wrap: Wrap | None = None,
 ) -> TrainResult:
-    """Train `model` in place with Adam on `dataset` ((image, regions) patches), return what was done.
+    """Train `model` in place with Adam on `dataset` ((image, targets) items), return what was done.
+
+    `loss_fn(outputs, targets)` defaults to the segmentation loss; a task passes its own (`Task.loss`).
 
     Deterministic on CPU for a given (seed, start_step): seed + start_step seeds torch's global RNG,
     the shuffling generator and the dataset's augmentation stream (`dataset.reseed`, if it has one),
@@ -198,15 +218,14 @@ def train_local(
             if len(images) == 0:  # Poisson sampling (DP) may draw an empty batch
                 continue
             images = fast_layout(images.to(device, non_blocking=True))
-            targets = targets.to(device, non_blocking=True)
+            targets = targets_to(targets, device)
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             with _autocast(device, use_amp):
                 outputs = model(images)
-            outputs = [o.float() for o in outputs] if isinstance(outputs, list | tuple) else outputs.float()
-            loss = loss_fn(outputs, targets.float())
+            loss = loss_fn(as_float(outputs), targets)
             if not torch.isfinite(loss):
                 skipped += 1
                 step += 1
@@ -267,59 +286,7 @@ def loss_on(
                             generator=torch.Generator().manual_seed(seed))
         for images, targets in _batches(loader, max(int(batches), 1)):
             outputs = model(fast_layout(images.to(device)))
-            total += float(loss_fn(outputs, targets.to(device).float()))
+            total += float(loss_fn(outputs, targets_to(targets, device)))
             count += 1
     model.train(was_training)
     return total / count
-
-
-def _case_id(dataset: Any, i: int) -> str:
-    cases = getattr(dataset, "cases", None)
-    if cases is not None and i < len(cases):
-        return str(getattr(cases[i], "case_id", cases[i]))
-    return str(i)
-
-
-def evaluate_local(
-    model: nn.Module,
-    dataset: Any,
-    *,
-    patch_size: tuple[int, int, int],
-    device: torch.device | str | None = None,
-    overlap: float = 0.5,
-    tta: bool = False,
-) -> dict[str, Any]:
-    """Sliding-window predict every case of `dataset` (its `.volume(i)`), threshold 0.5, score per region.
-
-    Returns {"cases": [{"case_id", "ET": {...}, "TC": {...}, "WT": {...}}], "mean": {region: {metric}},
-    "mean_dice": mean Dice over the three regions, "num_cases", "seconds"}. Metrics are computed on
-    the cropped volume the model sees (no post-processing: this tracks training, not final scores).
-    """
-    from fedbrats.shared.evaluation.metrics import mean_over_cases, region_metrics
-
-    start = time.perf_counter()
-    rows = []
-    for i in range(len(dataset)):
-        image, regions, spacing = dataset.volume(i)
-        probs = predict_probabilities(
-            model, torch.as_tensor(image), patch_size=patch_size, overlap=overlap, tta=tta, device=device
-        )
-        pred = probs.numpy() >= 0.5
-        truth = np.asarray(regions).astype(bool)
-        metrics = region_metrics(pred, truth, spacing)
-        rows.append({"case_id": _case_id(dataset, i), **{r: dict(metrics[r]) for r in REGIONS}})
-    if not rows:
-        raise ValueError("no case to evaluate; the site has no usable validation case")
-    mean = mean_over_cases([{r: row[r] for r in REGIONS} for row in rows])
-    mean_dice = float(np.mean([mean[r]["dice"] for r in REGIONS]))
-    return {
-        "cases": rows, "mean": mean, "mean_dice": mean_dice, "num_cases": len(rows),
-        "seconds": time.perf_counter() - start,
-    }  # fmt: skip
-
-
-def flat_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
-    """Flat scalar metrics ("dice_ET", "hd95_WT", ..., "mean_dice") for Flower replies and logs."""
-    flat = {f"{m}_{r}": float(v) for r in REGIONS for m, v in evaluation["mean"][r].items()}
-    flat["mean_dice"] = float(evaluation["mean_dice"])
-    return flat

@@ -355,11 +355,16 @@ class Federation:
 
 
 def mean_dice(results: list[SiteResult]) -> dict[str, float]:
-    """Unweighted mean over sites (each hospital counts once, as FeTS scores), per region."""
-    usable = [r for r in results if not r.dropped and r.metrics]
-    if not usable:
-        return {}
-    return {region: sum(r.metrics.get(f"dice-{region}", 0.0) for r in usable) / len(usable) for region in REGIONS}
+    """Unweighted mean over sites (each hospital counts once, as FeTS scores), per region.
+
+    A site that released no Dice (e.g. under DP with `dp-eval-metrics = suppress`) is left out, never
+    counted as 0; a region no site reported is absent."""
+    out = {}
+    for region in REGIONS:
+        values = [r.metrics[f"dice-{region}"] for r in results if not r.dropped and f"dice-{region}" in r.metrics]
+        if values:
+            out[region] = sum(values) / len(values)
+    return out
 
 
 def progress_line(record: dict[str, Any], rounds: int) -> str:

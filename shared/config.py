@@ -52,6 +52,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dp_grad_sample_mode": ("auto", "functorch", "hooks"),  # client.privacy.GRAD_SAMPLE_MODES
     "dp_eval_metrics": ("suppress", "aggregate"),  # client.privacy_plan.EVAL_RELEASE
     "attack": ("none", "scale", "signflip", "noise", "inflate"),  # client.attack.ATTACKS
+    "task": ("segmentation", "classification", "multitask"),  # shared.tasks.TASKS
 }
 
 #: Range of each numeric field: (test, what is expected). Add a line with a new numeric field.
@@ -94,6 +95,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "screen_norm_factor": (lambda v: v > 1, "> 1 (times the round's median update norm)"),
     "screen_min_cosine": (lambda v: -1 <= v <= 1, "in [-1, 1]"),
     "attack_scale": (lambda v: v >= 0, ">= 0 (0: the attack's default)"),
+    "class_input_size": (lambda v: v >= 8, ">= 8 voxels (edge of a classifier's cubic input)"),
+    "multitask_weight": (lambda v: v >= 0, ">= 0 (weight of the classification loss)"),
 }
 
 
@@ -124,6 +127,14 @@ class RunConfig:
     warmup_steps: int = 10
     batch_size: int = 2
     proximal_mu: float = 0.0
+    # what is learnt (shared.tasks): region masks, one label per case from a labels CSV, or both
+    task: str = "segmentation"  # segmentation | classification | multitask
+    labels: str = ""  # labels CSV ("": found under the data folder, shared.data.case_labels.find_label_file)
+    label_column: str = ""  # "": the labels file's default (Grade, MGMT_value)
+    id_column: str = ""  # "": the labels file's default (Subject_ID, BraTS21ID)
+    label_classes: str = ""  # class names in index order, comma-separated ("": sorted from the labels file)
+    class_input_size: int = 64  # edge of a classifier's cubic input (brain cropped, resampled)
+    multitask_weight: float = 0.5  # multitask loss = segmentation loss + weight x classification loss
     # model (every constructor argument, see MODEL_ARGUMENTS) and data
     model: str = "resunet"
     model_width: int = 32
@@ -242,7 +253,10 @@ class RunConfig:
                 f"run configuration key(s) {', '.join(ignored)} do not apply to model {self.model!r} "
                 f"(it takes {', '.join(_key(MODEL_ARGUMENTS[a]) for a in accepted)})"
             )
-        return {arg: getattr(self, MODEL_ARGUMENTS[arg]) for arg in accepted}
+        from fedbrats.shared.tasks import task_for  # the task decides the head (e.g. none for segmentation)
+
+        arguments = {arg: getattr(self, MODEL_ARGUMENTS[arg]) for arg in accepted}
+        return task_for(self).model_arguments(self, arguments)
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with some fields changed; unknown names are an error naming them."""

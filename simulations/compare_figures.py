@@ -1,4 +1,4 @@
-"""The comparison's pictures: Dice over rounds and simulated time, Dice per site, worst site."""
+"""The comparison's pictures: the headline (mean Dice or AUC) over rounds and simulated time, per site, worst site."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from fedbrats.simulations.report import save_figure, site_order  # noqa: E402
+from fedbrats.simulations.figures import save_figure, site_order  # noqa: E402
 
 #: A comparison run (`compare_report.Run`): its label and its summary of the history.
 Run = Any
@@ -34,8 +34,8 @@ def _by_label(runs: list[Run]) -> dict[str, list[Run]]:
     return grouped
 
 
-def plot_curves(runs: list[Run], path: Path, target: float | None = None) -> Path:
-    """Mean Dice against rounds and against simulated time: mean over seeds, min-max band, target dashed."""
+def plot_curves(runs: list[Run], path: Path, target: float | None = None, label: str = "mean Dice") -> Path:
+    """The headline (`label`) against rounds and simulated time: mean over seeds, min-max band, target dashed."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for i, (label, mine) in enumerate(_by_label(runs).items()):
         points: dict[int, list[tuple[float, float]]] = {}
@@ -59,10 +59,11 @@ def plot_curves(runs: list[Run], path: Path, target: float | None = None) -> Pat
         1.0,
         1.2 * max((d for r in runs for *_, d in r.summary["curve"] if not math.isnan(d)), default=1) + 0.05,
     )
-    axes[0].set(title="Mean Dice (ET, TC, WT; mean over sites)", xlabel="round", ylabel="Dice", ylim=(0, top))
+    what = "Mean Dice (ET, TC, WT; mean over sites)" if label == "mean Dice" else f"{label} (pooled over sites)"
+    axes[0].set(title=what, xlabel="round", ylabel=label, ylim=(0, top))
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].set(
-        title="Mean Dice against simulated time", xlabel="simulated hours (FeTS timing model)", ylim=(0, top)
+        title=f"{label} against simulated time", xlabel="simulated hours (FeTS timing model)", ylim=(0, top)
     )
     for ax in axes:
         if target is not None and target <= top:
@@ -72,29 +73,33 @@ def plot_curves(runs: list[Run], path: Path, target: float | None = None) -> Pat
     return save_figure(fig, path)
 
 
-def plot_site_bars(runs: list[Run], path: Path) -> Path:
-    """Final Dice per site (mean over regions), one bar per strategy, error bar = std over seeds."""
+def _site_label(label: str) -> str:
+    return "Dice (mean of ET, TC, WT)" if label == "mean Dice" else f"{label} of the site"
+
+
+def plot_site_bars(runs: list[Run], path: Path, label: str = "mean Dice") -> Path:
+    """Final headline per site (Dice: mean over regions), one bar per strategy, error bar = std over seeds."""
     grouped = _by_label(runs)
-    sites = sorted({s for r in runs for s in r.summary["site_dice"]}, key=site_order)
+    sites = sorted({s for r in runs for s in r.summary["site_values"]}, key=site_order)
     fig, ax = plt.subplots(figsize=(max(7, 0.5 * len(sites) * len(grouped) + 3), 4.5))
     width = 0.8 / max(1, len(grouped))
     for i, (label, mine) in enumerate(grouped.items()):
-        stats = [mean_std([r.summary["site_dice"].get(s, math.nan) for r in mine]) for s in sites]
+        stats = [mean_std([r.summary["site_values"].get(s, math.nan) for r in mine]) for s in sites]
         xs = [j + (i - (len(grouped) - 1) / 2) * width for j in range(len(sites))]
         errors = None if len(mine) < 2 else [0.0 if math.isnan(sd) else sd for _, sd in stats]
         ax.bar(xs, [m for m, _ in stats], width, yerr=errors, capsize=3, color=f"C{i % 10}", label=label)
     ax.set_xticks(range(len(sites)), [f"site {s}" for s in sites])
-    ax.set(title="Final Dice per site (mean of ET, TC, WT; mean over seeds)", ylabel="Dice", ylim=(0, 1))
+    ax.set(title=f"Final {_site_label(label)} per site (mean over seeds)", ylabel=label, ylim=(0, 1))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
     return save_figure(fig, path)
 
 
-def plot_fairness(runs: list[Run], path: Path) -> Path:
-    """Spread of the sites' final Dice per strategy: a box per strategy, one dot per site and seed."""
+def plot_fairness(runs: list[Run], path: Path, label: str = "mean Dice") -> Path:
+    """Spread of the sites' final headline per strategy: a box per strategy, one dot per site and seed."""
     grouped = _by_label(runs)
     values = [
-        [d for r in mine for d in r.summary["site_dice"].values() if not math.isnan(d)]
+        [d for r in mine for d in r.summary["site_values"].values() if not math.isnan(d)]
         for mine in grouped.values()
     ]
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(grouped) + 2), 4.5))
@@ -102,11 +107,7 @@ def plot_fairness(runs: list[Run], path: Path) -> Path:
     for i, v in enumerate(values):
         jitter = [(j % 7 - 3) * 0.03 for j in range(len(v))]
         ax.scatter([i + 1 + x for x in jitter], v, s=18, color=f"C{i % 10}", alpha=0.8, zorder=3)
-    ax.set(
-        title="Fairness: final Dice of every site (and seed)", ylabel="Dice (mean of ET, TC, WT)", ylim=(0, 1)
-    )
+    ax.set(title=f"Fairness: final {label} of every site (and seed)", ylabel=_site_label(label), ylim=(0, 1))
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path)
 
-
-# --- tables -----------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 Everything here is a pure function of ``OUT/runs/<strategy>-seed<k>/history.jsonl`` (plus
 ``run_config.json`` and ``OUT/comparison_config.json`` when present), so a report can be rebuilt
 after the fact, or tested, without Flower. Spread over seeds is the sample standard deviation.
+Strategies are ranked by the runs' headline (`simulations.headline`): mean Dice for segmentation,
+pooled AUC for classification; the per-run numbers come from `simulations.run_summary`.
 """
 
 from __future__ import annotations
@@ -21,103 +23,24 @@ from fedbrats.server.history import read_history
 from fedbrats.shared.atomic import atomic_write_text
 from fedbrats.shared.constants import REGIONS
 from fedbrats.simulations.compare_figures import mean_std, plot_curves, plot_fairness, plot_site_bars
-from fedbrats.simulations.report import site_region_dice
+from fedbrats.simulations.headline import AUC, LABELS, MEAN_DICE
+from fedbrats.simulations.run_summary import (
+    METRICS,
+    ONE_WEEK,
+    RANKED_BY,
+    TARGET_REGIONS,
+    WORST_SITE,
+    convergence_scores,
+    region_value,
+    summarise_run,
+)
 
-#: FeTS scores convergence over one simulated week (DESIGN section 8).
-ONE_WEEK = 604_800.0
+__all__ = [
+    "ONE_WEEK", "TARGET_REGIONS", "aggregate", "collect_runs", "convergence_scores", "mean_std", "region_value",
+    "summarise_run", "summarise_runs", "table_columns", "write_comparison",
+]  # fmt: skip
+
 RUN_DIR = re.compile(r"^(?P<label>.+)-seed(?P<seed>\d+)$")
-TARGET_REGIONS = ("mean", *REGIONS)
-#: Metrics aggregated over seeds, in table order; each becomes <name>_mean and <name>_std in the CSV.
-METRICS = (
-    *(f"final_dice_{r}" for r in (*REGIONS, "mean")),
-    *(f"best_dice_{r}" for r in (*REGIONS, "mean")),
-    "worst_site_dice", "rounds_to_target", "hours_to_target", "convergence_score", "simulated_hours",
-    "bytes_sent", "bytes_received", "wall_seconds", "max_site_epsilon", "client_epsilon",
-)  # fmt: skip
-
-
-def convergence_scores(
-    dice: list[float | None], round_seconds: list[float], window: float = ONE_WEEK
-) -> list[float]:
-    """The FeTS projected convergence score after each round.
-
-    After each round: best = best mean Dice so far (this round's model included; a round without
-    evaluation keeps the previous best), auc += best x round_time, T += round_time, and
-    score = ((W - T) x best + auc) / W, i.e. the area under the best-Dice-over-time curve if the
-    best model were kept for the rest of the week. Time past the window W does not count (FeTS
-    stops the experiment there). FeTS itself credits a model from the round after it is validated,
-    so its score for the same curve is slightly lower.
-    """
-    if len(dice) != len(round_seconds):
-        raise ValueError(
-            f"one Dice per round expected: {len(dice)} Dice values for {len(round_seconds)} rounds"
-        )
-    best = auc = elapsed = 0.0
-    scores = []
-    for value, seconds in zip(dice, round_seconds, strict=True):
-        if value is not None and not math.isnan(value):
-            best = max(best, value)
-        counted = min(max(seconds, 0.0), window - elapsed)
-        auc += best * counted
-        elapsed += counted
-        scores.append(((window - elapsed) * best + auc) / window)
-    return scores
-
-
-def region_value(mean_dice: dict[str, float], region: str) -> float:
-    """One region's mean Dice, or the mean over the three regions for "mean"."""
-    if not mean_dice:
-        return math.nan
-    if region == "mean":
-        return sum(mean_dice.get(r, math.nan) for r in REGIONS) / len(REGIONS)
-    return mean_dice.get(region, math.nan)
-
-
-def site_dice(record: dict[str, Any]) -> dict[str, float]:
-    """Each evaluated site's Dice, averaged over the three regions."""
-    return {str(site): sum(d.values()) / len(d) for site, d in site_region_dice(record).items()}
-
-
-def summarise_run(
-    history: list[dict[str, Any]], *, target_dice: float, target_region: str = "mean"
-) -> dict[str, Any]:
-    """The numbers of one run (one strategy, one seed)."""
-    if target_region not in TARGET_REGIONS:
-        raise ValueError(f"target region must be one of {', '.join(TARGET_REGIONS)}, got {target_region!r}")
-    evaluated = [h for h in history if h.get("mean_dice")]
-    final = evaluated[-1] if evaluated else {}
-    s: dict[str, Any] = {"rounds_done": history[-1]["round"] if history else 0}
-    for region in (*REGIONS, "mean"):
-        s[f"final_dice_{region}"] = region_value(final.get("mean_dice", {}), region)
-        s[f"best_dice_{region}"] = max(
-            (region_value(h["mean_dice"], region) for h in evaluated), default=math.nan
-        )
-    s["site_dice"] = site_dice(final) if final else {}
-    worst = min(s["site_dice"].items(), key=lambda kv: kv[1], default=(None, math.nan))
-    s["worst_site"], s["worst_site_dice"] = worst
-    reached = next((h for h in evaluated if region_value(h["mean_dice"], target_region) >= target_dice), None)
-    s["rounds_to_target"] = reached["round"] if reached else math.nan
-    s["hours_to_target"] = reached["simulated_seconds"] / 3600 if reached else math.nan
-    dice = [region_value(h.get("mean_dice", {}), "mean") for h in history]
-    scores = convergence_scores(dice, [h.get("simulated_round_seconds", 0.0) for h in history])
-    s["convergence_score"] = scores[-1] if scores else math.nan
-    s["simulated_hours"] = history[-1].get("simulated_seconds", 0.0) / 3600 if history else math.nan
-    for key in ("bytes_sent", "bytes_received", "wall_seconds"):
-        s[key] = float(sum(h.get(key, 0) for h in history))
-    epsilon: dict[str, float] = {}
-    for h in history:
-        for t in h.get("train", []):
-            if "epsilon" in t:
-                epsilon[str(t["site"])] = max(epsilon.get(str(t["site"]), 0.0), float(t["epsilon"]))
-    s["site_epsilon"] = epsilon
-    s["max_site_epsilon"] = max(epsilon.values(), default=math.nan)
-    s["client_epsilon"] = next(
-        (float(h["client_epsilon"]) for h in reversed(history) if "client_epsilon" in h), math.nan
-    )
-    s["curve"] = [
-        (h["round"], h["simulated_seconds"] / 3600, region_value(h["mean_dice"], "mean")) for h in evaluated
-    ]
-    return s
 
 
 @dataclass
@@ -155,13 +78,23 @@ def read_settings(out: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def settings_target(settings: dict[str, Any]) -> float | None:
+    """The target a comparison was run with (`target`, or `target_dice` of comparisons before headlines)."""
+    value = settings.get("target", settings.get("target_dice"))
+    return None if value is None else float(value)
+
+
 def collect_runs(
-    out: Path, *, target_dice: float | None = None, target_region: str | None = None
+    out: Path, *, target: float | None = None, target_dice: float | None = None, target_region: str | None = None
 ) -> list[Run]:
-    """Every run folder under OUT/runs with at least one recorded round, in the comparison's order."""
+    """Every run folder under OUT/runs with at least one recorded round, in the comparison's order.
+
+    Every run must have the same headline (one task per comparison); a mix is an error naming a run of each.
+    """
     out = Path(out)
     settings = read_settings(out)
-    target_dice = settings.get("target_dice", 0.7) if target_dice is None else target_dice
+    if target is None and target_dice is None:
+        target = settings_target(settings)
     target_region = settings.get("target_region", "mean") if target_region is None else target_region
     runs = []
     for folder in sorted((out / "runs").glob("*-seed*")):
@@ -172,18 +105,32 @@ def collect_runs(
         config_path = folder / "run_config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         run = Run(match["label"], int(match["seed"]), folder, config, commits=run_commits(folder))
-        run.summary = summarise_run(history, target_dice=target_dice, target_region=target_region)
+        try:
+            run.summary = summarise_run(history, target=target, target_dice=target_dice, target_region=target_region)
+        except ValueError as err:
+            raise ValueError(f"{folder}: {err}") from None
         runs.append(run)
+    headlines = {r.summary["headline"]: r.path.name for r in runs}
+    if len(headlines) > 1:
+        raise ValueError(
+            "runs of different tasks cannot be ranked together: "
+            + ", ".join(f"{folder} has headline {name}" for name, folder in headlines.items())
+        )
     order = {label: i for i, label in enumerate(s["label"] for s in settings.get("strategies", []))}
     return sorted(runs, key=lambda r: (order.get(r.label, len(order)), r.label, r.seed))
 
 
 def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
-    """One row per strategy: every metric as mean and std over its seeds."""
+    """One row per strategy: every metric as mean and std over its seeds, ranked by the headline.
+
+    Rank 1 has the highest final headline (mean over seeds; a strategy without one ranks last);
+    rows come in rank order, ties in the comparison's order.
+    """
     rows = []
     for label in dict.fromkeys(r.label for r in runs):
         mine = [r for r in runs if r.label == label]
         config = mine[0].config
+        name = mine[0].summary["headline"]
         params = {
             k.removeprefix("strategy-"): v for k, v in sorted(config.items()) if k.startswith("strategy-")
         }
@@ -191,26 +138,35 @@ def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
             "strategy": label,
             "name": config.get("strategy", label),
             "params": " ".join(f"{k}={v:g}" for k, v in params.items()),
+            "headline": name,
             "seeds": ",".join(str(r.seed) for r in mine),
             "runs_complete": f"{sum(r.complete for r in mine)}/{len(mine)}",
             "rounds": max(r.planned_rounds for r in mine),
             "target_reached": f"{sum(not math.isnan(r.summary['rounds_to_target']) for r in mine)}/{len(mine)}",
             "worst_site": Counter(r.summary["worst_site"] for r in mine).most_common(1)[0][0],
         }
-        for metric in METRICS:
+        for metric in METRICS[name]:
             row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std([r.summary[metric] for r in mine])
         rows.append(row)
-    return rows
+
+    def score(row: dict[str, Any]) -> float:
+        value = row[f"{RANKED_BY[row['headline']]}_mean"]
+        return -math.inf if math.isnan(value) else value
+
+    ranked = sorted(rows, key=score, reverse=True)  # stable: ties keep the comparison's order
+    for rank, row in enumerate(ranked, 1):
+        row["rank"] = rank
+    return ranked
 
 
 def summarise_runs(
-    out: Path, *, target_dice: float | None = None, target_region: str | None = None
+    out: Path, *, target: float | None = None, target_dice: float | None = None, target_region: str | None = None
 ) -> list[dict[str, Any]]:
-    """The comparison table (one row per strategy) from the run folders under OUT/runs."""
-    return aggregate(collect_runs(out, target_dice=target_dice, target_region=target_region))
+    """The comparison table (one row per strategy, best headline first) from the run folders under OUT/runs."""
+    return aggregate(collect_runs(out, target=target, target_dice=target_dice, target_region=target_region))
 
 
-# --- plots ------------------------------------------------------------------------------------
+# --- tables and the report --------------------------------------------------------------------
 def fmt(row: dict[str, Any], metric: str, digits: int = 3, scale: float = 1.0) -> str:
     """'mean ± std' over seeds ('mean' alone for one seed, '-' when undefined)."""
     mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
@@ -227,16 +183,32 @@ def _target(row: dict[str, Any], metric: str, digits: int) -> str:
 
 
 def _worst(row: dict[str, Any]) -> str:
-    return "-" if row["worst_site"] is None else f"{fmt(row, 'worst_site_dice')} (site {row['worst_site']})"
+    metric = WORST_SITE[row["headline"]]
+    return "-" if row["worst_site"] is None else f"{fmt(row, metric)} (site {row['worst_site']})"
+
+
+def headline_of(rows: list[dict[str, Any]]) -> str:
+    """The headline of a comparison's rows (mean Dice for rows of comparisons before headlines)."""
+    return rows[0].get("headline", MEAN_DICE) if rows else MEAN_DICE
 
 
 def table_columns(rows: list[dict[str, Any]]) -> tuple[list, list]:
     """(header, cell function) pairs for the accuracy table and the convergence-and-cost table."""
     name = ("strategy", lambda r: r["strategy"] + (f" ({r['params']})" if r["params"] else ""))
-    accuracy = [name, ("complete runs", lambda r: r["runs_complete"])]
-    accuracy += [(f"final {g}", lambda r, g=g: fmt(r, f"final_dice_{g}")) for g in (*REGIONS, "mean")]
-    accuracy += [(f"best {g}", lambda r, g=g: fmt(r, f"best_dice_{g}")) for g in (*REGIONS, "mean")]
-    accuracy.append(("worst site (final)", _worst))
+    accuracy = [("rank", lambda r: str(r["rank"])), name, ("complete runs", lambda r: r["runs_complete"])]
+    if headline_of(rows) == AUC:
+        accuracy += [
+            ("final AUC (pooled)", lambda r: fmt(r, "final_auc")),
+            ("best AUC (pooled)", lambda r: fmt(r, "best_auc")),
+            ("worst site AUC (final)", _worst),
+            ("balanced accuracy", lambda r: fmt(r, "balanced_accuracy")),
+            ("sensitivity", lambda r: fmt(r, "sensitivity")),
+            ("specificity", lambda r: fmt(r, "specificity")),
+        ]
+    else:
+        accuracy += [(f"final {g}", lambda r, g=g: fmt(r, f"final_dice_{g}")) for g in (*REGIONS, "mean")]
+        accuracy += [(f"best {g}", lambda r, g=g: fmt(r, f"best_dice_{g}")) for g in (*REGIONS, "mean")]
+        accuracy.append(("worst site (final)", _worst))
     cost = [
         name,
         ("rounds to target", lambda r: _target(r, "rounds_to_target", 1)),
@@ -254,14 +226,23 @@ def table_columns(rows: list[dict[str, Any]]) -> tuple[list, list]:
     return accuracy, cost
 
 
+def table_titles(rows: list[dict[str, Any]], target: float, target_region: str = "mean") -> tuple[str, str]:
+    """Titles of the accuracy table and of the convergence-and-cost table."""
+    name = headline_of(rows)
+    accuracy = "AUC (pooled over sites; mean ± std over seeds)" if name == AUC else "Dice (mean ± std over seeds)"
+    return accuracy, f"Convergence (target: {target_text(target, target_region, name)}) and cost"
+
+
 def markdown_table(columns: list, rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|---" * len(columns) + "|"]
     return lines + ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
 
 
-def target_text(target_dice: float, target_region: str) -> str:
+def target_text(target: float, target_region: str = "mean", name: str = MEAN_DICE) -> str:
+    if name == AUC:
+        return f"AUC pooled over sites >= {target:g}"
     what = "the mean of ET, TC and WT" if target_region == "mean" else target_region
-    return f"mean Dice over sites >= {target_dice:g}, on {what}"
+    return f"mean Dice over sites >= {target:g}, on {what}"
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -278,34 +259,52 @@ def _local_work(config: dict[str, Any]) -> str:
     return f"{config.get('local-epochs', '?')} local epoch(s)"
 
 
+#: The words of the report for each headline.
+_WORDS = {
+    MEAN_DICE: {
+        "section": "Dice",
+        "measured": "Dice is measured on each site's validation cases and averaged over sites, unweighted.",
+        "site": "Final Dice per site",
+    },
+    AUC: {
+        "section": "AUC",
+        "measured": "AUC is pooled over the sites' summed score histograms (no per-case score leaves a site); "
+        "a site's own AUC is undefined when it holds one class only. Balanced accuracy, sensitivity and "
+        "specificity are means over sites, unweighted.",
+        "site": "Final AUC per site",
+    },
+}
+
+
 def write_comparison(
-    out: Path, *, target_dice: float | None = None, target_region: str | None = None
+    out: Path, *, target: float | None = None, target_dice: float | None = None, target_region: str | None = None
 ) -> Path:
     """Write comparison.md (with PNGs), comparison.csv (per strategy) and comparison_runs.csv (per run)."""
     out = Path(out)
     settings = read_settings(out)
-    target_dice = settings.get("target_dice", 0.7) if target_dice is None else target_dice
     target_region = settings.get("target_region", "mean") if target_region is None else target_region
-    runs = collect_runs(out, target_dice=target_dice, target_region=target_region)
+    runs = collect_runs(out, target=target, target_dice=target_dice, target_region=target_region)
     if not runs:
         raise ValueError(
             f"no run under {out / 'runs'} has a completed round (expected runs/<strategy>-seed<k>/history.jsonl)"
         )
+    name, target = runs[0].summary["headline"], runs[0].summary["target"]
+    label, words = LABELS[name], _WORDS[name]
     rows = aggregate(runs)
     for row in rows:
-        row.update(target_dice=target_dice, target_region=target_region)
+        row.update(target=target, target_region=target_region)
+        if name == MEAN_DICE:
+            row["target_dice"] = target  # the column's name before headlines, kept for readers of the CSV
     _write_csv(out / "comparison.csv", rows)
     per_run = [
         {"strategy": r.label, "seed": r.seed, "rounds_done": r.summary["rounds_done"], "rounds": r.planned_rounds,
-         "complete": r.complete, "worst_site": r.summary["worst_site"], **{m: r.summary[m] for m in METRICS}}
+         "complete": r.complete, "worst_site": r.summary["worst_site"], **{m: r.summary[m] for m in METRICS[name]}}
         for r in runs
     ]  # fmt: skip
     _write_csv(out / "comparison_runs.csv", per_run)
-    curves = plot_curves(
-        runs, out / "comparison_curves.png", target_dice if target_region == "mean" else None
-    )
-    bars = plot_site_bars(runs, out / "comparison_sites.png")
-    fairness = plot_fairness(runs, out / "comparison_fairness.png")
+    curves = plot_curves(runs, out / "comparison_curves.png", target if target_region == "mean" else None, label)
+    bars = plot_site_bars(runs, out / "comparison_sites.png", label)
+    fairness = plot_fairness(runs, out / "comparison_fairness.png", label)
     accuracy, cost = table_columns(rows)
     config = settings.get("config", runs[0].config)
     lines = [
@@ -318,37 +317,37 @@ def write_comparison(
         "",
         "Every strategy ran on the same partition with the same seeds; a seed fixes the initial weights, "
         "each site's train/validation split and the training randomness. Values are mean ± sample std over "
-        "seeds (the mean alone for one seed). Dice is measured on each site's validation cases and averaged "
-        "over sites, unweighted.",
+        f"seeds (the mean alone for one seed). {words['measured']} Strategies are ranked by their final "
+        f"{label} (mean over seeds).",
         "",
     ]
     lines += [f"- {note}" for note in settings.get("notes", [])] + ([""] if settings.get("notes") else [])
-    lines += ["## Dice", "", *markdown_table(accuracy, rows), ""]
+    lines += [f"## {words['section']}", "", *markdown_table(accuracy, rows), ""]
     lines += [
         "## Convergence and cost", "",
-        f"Target: {target_text(target_dice, target_region)} (time to target counts only the seeds that reached it). "
-        "Convergence score: FeTS' projected score over one simulated week (W = 604,800 s): after each round "
-        "best = best mean Dice (of ET, TC, WT) so far, auc += best x round time, score = ((W - T) x best + auc) / W. "
+        f"Target: {target_text(target, target_region, name)} (time to target counts only the seeds that reached "
+        "it). Convergence score: FeTS' projected score over one simulated week (W = 604,800 s): after each round "
+        f"best = best {label} so far, auc += best x round time, score = ((W - T) x best + auc) / W. "
         "Wall seconds are the rounds' own time on this machine, without Flower's start-up.", "",
         *markdown_table(cost, rows), "",
         "## Learning curves", "", "Mean over seeds; the band spans the lowest to the highest seed.", "",
-        f"![mean Dice against rounds and simulated time]({curves.name})", "",
-        "## Final Dice per site", "", f"![final Dice per site]({bars.name})", "",
-        "## Fairness", "", "Every site's final Dice; a strategy that serves all hospitals has a short box.", "",
-        f"![site Dice spread]({fairness.name})", "",
+        f"![{label} against rounds and simulated time]({curves.name})", "",
+        f"## {words['site']}", "", f"![{words['site']}]({bars.name})", "",
+        "## Fairness", "", f"Every site's final {label}; a strategy that serves all hospitals has a short box.", "",
+        f"![site {label} spread]({fairness.name})", "",
         "## Runs", "",
     ]  # fmt: skip
     if len({c for r in runs for c in r.commits}) > 1:
         lines += ["Not every run ran the same FedBraTS code: the code column gives the commit of each start.", ""]
     lines += [
-        "| strategy | seed | rounds | final mean Dice | worst site | convergence score | wall s | code | folder |",
+        f"| strategy | seed | rounds | final {label} | worst site | convergence score | wall s | code | folder |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         s = r.summary
         lines.append(
-            f"| {r.label} | {r.seed} | {s['rounds_done']}/{r.planned_rounds} | {s['final_dice_mean']:.3f} | "
-            f"{s['worst_site']} ({s['worst_site_dice']:.3f}) | {s['convergence_score']:.3f} | {s['wall_seconds']:.0f} | "
+            f"| {r.label} | {r.seed} | {s['rounds_done']}/{r.planned_rounds} | {s['final_headline']:.3f} | "
+            f"{s['worst_site']} ({s[WORST_SITE[name]]:.3f}) | {s['convergence_score']:.3f} | {s['wall_seconds']:.0f} | "
             f"{' -> '.join(dict.fromkeys(r.commits)) or '-'} | `runs/{r.path.name}` |"
         )
     return atomic_write_text(out / "comparison.md", "\n".join(lines) + "\n")

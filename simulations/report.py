@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
@@ -14,17 +13,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fedbrats.server.history import read_history  # noqa: E402
-from fedbrats.shared.atomic import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
+from fedbrats.shared.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from fedbrats.shared.constants import REGIONS  # noqa: E402
+from fedbrats.simulations.class_report import write_class_report  # noqa: E402
+from fedbrats.simulations.figures import save_figure, site_order  # noqa: E402
+from fedbrats.simulations.headline import AUC, headline_name  # noqa: E402
 
-
-def save_figure(fig, path: Path) -> Path:
-    """Write a report figure as PNG and free it (reports draw many figures in one process)."""
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=100, format=Path(path).suffix.lstrip(".") or "png")
-    plt.close(fig)
-    return atomic_write(path, buffer.getvalue())
+__all__ = ["plot_learning_curves", "plot_site_bars", "save_figure", "site_order", "site_region_dice", "write_report"]
 
 
 COLORS = {"ET": "#d62728", "TC": "#ff7f0e", "WT": "#2ca02c"}
@@ -72,25 +67,29 @@ def plot_site_bars(record: dict[str, Any], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def site_order(name: str) -> tuple:
-    """Sort key: numbered sites in numeric order (2 before 10), named ones after."""
-    return (0, int(name)) if str(name).isdigit() else (1, str(name))
-
-
 def write_report(out_dir: Path) -> Path:
-    """Write ``report.md`` (with PNGs) and ``summary.json`` from the run history in `out_dir`."""
+    """Write ``report.md`` (with PNGs) and ``summary.json`` from the run history in `out_dir`.
+
+    The run's headline decides the report: AUC (classification, `simulations.class_report`; a
+    multitask run's Dice curves go in a section of it) or mean Dice (segmentation, below).
+    """
     out_dir = Path(out_dir)
     history = read_history(out_dir / "history.jsonl")
     if not history:
         raise ValueError(f"{out_dir / 'history.jsonl'} holds no completed round")
     evaluated = [r for r in history if r.get("mean_dice")]
+    config = json.loads((out_dir / "run_config.json").read_text()) if (out_dir / "run_config.json").is_file() else {}
+    if headline_name(history) == AUC:
+        dice = plot_learning_curves(history, out_dir / "learning_curves.png") if evaluated else None
+        return write_class_report(out_dir, history, config, segmentation=dice)
     final = evaluated[-1] if evaluated else history[-1]
     curves = plot_learning_curves(history, out_dir / "learning_curves.png")
     bars = plot_site_bars(final, out_dir / "site_dice.png") if evaluated else None
-    config = json.loads((out_dir / "run_config.json").read_text()) if (out_dir / "run_config.json").is_file() else {}
     per_site = site_region_dice(final)
     worst = min(per_site.items(), key=lambda kv: sum(kv[1].values())) if per_site else None
     summary = {
+        "task": "segmentation",
+        "headline": "mean-dice",
         "rounds": history[-1]["round"],
         "final_mean_dice": final.get("mean_dice", {}),
         "best_mean_dice": {r: max((h["mean_dice"][r] for h in evaluated), default=math.nan) for r in REGIONS},

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedbrats.shared.evaluation.classification import _pair_auc, histogram_auc
+from fedbrats.shared.evaluation.classification import histogram_auc
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class RocCurve:
     positive: int  # the class index scored as positive (binary: 1; multi-class: one vs the rest)
     fpr: np.ndarray
     tpr: np.ndarray
-    auc: float
+    auc: float  # the area under the polyline: `histogram_auc` of the same counts
 
 
 def as_histograms(value) -> np.ndarray:
@@ -51,13 +51,13 @@ def roc_curves(histograms) -> list[RocCurve]:
         return []
     if h.shape[1] == 1:
         fpr, tpr = _curve(h[1, 0], h[0, 0])
-        return [RocCurve(1, fpr, tpr, _pair_auc(h[1, 0], h[0, 0])[0])]
+        return [RocCurve(1, fpr, tpr, float(np.trapezoid(tpr, fpr)))]
     curves = []
     counts = h[:, 0, :].sum(axis=1)
     for c in np.flatnonzero(counts):
         rest = h[np.arange(h.shape[0]) != c, c, :].sum(axis=0)
         fpr, tpr = _curve(h[c, c], rest)
-        curves.append(RocCurve(int(c), fpr, tpr, _pair_auc(h[c, c], rest)[0]))
+        curves.append(RocCurve(int(c), fpr, tpr, float(np.trapezoid(tpr, fpr))))
     return curves
 
 

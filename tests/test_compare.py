@@ -86,7 +86,7 @@ def test_convergence_score_matches_a_hand_computation():
     # r3: best .5, auc 210, T 600 -> (400*.5 + 210)/1000; r4: auc 410, T 1000 -> 410/1000; r5 lies past the week
     assert scores == pytest.approx([0.2, 0.2, 0.41, 0.41, 0.41])
     assert convergence_scores([], []) == []
-    with pytest.raises(ValueError, match="one Dice per round"):
+    with pytest.raises(ValueError, match="one headline value per round"):
         convergence_scores([0.5], [1.0, 2.0])
 
 

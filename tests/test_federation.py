@@ -156,3 +156,16 @@ def test_fastest_selection_uses_reported_sizes(tmp_path):
     trained = [{t["site"] for t in r["train"]} for r in rounds]
     assert trained[0] == {"s1", "s2"}  # unmeasured sites count as 0 s: lowest ids first
     assert trained[1] == {"s3", "s4"}  # s1, s2 are now measured (> 0 s); s3, s4 are not yet
+
+
+def test_mean_dice_leaves_out_sites_that_released_no_dice():
+    """Under DP with suppressed evaluation metrics a site sends only its case count: never a Dice of 0."""
+    from fedbrats.server.federation import SiteResult, mean_dice
+
+    results = [
+        SiteResult(1, "a", {"dice-ET": 0.5, "dice-TC": 0.6, "dice-WT": 0.8, "num-examples": 3}),
+        SiteResult(2, "b", {"num-examples": 12}),
+        SiteResult(3, "c", {"dice-ET": 0.9}, dropped="site error"),
+    ]
+    assert mean_dice(results) == {"ET": 0.5, "TC": 0.6, "WT": 0.8}
+    assert mean_dice(results[1:]) == {}

@@ -12,6 +12,12 @@ Deep supervision: in training mode the model returns a list of logits, full reso
 then one per coarser decoder level at its OWN size (1/2, 1/4, ... of the input; depth-2 extra
 outputs). `fedbrats.shared.models.losses.RegionLoss` resizes the target to each. In eval mode it returns the
 full-resolution tensor only, so inference code never sees the list.
+
+Multi-task (`n_classes` > 0): a `ClassificationHead` on the bottleneck (the deepest encoder output)
+gives case-level class logits as well; forward then returns (segmentation output, class logits
+[B, n_classes]). `first_output` in shared.evaluation.inference picks the segmentation part, so
+sliding-window inference works unchanged. n_classes = 0 (the default) builds no head at all: the
+segmentation model and its checkpoints are exactly those of before.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from torch import nn
 
 from fedbrats.shared.constants import MODALITIES, REGIONS
 from fedbrats.shared.models.blocks import NORM_GROUPS, ResidualBlock, UpBlock, make_activation
+from fedbrats.shared.models.classifier import ClassificationHead
 from fedbrats.shared.models.registry import register_model
 
 
@@ -37,6 +44,7 @@ class ResUNet(nn.Module):
         dropout: channel dropout inside every residual block (0 disables).
         act: "leakyrelu" (slope 0.01) or "relu".
         se: squeeze-and-excitation in every residual block.
+        n_classes: case-level class logits from the bottleneck (multi-task); 0: segmentation only.
     """
 
     def __init__(
@@ -49,6 +57,7 @@ class ResUNet(nn.Module):
         dropout: float = 0.0,
         act: str = "leakyrelu",
         se: bool = False,
+        n_classes: int = 0,
     ):
         super().__init__()
         if width < NORM_GROUPS or width % NORM_GROUPS:
@@ -59,10 +68,12 @@ class ResUNet(nn.Module):
             raise ValueError(f"depth must be at least 2 (one downsampling), got {depth}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if n_classes < 0 or n_classes == 1:
+            raise ValueError(f"n_classes must be 0 (no classification head) or >= 2, got {n_classes}")
         make_activation(act)  # fail early on an unknown name
         self.config = {
             "in_channels": in_channels, "out_channels": out_channels, "width": width, "depth": depth,
-            "deep_supervision": deep_supervision, "dropout": dropout, "act": act, "se": se,
+            "deep_supervision": deep_supervision, "dropout": dropout, "act": act, "se": se, "n_classes": n_classes,
         }  # fmt: skip
         self.depth = depth
         self.deep_supervision = deep_supervision
@@ -82,6 +93,7 @@ class ResUNet(nn.Module):
         self.ds_heads = nn.ModuleList(
             nn.Conv3d(channels[level], out_channels, 1) for level in range(1, depth - 1)
         ) if deep_supervision else nn.ModuleList()  # fmt: skip
+        self.class_head = ClassificationHead(channels[-1], n_classes) if n_classes else None
 
     @property
     def size_multiple(self) -> int:
@@ -99,13 +111,17 @@ class ResUNet(nn.Module):
                 f"spatial sizes {tuple(x.shape[2:])} must be multiples of 2^(depth-1) = {self.size_multiple}"
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor] | tuple:
         self.check_input(x)
         skips = []
         for block in self.encoder:
             x = block(x)
             skips.append(x)
         x = skips.pop()
+        segmentation = self._decode(x, skips)
+        return segmentation if self.class_head is None else (segmentation, self.class_head(x))
+
+    def _decode(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         decoded = []
         for up in self.decoder:
             x = up(x, skips.pop())
