@@ -1,7 +1,10 @@
 """The Flower ClientApp: a site trains and evaluates the global model on its own cases.
 
 Only weights and aggregate metrics leave the site: replies carry an ArrayRecord, a MetricRecord
-of numbers and the site's name; never case identifiers, file paths or voxels. Errors sent to the
+of numbers and the site's name; never case identifiers, file paths or voxels. What is learnt (the
+loss, the evaluation) comes from the run's task (`shared.tasks`); an evaluation of a task that
+classifies also carries the site's score histograms (ArrayRecord "scores", array "histograms"), from
+which the server pools the AUC over sites: counts per class and score bin, no per-case score. Errors sent to the
 server say what is wrong in general terms; the details (which case, which file) stay in the
 site's log.
 """
@@ -13,7 +16,7 @@ import os
 import traceback
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedbrats.client.algorithms import CONTROL, CONTROL_DELTA, ControlVariate, LocalNorms
@@ -22,14 +25,18 @@ from fedbrats.client.ledger import PrivacyLedger
 from fedbrats.client.privacy import DPConfig, PrivacyBudgetExhausted, eval_metrics_released, train_private
 from fedbrats.client.settings import model_for, start_step, train_config
 from fedbrats.client.site import Site, SiteError, cached_site, run_key
-from fedbrats.client.trainer import evaluate_local, flat_metrics, get_device, loss_on, lr_at, train_local
+from fedbrats.client.trainer import get_device, loss_on, lr_at, train_local
 from fedbrats.shared.config import RunConfig
 from fedbrats.shared.records import model_to_record, record_to_model
+from fedbrats.shared.tasks import task_for
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 log = logging.getLogger("fedbrats.client")
 
 app = ClientApp()
+
+#: The evaluate reply's record of score histograms (tasks that classify), and its one array.
+SCORES, HISTOGRAMS = "scores", "histograms"
 
 #: Error codes a site sends; the server records the reason next to the site's name.
 SITE_UNUSABLE = 1001
@@ -69,6 +76,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     run = run_key(msg.metadata.run_id, config, msg.content["config"].get("run-key", ""))
     incoming = msg.content["arrays"]
     model = _model(msg, config)
+    task = task_for(config)
     norms = LocalNorms(site.run_dir(run)) if round_config.get("fedbn", False) else None
     if norms:
         norms.apply(model, upto_round=server_round - 1)
@@ -86,21 +94,23 @@ def handle_train(msg: Message, context: Context) -> Message:
         raise SiteError("the strategy asks for raw training losses, which DP-SGD does not protect; use another strategy")
     loss_batches = min(4, len(site.train))
     if report_loss:
-        metrics["loss-before"] = loss_on(model, site.train, loss_batches, seed=config.seed + server_round, device=device)
+        metrics["loss-before"] = loss_on(model, site.train, loss_batches, seed=config.seed + server_round, device=device,
+                                         loss_fn=task.loss)  # fmt: skip
     if config.dp:
         result = train_private(
             model, site.train, local, DPConfig.from_run_config(config),
             PrivacyLedger.for_site(dict(context.node_config), site.name, site.work_dir),  # keyed to the site, not a folder
-            round=server_round, run_id=run, start_step=first_step, device=device,
+            round=server_round, run_id=run, start_step=first_step, device=device, loss_fn=task.loss,
             grad_correction=control.correction() if control else None,
         )  # fmt: skip
         metrics.update(result.metrics())
     else:
         if control:
             control.attach(model)
-        result = train_local(model, site.train, local, start_step=first_step, device=device)
+        result = train_local(model, site.train, local, start_step=first_step, device=device, loss_fn=task.loss)
     if report_loss:
-        metrics["loss-after"] = loss_on(model, site.train, loss_batches, seed=config.seed + server_round, device=device)
+        metrics["loss-after"] = loss_on(model, site.train, loss_batches, seed=config.seed + server_round, device=device,
+                                        loss_fn=task.loss)  # fmt: skip
     _record_round(site, run, msg, config, server_round, first_step, result)
     if not config.dp:  # a raw loss is not protected by DP-SGD's noise
         metrics["train-loss"] = result.mean_loss
@@ -138,10 +148,15 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     model = _model(msg, config)
     if msg.content["config"].get("fedbn", False):  # each site is scored with its own normalisation
         LocalNorms(site.run_dir(run_key(msg.metadata.run_id, config, msg.content["config"].get("run-key", "")))).apply(model, upto_round=_server_round(msg))
-    evaluation = evaluate_local(model, site.val, patch_size=config.patch, device=get_device("auto"))
-    metrics = {k.replace("_", "-"): v for k, v in flat_metrics(evaluation).items()}
-    metrics.update({"num-examples": len(site.val), "eval-seconds": evaluation["seconds"]})
-    return _reply(msg, site, metrics)
+    metrics = task_for(config).evaluate(model, site.val, config, get_device("auto"))
+    histograms = metrics.pop(HISTOGRAMS, None)
+    for metric, reason in metrics.pop("reasons", {}).items():
+        log.info("site %s: %s (%s)", site.name, reason, metric)  # e.g. a single-class site's AUC
+    metrics["num-examples"] = len(site.val)
+    out = _reply(msg, site, metrics)
+    if histograms is not None and not config.dp:  # under DP-SGD a site releases means only (README, Privacy)
+        out.content[SCORES] = ArrayRecord({HISTOGRAMS: Array(histograms)})
+    return out
 
 
 def _record_round(

@@ -64,7 +64,7 @@ from fedbrats.client.privacy_plan import (
     sample_rate,
 )
 from fedbrats.client.site_key import key_id
-from fedbrats.client.trainer import LossFn, Progress, TrainConfig, TrainResult, get_device, lr_at
+from fedbrats.client.trainer import LossFn, Progress, TrainConfig, TrainResult, get_device, lr_at, targets_to
 
 __all__ = [
     "ACCOUNTANTS", "DPConfig", "EVAL_RELEASE", "GRAD_SAMPLE_MODES", "IncompatibleModelError",
@@ -251,11 +251,9 @@ def train_private(
                     optimizer.step()
                     empty += 1
                 else:
-                    images, targets = (
-                        batch[0].to(device, non_blocking=True),
-                        batch[1].to(device, non_blocking=True),
-                    )
-                    loss = loss_fn(gsm(images), targets.float())
+                    # targets: region masks, class indices or both (multitask), as floats (shared.tasks)
+                    images, targets = batch[0].to(device, non_blocking=True), targets_to(batch[1], device)
+                    loss = loss_fn(gsm(images), targets)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(
                             f"non-finite loss at DP step {done + 1}; a DP step cannot be skipped, so the round "

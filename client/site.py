@@ -18,13 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch.utils.data import Dataset
+
 from fedbrats.shared.atomic import atomic_write_json
 from fedbrats.shared.config import RunConfig
+from fedbrats.shared.data.case_labels import CaseLabels, SiteClasses, site_classes
 from fedbrats.shared.data.cases import Case
-from fedbrats.shared.data.dataset import PatientDataset
 from fedbrats.shared.data.partition import read_partition, safe_site_id
 from fedbrats.shared.data.problems import CaseProblem
 from fedbrats.shared.data.site_cases import SiteCases, cases_of_site, load_partition
+from fedbrats.shared.tasks import check_classes, load_labels, task_for
 
 log = logging.getLogger("fedbrats.site")
 
@@ -39,11 +42,15 @@ class SiteError(RuntimeError):
 
 @dataclass
 class Site:
+    """`train`/`val` are the task's datasets (`shared.tasks`): one item per patient whatever the task."""
+
     name: str
-    train: PatientDataset
-    val: PatientDataset
+    train: Dataset
+    val: Dataset
     work_dir: Path
     skipped: list[CaseProblem] = field(default_factory=list)
+    labels: CaseLabels | None = None  # case labels, for tasks that classify
+    classes: SiteClasses | None = None  # the site's cases per class
 
     @property
     def skipped_count(self) -> int:
@@ -137,21 +144,27 @@ def open_site(node_config: dict[str, Any], config: RunConfig) -> Site:
     for p in problems:
         log.warning("site %s skips case %s (%s): %s", name, p.case_id, p.file or "folder", p.problem)
     work_dir = _work_dir(node_config, config, name)
-    cache = None if config.cache == "none" else config.cache
+    task = task_for(config)
+    try:  # what is wrong here names no case and no path: it may go to the server
+        task.check_model(config)
+        labels = load_labels(config, data_dir) if task.needs_labels else None
+        if labels is not None:
+            check_classes(config, labels)
+    except ValueError as err:
+        if type(err) is not ValueError:  # a labels file error names paths and cases: it stays in the log
+            raise
+        raise SiteError(str(err)) from None
 
-    def dataset(selected: list[Case], augment: bool) -> PatientDataset:
-        return PatientDataset(
-            selected,
-            config.patch,
-            foreground_prob=config.foreground_prob,
-            augment=augment,
-            cache=cache,
-            cache_dir=work_dir / "cache",
-            seed=config.seed,
-        )
+    def dataset(selected: list[Case], augment: bool) -> Dataset:
+        return task.dataset(selected, config, labels=labels, augment=augment, cache_dir=work_dir / "cache")
 
-    site = Site(name, dataset(found.train, True), dataset(found.val, False), work_dir, problems)
+    site = Site(name, dataset(found.train, True), dataset(found.val, False), work_dir, problems, labels)
     log.info("site %s: %d training and %d validation cases, %d skipped", name, len(site.train), len(site.val), site.skipped_count)
+    if labels is not None:
+        site.classes = site_classes(labels, {name: [c.case_id for c in site.train.cases + site.val.cases]})[name]
+        log.info("site %s (%s): cases per class %s", name, labels.label_column, site.classes.counts)
+        if site.classes.auc_reason:
+            log.warning("%s", site.classes.auc_reason)
     return site
 
 

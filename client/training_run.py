@@ -6,13 +6,17 @@ model, the same trainer and learning-rate schedule, and the same cases per site
 (`client.settings`), so "federated vs. pooled data" compares strategies, not code. A round of the one-site federation is one training period here: `rounds` x
 (`local_epochs` or `local_steps`), validated after each; `--epochs E` makes that E periods of one epoch.
 
-Writes RUN_DIR/checkpoint.safetensors (the period with the best mean validation Dice; the last one
-when there is no validation case), RUN_DIR/last.safetensors, RUN_DIR/metrics.json (rewritten after
+The run's task (`--set task=classification`, `shared.tasks`) decides the dataset, the loss and the
+validation. Writes RUN_DIR/checkpoint.safetensors (the period with the best validation headline:
+mean Dice, or the AUC of the validation cases; the last one when there is no validation case or the
+cases cannot define it), with `task`, `classes`, `label_column` and `class_input_size` in its
+metadata for a classifier, RUN_DIR/last.safetensors, RUN_DIR/metrics.json (rewritten after
 every period), RUN_DIR/run_config.json (the resolved configuration) and RUN_DIR/learning_curve.png.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +31,14 @@ from rich.progress import (
 )
 
 from fedbrats.client.settings import model_for, schedule_steps, start_step, train_config
-from fedbrats.client.trainer import evaluate_local, flat_metrics, get_device, train_local
+from fedbrats.client.trainer import get_device, train_local
 from fedbrats.shared.atomic import atomic_write_json
 from fedbrats.shared.config import RunConfig
 from fedbrats.shared.constants import REGIONS, label_sets_for
 from fedbrats.shared.data.partition import Partition, write_partition
 from fedbrats.shared.data.site_cases import Discovered, cases_of_sites
+from fedbrats.shared.evaluation.classification import histogram_auc
+from fedbrats.shared.tasks import Task, checkpoint_metadata, load_labels, task_for, with_label_classes
 from fedbrats.strategies.selection import round_lr
 
 
@@ -70,7 +76,7 @@ def training_cases(
 
 
 def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Training loss and validation Dice per region against epochs."""
+    """Training loss and the validation metrics per epoch: Dice per region, or AUC and balanced accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,23 +84,46 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str) -
     from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o")
-    ax_loss.set(xlabel="epoch", ylabel="training loss (Dice + focal)", title="training loss")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
     validated = [h for h in history if h.get("val")]
-    for region in REGIONS:
-        ax_dice.plot([h["epoch"] for h in validated], [h["val"][f"dice_{region}"] for h in validated],
-                     marker="o", label=region)
-    ax_dice.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title="validation Dice (sliding window)")
+    shown = [(f"dice_{r}", r) for r in REGIONS] if any("dice_ET" in h["val"] for h in validated) else [
+        ("auc", "AUC"), ("balanced_accuracy", "balanced accuracy")]  # fmt: skip
+    for key, name in shown:
+        points = [(h["epoch"], h["val"][key]) for h in validated if key in h["val"]]
+        if points:
+            ax_val.plot(*zip(*points, strict=True), marker="o", label=name)
+    what = "Dice (sliding window)" if shown[0][0] == "dice_ET" else "metrics of the cases"
+    ax_val.set(xlabel="epoch", ylabel="value", ylim=(0, 1), title=f"validation {what}")
     if validated:
-        ax_dice.legend()
-    for ax in (ax_loss, ax_dice):
+        ax_val.legend()
+    for ax in (ax_loss, ax_val):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def validate(task: Task, net: Any, val_ds: Any, config: RunConfig, device: Any) -> tuple[dict[str, float], float | None]:
+    """The task's validation metrics of one period (underscored keys, as metrics.json keeps them) and its
+    headline on these cases (mean Dice, or their AUC; None when the cases cannot define it, e.g. one class)."""
+    metrics = task.evaluate(net, val_ds, config, device)
+    histograms = metrics.pop("histograms", None)
+    metrics.pop("reasons", None)
+    pooled = None if histograms is None else histogram_auc(histograms).auc
+    headline = task.headline([metrics], pooled)
+    return {k.replace("-", "_"): float(v) for k, v in metrics.items()}, headline
+
+
+def _val_text(val: dict[str, float], headline_name: str, headline: float | None) -> str:
+    if all(f"dice_{r}" in val for r in REGIONS):
+        return "val Dice " + " ".join(f"{r} {val[f'dice_{r}']:.3f}" for r in REGIONS)
+    value = "undefined" if headline is None else f"{headline:.3f}"
+    extra = f", balanced accuracy {val['balanced_accuracy']:.3f}" if "balanced_accuracy" in val else ""
+    return f"val {headline_name} {value}{extra}"
 
 
 def run_train(
@@ -110,23 +139,28 @@ def run_train(
 ) -> dict[str, Any]:
     """Train period by period, validate after each, keep the best; return what metrics.json holds.
 
-    `config` is already the one-site configuration (`one_site_config`). Bad input raises ValueError
-    (or PartitionError / CaseError, both ValueErrors) naming what is wrong.
+    `config` is already the one-site configuration (`one_site_config`). What is learnt comes from its
+    task (`shared.tasks`): the dataset, the loss, the validation and the headline that picks the
+    best period (mean Dice, or the AUC of the validation cases); a classifier's class count comes
+    from the labels. Bad input raises ValueError (or PartitionError / CaseError, both ValueErrors)
+    naming what is wrong.
     """
     from fedbrats.shared.checkpoint import save_checkpoint
-    from fedbrats.shared.data.dataset import PatientDataset
 
     console = console or Console()
     out = Path(out)
+    config = with_label_classes(config, Path(data))  # a classifier's class count comes from its labels
+    task = task_for(config)
+    task.check_model(config)
+    labels = load_labels(config, Path(data)) if task.needs_labels else None
     train_cases, val_cases = training_cases(config, Path(data), partition, site, discovered=discovered)
     if not train_cases:
         raise ValueError(f"no training case under {data}" + (f" for site {site!r}" if site else ""))
     device_ = get_device(device)
     out.mkdir(parents=True, exist_ok=True)
-    cache = None if config.cache == "none" else config.cache
-    opts = {"cache": cache, "cache_dir": out / "cache", "seed": config.seed, "foreground_prob": config.foreground_prob}
-    train_ds = PatientDataset(train_cases, config.patch, augment=True, **opts)
-    val_ds = PatientDataset(val_cases, config.patch, augment=False, **opts) if val_cases else None
+    opts = {"labels": labels, "cache_dir": out / "cache"}
+    train_ds = task.dataset(train_cases, config, augment=True, **opts)
+    val_ds = task.dataset(val_cases, config, augment=False, **opts) if val_cases else None
     if len(train_ds) == 0:
         raise ValueError("every training case was skipped: " + "; ".join(str(p) for p in train_ds.skipped))
     validating = val_ds is not None and len(val_ds) > 0
@@ -142,58 +176,68 @@ def run_train(
     total = schedule_steps(config, n_train)
     label_set = label_sets_for(train_cases[0].layout)[0].name
     extra = {"patch_size": list(config.patch), "label_set": label_set, "seed": config.seed,
-             "trained_on": site or "all", "train_cases": len(train_ds), "val_cases": len(val_ds) if val_ds else 0}
-    console.print(f"training {config.model} {net.config} on {len(train_ds)} case(s), validating on "
-                  f"{extra['val_cases']}, {periods} epoch(s), {total} step(s), device {device_}")
+             "trained_on": site or "all", "train_cases": len(train_ds), "val_cases": len(val_ds) if val_ds else 0,
+             **checkpoint_metadata(config, Path(data))}  # fmt: skip
+    if task.classifies:
+        extra["class_input_size"] = config.class_input_size
+    headline_name = task.headline_name
+    console.print(f"training {config.model} {net.config} for {task.name} on {len(train_ds)} case(s), validating on "
+                  f"{extra['val_cases']}, {periods} epoch(s), {total} step(s), device {device_}")  # fmt: skip
     summary: dict[str, Any] = {
+        "task": task.name, "headline": headline_name,
         "model": config.model, "model_config": net.config, "patch_size": list(config.patch),
         "batch_size": config.batch_size, "lr": config.lr, "schedule": config.lr_schedule, "seed": config.seed,
         "device": str(device_), "train_cases": train_ds.case_ids(), "val_cases": val_ds.case_ids() if val_ds else [],
         "skipped": [str(p) for p in train_ds.skipped + (val_ds.skipped if val_ds else [])],
         "run_config": "run_config.json",
     }  # fmt: skip
+    if task.classifies:
+        summary.update(classes=extra["classes"], label_column=extra["label_column"])
     history: list[dict[str, Any]] = []
-    best = (-1.0, 0)
+    best: tuple[float | None, int] = (None, 0)  # the best defined headline so far and its epoch
     step = 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("epoch 1", total=total)
+        bar = progress.add_task("epoch 1", total=total)
         for epoch in range(1, periods + 1):
 
             def on_step(done: int, planned: int, loss: float, step_lr: float, epoch: int = epoch) -> None:
-                progress.advance(task)
-                progress.update(task, description=f"epoch {epoch}/{periods} loss {loss:.3f} lr {step_lr:.2e}")
+                progress.advance(bar)
+                progress.update(bar, description=f"epoch {epoch}/{periods} loss {loss:.3f} lr {step_lr:.2e}")
 
             # What the server's round loop would send this one site (lr and epochs per round).
             sent = {"server-round": epoch, "lr": round_lr(epoch, config.lr, config.lr_round_schedule, rounds=periods)}
-            result = train_local(net, train_ds, train_config(config, n_train, sent),
+            result = train_local(net, train_ds, train_config(config, n_train, sent), loss_fn=task.loss,
                                  start_step=start_step(config, n_train, epoch), device=device_, progress=on_step)
             step = result.end_step
             record: dict[str, Any] = {"epoch": epoch, "train_loss": result.mean_loss, "steps": result.steps,
                                       "examples": result.examples, "train_seconds": result.seconds,
                                       "lr": result.last_lr}
+            score = None
             if validating:
-                evaluation = evaluate_local(net, val_ds, patch_size=config.patch, device=device_)
-                record["val"] = flat_metrics(evaluation)
-                record["val_seconds"] = evaluation["seconds"]
-                score = evaluation["mean_dice"]
-                progress.console.print(f"epoch {epoch}: loss {result.mean_loss:.4f}, val Dice "
-                                       + " ".join(f"{r} {record['val'][f'dice_{r}']:.3f}" for r in REGIONS))
+                val, score = validate(task, net, val_ds, config, device_)
+                record["val_seconds"] = val.pop("eval_seconds", math.nan)
+                record["val"] = val
+                record["val_headline"] = score
+                progress.console.print(f"epoch {epoch}: loss {result.mean_loss:.4f}, "
+                                       + _val_text(val, headline_name, score))
             else:
-                score = float(epoch)  # no validation: the latest is the best we know
                 progress.console.print(f"epoch {epoch}: loss {result.mean_loss:.4f} (no validation case)")
             history.append(record)
-            meta = {**extra, "epoch": epoch, "step": step, "val_mean_dice": record.get("val", {}).get("mean_dice")}
+            meta = {**extra, "epoch": epoch, "step": step, "val_mean_dice": record.get("val", {}).get("mean_dice"),
+                    "val_headline": score}  # fmt: skip
             save_checkpoint(out / "last.safetensors", net, extra={**meta, "selected": "last"})
-            if score > best[0]:
+            # A defined headline beats none; without one (no validation case, or one class), the latest counts.
+            if score is not None and (best[0] is None or score > best[0]) or score is None and best[0] is None:
                 best = (score, epoch)
-                selected = "best" if validating else "last"
+                selected = "best" if score is not None else "last"
                 save_checkpoint(out / "checkpoint.safetensors", net, extra={**meta, "selected": selected})
             summary.update(epochs=history, best_epoch=best[1],
-                           checkpoint="best validation mean Dice" if validating else "last epoch (no validation case)")
+                           checkpoint=f"best validation {headline_name}" if best[0] is not None
+                           else "last epoch (no validation headline)")  # fmt: skip
             atomic_write_json(out / "metrics.json", summary)
-    plot_learning_curve(history, out / "learning_curve.png", f"{config.model} on {site or 'all sites'}")
+    plot_learning_curve(history, out / "learning_curve.png", f"{config.model} ({task.name}) on {site or 'all sites'}")
     console.print(f"checkpoint.safetensors = epoch {best[1]} ({summary['checkpoint']}); "
                   f"metrics.json, run_config.json, learning_curve.png and last.safetensors in {out}")
     return summary

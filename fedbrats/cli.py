@@ -76,20 +76,22 @@ def _add_model_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, metrics.json, learning curve")
     p.set_defaults(func=commands.train)
 
-    p = sub.add_parser("predict", help="segment one case with a checkpoint")
+    p = sub.add_parser("predict", help="segment one case with a checkpoint (a classifier's: class probabilities)")
     p.add_argument("--checkpoint", type=Path, required=True, help="a .safetensors checkpoint of fedbrats")
     p.add_argument("--case", type=Path, required=True, help="case folder (its four modalities)")
-    p.add_argument("--out", type=Path, required=True, help="folder for the segmentation, uncertainty and overlay")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for the segmentation, uncertainty and overlay (a classifier: <case>_class.json)")
     p.add_argument("--no-tta", action="store_true", help="no flip test-time augmentation (faster)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=commands.predict)
 
-    p = sub.add_parser("evaluate", help="per-case and per-site metrics of a checkpoint")
+    p = sub.add_parser("evaluate", help="per-case and per-site metrics of a checkpoint (a classifier: AUC with a 95%% CI)")
     p.add_argument("--checkpoint", type=Path, required=True, help="a .safetensors checkpoint of fedbrats")
     p.add_argument("--data", type=Path, required=True, help="data root of labelled cases")
     add_partition_options(p, partition_help="FeTS partition CSV: metrics per site; without it one site 'all'")
     add_run_options(p, set_help=SET_HELP + "; seed and val-fraction decide --split as in training")
-    p.add_argument("--out", type=Path, default=None, help="CSV of per-case metrics (and <stem>_sites.csv)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="CSV of per-case metrics, or a classifier's Subject_ID, true class, p_<class> (and <stem>_sites.csv)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     p.add_argument("--split", choices=["all", "train", "val"], default="all",
                    help="val: only the held-out cases of each site (same split as training)")
@@ -124,9 +126,13 @@ def _add_federation_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default=None, metavar="LIST",
                    help="comma-separated seeds, e.g. 0,1,2 (default: the config's seed)")
     _add_federation_options(p, set_help=SET_HELP + ", for every run: --set local-steps=2, --set strategy-eta=0.01")
-    p.add_argument("--target-dice", type=float, default=0.7, help="report rounds and simulated time to reach it")
+    p.add_argument("--target", type=float, default=None,
+                   help="convergence target on the headline metric (mean Dice for segmentation, pooled AUC for "
+                        "classification): report rounds and simulated time to reach it (default 0.7 Dice, 0.8 AUC)")
+    p.add_argument("--target-dice", type=float, default=None,
+                   help="segmentation's name for --target (the mean Dice to reach)")
     p.add_argument("--target-region", choices=["mean", "ET", "TC", "WT"], default="mean",
-                   help="the Dice the target applies to: mean of ET/TC/WT (default) or one region")
+                   help="segmentation: the Dice the target applies to, mean of ET/TC/WT (default) or one region")
     p.add_argument("--out", type=Path, default=None,
                    help="default: runs/compare-<time>; the same command with the same --out resumes")
     p.set_defaults(func=commands.compare)
@@ -163,6 +169,44 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="app folder to write")
     p.set_defaults(func=commands.deploy_app)
 
+    p = deploy_sub.add_parser("coordinator", help="write the coordinator's systemd units, nginx.conf and flwr config")
+    p.add_argument("--public-name", required=True, help="host name (or IP) the hospitals use to reach the coordinator")
+    p.add_argument("--public-port", type=int, default=443, help="the port the hospitals reach (the proxy's)")
+    p.add_argument("--listen", default="0.0.0.0", help="address the proxy listens on")
+    p.add_argument("--superlink-port", type=int, default=8000, help="the SuperLink's port, bound to 127.0.0.1")
+    p.add_argument("--root", type=Path, default=Path("/srv/fedbrats"),
+                   help="absolute folder holding certs/, superlink/, proxy/, logs/, runs/; the files are written here")
+    p.add_argument("--user", default="fedbrats", help="the unprivileged user the services run as")
+    p.add_argument("--bin-dir", type=Path, default=None, help="folder of fedbrats and flower-* (default: this Python's)")
+    p.set_defaults(func=commands.deploy_coordinator)
+
+    p = deploy_sub.add_parser("site", help="write a hospital's systemd units (SuperNode and app gate)")
+    p.add_argument("--site-name", required=True, help="the hospital's name in the coordinator's history and reports")
+    p.add_argument("--superlink", required=True, help="HOST:PORT of the coordinator's proxy")
+    p.add_argument("--data-dir", type=Path, required=True, help="absolute path of the hospital's cases (read only)")
+    p.add_argument("--root", type=Path, default=Path("/etc/fedbrats"), help="folder holding ca.pem and supernode_key; the units are written to ROOT/systemd")
+    p.add_argument("--work-dir", type=Path, default=Path("/var/lib/fedbrats"), help="what must outlive a process")
+    p.add_argument("--log-dir", type=Path, default=Path("/var/log/fedbrats"), help="supernode.log and site.log")
+    p.add_argument("--runtime-port", type=int, default=9094, help="the SuperNode's local API (127.0.0.1)")
+    p.add_argument("--user", default="fedbrats", help="the unprivileged user the services run as")
+    p.add_argument("--bin-dir", type=Path, default=None, help="folder of fedbrats and flower-* (default: this Python's)")
+    p.set_defaults(func=commands.deploy_site)
+
+    p = deploy_sub.add_parser("gate", help="run a SuperNode's ClientApps, refusing any app that is not FedBraTS")
+    p.add_argument("--runtime-api-address", default="127.0.0.1:9094", help="the SuperNode's --port on 127.0.0.1")
+    p.set_defaults(func=commands.deploy_gate)
+
+    p = deploy_sub.add_parser("log", help="run a command, appending its output with timestamps to a log file")
+    p.add_argument("log_file", type=Path, help="file to append to")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
+    p.set_defaults(func=commands.deploy_log)
+
+
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="report.md, figures and summary.json of any run folder, deployed or simulated")
+    p.add_argument("run_dir", type=Path, help="a run folder (its history.jsonl)")
+    p.set_defaults(func=commands.report)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -175,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_federation_parsers(sub)
     _add_privacy_parsers(sub)
     _add_deploy_parsers(sub)
+    _add_report_parser(sub)
     for leaf in _leaves(parser):  # `fedbrats simulate --debug` works as well as `fedbrats --debug simulate`
         leaf.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                           help="show the full traceback of an error")

@@ -83,6 +83,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
     config = run_config_from_args(args, {"seed": args.seed})
     partition, discovered, _ = checked_partition(args.data, args.partition, allow_missing=args.allow_missing)
+    if _classifies(args.checkpoint):
+        return _evaluate_classifier(args, config, partition, discovered)
     result = evaluate_checkpoint(
         args.checkpoint, args.data, partition, out_csv=args.out, tta=args.tta, device=args.device,
         split=args.split, seed=config.seed, val_fraction=config.val_fraction, discovered=discovered,
@@ -96,9 +98,45 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _classifies(checkpoint: Path) -> bool:
+    """Whether the checkpoint is a case classifier (its metadata names the task)."""
+    from fedbrats.shared.checkpoint import read_metadata
+    from fedbrats.shared.evaluation.predict_class import is_case_classifier
+
+    return is_case_classifier(read_metadata(checkpoint))
+
+
+def _evaluate_classifier(args: argparse.Namespace, config, partition, discovered) -> int:
+    """`fedbrats evaluate` of a classifier: per-site table, then the AUC with its bootstrap interval."""
+    from fedbrats.shared.evaluation.predict_class import evaluate_class_checkpoint
+    from fedbrats.tables import auc_line, class_evaluation_table
+
+    result = evaluate_class_checkpoint(
+        args.checkpoint, args.data, partition, config=config, out_csv=args.out, device=args.device,
+        split=args.split, discovered=discovered,
+    )  # fmt: skip
+    console = _console()
+    console.print(class_evaluation_table(result.summary, result.title))
+    if result.skipped:
+        console.print(f"[yellow]skipped {len(result.skipped)} case(s):[/] " + "; ".join(result.skipped))
+    print(auc_line(result.interval))
+    if result.written:
+        console.print("\n".join(f"written: {path}" for path in result.written))
+    return 0
+
+
 def predict(args: argparse.Namespace) -> int:
     from fedbrats.shared.evaluation.inference import predict_case
 
+    if _classifies(args.checkpoint):
+        from fedbrats.shared.evaluation.predict_class import predict_class_case
+
+        prediction = predict_class_case(args.checkpoint, args.case, args.out, device=args.device)
+        for name, probability in prediction.probabilities.items():
+            print(f"p_{name}: {probability:.4f}")
+        print(f"predicted: {prediction.predicted}")
+        print(f"written: {prediction.written}")
+        return 0
     written = predict_case(args.checkpoint, args.case, args.out, tta=not args.no_tta, device=args.device)
     for name, path in written.items():
         print(f"{name}: {path}")
@@ -149,11 +187,12 @@ def compare(args: argparse.Namespace) -> int:
     out = (args.out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")).resolve()
     data, partition = _federation_data(args, config, out)
     ok = run_comparison(
-        config, specs, seeds, data, partition, out, target_dice=args.target_dice, target_region=args.target_region,
-        gpus_per_site=args.gpus_per_site, command=shlex.join(["fedbrats", *sys.argv[1:]]),
+        config, specs, seeds, data, partition, out, target=args.target, target_dice=args.target_dice,
+        target_region=args.target_region, gpus_per_site=args.gpus_per_site,
+        command=shlex.join(["fedbrats", *sys.argv[1:]]),
     )  # fmt: skip
     console = _console()
-    for table in comparison_tables(summarise_runs(out), args.target_dice, args.target_region):
+    for table in comparison_tables(summarise_runs(out), args.target_region):
         console.print(table)
     return 0 if ok else 1
 
@@ -169,6 +208,54 @@ def deploy_app(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "pyproject.toml", app_pyproject(config))
     print(f"Flower app written to {args.out / 'pyproject.toml'}; run it with: flwr run {args.out} <connection> --stream")
+    return 0
+
+
+def deploy_coordinator(args: argparse.Namespace) -> int:
+    from fedbrats.deploy import Coordinator, default_bin_dir, write_files
+
+    coordinator = Coordinator(
+        args.public_name, root=args.root, public_port=args.public_port, listen=args.listen,
+        superlink_port=args.superlink_port, user=args.user, bin_dir=args.bin_dir or default_bin_dir(),
+    )  # fmt: skip
+    for path in write_files(coordinator.files(), coordinator.root):
+        print(path)
+    return 0
+
+
+def deploy_site(args: argparse.Namespace) -> int:
+    from fedbrats.deploy import Site, default_bin_dir, write_files
+
+    site = Site(
+        args.site_name, args.superlink, args.data_dir, root=args.root, work_dir=args.work_dir, log_dir=args.log_dir,
+        runtime_port=args.runtime_port, user=args.user, bin_dir=args.bin_dir or default_bin_dir(),
+    )  # fmt: skip
+    for path in write_files(site.files(), site.root):
+        print(path)
+    return 0
+
+
+def deploy_gate(args: argparse.Namespace) -> int:
+    import logging
+
+    from fedbrats.app_gate import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    serve(args.runtime_api_address)
+    return 0
+
+
+def deploy_log(args: argparse.Namespace) -> int:
+    from fedbrats.deploy import run_logged
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return run_logged(args.log_file, command)
+
+
+def report(args: argparse.Namespace) -> int:
+    from fedbrats.simulations.report import write_report
+
+    print(write_report(args.run_dir))
     return 0
 
 

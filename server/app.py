@@ -12,12 +12,14 @@ from pathlib import Path
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import HttpGrid
 
 from fedbrats.server.federation import Federation
 from fedbrats.shared.checkpoint import save_checkpoint
 from fedbrats.shared.config import RunConfig
 from fedbrats.shared.models import create_model
 from fedbrats.shared.records import model_to_record, record_digest, record_to_model
+from fedbrats.shared.tasks import checkpoint_metadata, task_for
 from fedbrats.shared.wallclock import load_timings
 from fedbrats.strategies import build_strategy
 
@@ -29,6 +31,7 @@ app = ServerApp()
 
 def initial_model(config: RunConfig) -> torch.nn.Module:
     """Seeded initial weights, so every strategy compared on a seed starts from the same model."""
+    task_for(config).check_model(config)  # e.g. a classifier asked to segment: refused before round 1
     torch.manual_seed(config.seed)
     return create_model(config.model, **config.model_config)
 
@@ -71,7 +74,8 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
     model = initial_model(config)
     strategy = make_strategy(config)
     federation = Federation(
-        grid, config, strategy, model_to_record(model), timings=load_timings(site_profiles_path(config)), out_dir=out
+        grid, config, strategy, model_to_record(model), timings=load_timings(site_profiles_path(config)), out_dir=out,
+        simulated=not isinstance(grid, HttpGrid),  # a SuperLink's grid: real hospitals, wall time only
     )
     # run_config.json is written (and checked against on resume) by Federation, before any round runs
     arrays = federation.run()
@@ -82,7 +86,7 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
         model_name=config.model,
         model_config=config.model_config,
         extra={"patch_size": list(config.patch), "round": config.rounds, "strategy": config.strategy,
-               "digest": record_digest(arrays)},
+               "digest": record_digest(arrays), **checkpoint_metadata(config)},
     )
     log.info("final global model: %s", path)
     return path

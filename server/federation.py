@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from datetime import UTC, datetime
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from fedbrats.server.update_checks import conform_aggregate, update_problem
 from fedbrats.shared.config import RunConfig
 from fedbrats.shared.constants import REGIONS
 from fedbrats.shared.records import record_digest, record_nbytes
+from fedbrats.shared.tasks import histogram_shape, round_summary, task_for
 from fedbrats.shared.wallclock import SiteTiming, timing_for
 from fedbrats.strategies.arithmetic import ordered
 from fedbrats.strategies.hooks import hooks_of
@@ -52,6 +54,8 @@ from fedbrats.strategies.selection import (
 )
 
 log = logging.getLogger("fedbrats.server")
+#: the drop reason of a selected site whose reply never came ("late" in the progress line)
+LATE = "no reply before timeout"
 
 
 class SelectedSites:
@@ -74,6 +78,7 @@ class SiteResult:
     site: str
     metrics: dict[str, float] = field(default_factory=dict)
     dropped: str | None = None
+    histograms: Any = None  # evaluation of a task that classifies: the site's score histograms (np.int64)
 
 
 def new_run_key() -> str:
@@ -105,6 +110,7 @@ class Federation:
         *,
         timings: dict[str, SiteTiming] | None = None,
         out_dir: Path | None = None,
+        simulated: bool = True,
     ) -> None:
         self.grid = grid
         self.config = config
@@ -113,6 +119,8 @@ class Federation:
         parse_lr_round_schedule(config.lr_round_schedule)  # a bad schedule fails here, not in round 1
         self.arrays = initial_arrays
         self.timings = timings or {}
+        # A deployed run has real sites and no timing model: its records carry wall time only.
+        self.simulated = simulated
         self.out_dir = Path(out_dir or config.out_dir)
         self.history = RunHistory(self.out_dir / "history.jsonl")
         self.node_names: dict[int, str] = {}
@@ -243,7 +251,7 @@ class Federation:
                 usable.append((checked.reply, result))
             results.append(result)
         for node in sorted(set(selected) - answered):
-            results.append(SiteResult(node, self.replies.site(node), dropped="no reply before timeout"))
+            results.append(SiteResult(node, self.replies.site(node), dropped=LATE))
         info: dict[str, Any] = {"screening": self._screen(rnd, usable)}
         good = [reply for reply, result in usable if not result.dropped]
         info["bytes_sent"] = sum(sum(record_nbytes(r) for r in m.content.array_records.values()) for m in messages)
@@ -300,14 +308,28 @@ class Federation:
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.timeout))
         destinations = _destinations(messages)
         pairs = [(r, _reply_node(r, destinations)) for r in replies]
-        results = [SiteResult(c.node, c.site, c.metrics, c.problem) for c in self.replies.check_round(EVALUATE, pairs)]
+        results = []
+        for c in self.replies.check_round(EVALUATE, pairs):
+            histograms = self._histograms(c)  # may drop the reply: read before c.problem
+            results.append(SiteResult(c.node, c.site, c.metrics, c.problem, histograms))
         for result in results:
             if result.dropped:
                 log.warning("round %d: dropped evaluation of %s: %s", rnd, result.site, result.dropped)
         answered = {r.node_id for r in results}
         for node in sorted({m.metadata.dst_node_id for m in messages} - answered):
-            results.append(SiteResult(node, self.replies.site(node), dropped="no reply before timeout"))
+            results.append(SiteResult(node, self.replies.site(node), dropped=LATE))
         return results
+
+    def _histograms(self, checked: Any) -> Any:
+        """A validated evaluation's score histograms, or None; a shape other than the run's classes drops it."""
+        if checked.problem is not None or "scores" not in checked.reply.content.array_records:
+            return None
+        histograms = checked.reply.content["scores"]["histograms"].numpy()
+        expected = histogram_shape(self.config.model_classes)
+        if not task_for(self.config).classifies or histograms.shape != expected:
+            checked.problem = f"score histograms of shape {histograms.shape}, expected {expected} for this run"
+            return None
+        return histograms
 
     def _attack_mark(self, site: str) -> dict[str, str]:
         """A simulated attacker's train entry says so (the configuration names the attacking sites)."""
@@ -330,7 +352,7 @@ class Federation:
             nodes = self._wait_for_sites()
             selected = self._select(rnd, nodes)
             train_results, info = self.train_round(rnd, selected)
-            round_seconds = self._round_seconds(rnd, train_results)
+            round_seconds = self._round_seconds(rnd, train_results) if self.simulated else 0.0
             self.simulated_seconds += round_seconds
             evaluated = []
             if rnd % self.config.eval_every == 0 or rnd == self.config.rounds:
@@ -342,11 +364,17 @@ class Federation:
                 "selected": len(selected),
                 "available": len(nodes),
                 "wall_seconds": time.monotonic() - started,
-                "simulated_round_seconds": round_seconds,
-                "simulated_seconds": self.simulated_seconds,
+                "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                **({"simulated_round_seconds": round_seconds, "simulated_seconds": self.simulated_seconds}
+                   if self.simulated else {}),
                 "train": [{"site": r.site, "dropped": r.dropped, **r.metrics} | self._attack_mark(r.site) for r in train_results],
-                "evaluate": [{"site": r.site, "dropped": r.dropped, **r.metrics} for r in evaluated],
+                "evaluate": [{"site": r.site, "dropped": r.dropped, **r.metrics}
+                             | ({"histograms": r.histograms.tolist()} if r.histograms is not None else {})
+                             for r in evaluated],  # fmt: skip
                 "mean_dice": mean_dice(evaluated),
+                # the task's headline (what reports and compare rank on), and the pooled AUC of classifiers
+                **round_summary(self.config, [r.metrics for r in evaluated if not r.dropped],
+                                [r.histograms for r in evaluated if not r.dropped and r.histograms is not None]),
             }
             self.history.append(record)
             self._checkpoint(rnd)
@@ -368,14 +396,22 @@ def mean_dice(results: list[SiteResult]) -> dict[str, float]:
 
 
 def progress_line(record: dict[str, Any], rounds: int) -> str:
+    """One line per round: which sites delivered, which were late, which were dropped and why."""
     dice = record["mean_dice"]
     dice_text = " ".join(f"{k} {v:.3f}" for k, v in dice.items()) if dice else "not evaluated"
     sites = " ".join(
         f"{e['site']}:{e.get('dice-WT', float('nan')):.2f}" for e in record["evaluate"] if not e.get("dropped")
     )
-    dropped = [f"{t['site']} ({t['dropped']})" for t in record["train"] if t.get("dropped")]
+    delivered = [t["site"] for t in record["train"] if not t.get("dropped")]
+    late = [t["site"] for t in record["train"] if t.get("dropped") == LATE]
+    dropped = [f"{t['site']} ({t['dropped']})" for t in record["train"] if t.get("dropped") not in (None, LATE)]
     line = (
-        f"round {record['round']}/{rounds} [{record['status']}] sites {record['selected']}/{record['available']} | "
-        f"mean Dice {dice_text} | WT per site {sites or '-'} | {record['wall_seconds']:.1f} s"
+        f"round {record['round']}/{rounds} [{record['status']}] delivered {len(delivered)}/{record['selected']} "
+        f"({', '.join(delivered) or '-'}; {record['available']} connected)"
+        + (f" | late: {', '.join(late)}" if late else "")
+        + (f" | dropped: {', '.join(dropped)}" if dropped else "")
     )
-    return line + (f" | dropped: {', '.join(dropped)}" if dropped else "")
+    if "pooled_auc" in record:  # a task that classifies
+        auc = record["pooled_auc"]
+        line += f" | pooled AUC {'undefined' if auc is None else f'{auc:.3f}'}"
+    return line + f" | mean Dice {dice_text} | WT per site {sites or '-'} | {record['wall_seconds']:.1f} s"

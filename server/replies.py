@@ -56,7 +56,14 @@ EVALUATE_METRICS: dict[str, tuple[float, float]] = {
     "num-examples": (1.0, math.inf), "eval-seconds": NON_NEGATIVE, "mean-dice": UNIT,
     **{f"{m}-{r}": UNIT for m in ("dice", "sensitivity", "specificity") for r in REGIONS},
     **{f"hd95-{r}": NON_NEGATIVE for r in REGIONS},
+    # tasks that classify (shared.tasks.class_metrics); auc-undefined is 1 when the site's AUC is undefined
+    "auc": UNIT, "auc-undefined": UNIT, "balanced-accuracy": UNIT, "sensitivity": UNIT, "specificity": UNIT,
+    "accuracy": UNIT,
 }  # fmt: skip
+
+#: The optional array record of an evaluation reply: a classifier's score histograms (counts per true
+#: class, scored class and score bin; client/app.py), never per-case scores.
+SCORES, HISTOGRAMS = "scores", "histograms"
 
 #: Counts: whole numbers.
 WHOLE = frozenset({"num-examples", "num-val", "examples-seen", "local-steps", "skipped-cases", "dp-steps",
@@ -120,6 +127,22 @@ def array_problem(name: str, array: Any) -> str | None:
     needed = stream.tell() + math.prod(shape) * declared.itemsize
     if len(array.data) != needed:
         return f"{label} has {len(array.data)} bytes; shape {shape} of {declared} needs {needed}"
+    return None
+
+
+def histograms_problem(record: Any, cases: float) -> str | None:
+    """Why a "scores" record is not one array of non-negative whole counts [classes, 1 or classes, bins]
+    that counts each of the site's `cases` (num-examples) once per scored class."""
+    if set(record.keys()) != {HISTOGRAMS}:
+        return f"the {SCORES!r} record holds {sorted(clean_text(n, 40) for n in record.keys())[:5]}, expected [{HISTOGRAMS!r}]"
+    counts = record[HISTOGRAMS].numpy()
+    if counts.dtype.kind not in "iu" or counts.ndim != 3 or counts.shape[0] < 2 or counts.shape[1] not in (1, counts.shape[0]):
+        return f"{HISTOGRAMS} of dtype {counts.dtype} and shape {counts.shape}, expected whole counts [K, 1 or K, bins]"
+    if counts.size and counts.min() < 0:
+        return f"{HISTOGRAMS} hold a negative count"
+    per_scored_class = counts.sum(axis=(0, 2))
+    if (per_scored_class != cases).any():
+        return f"{HISTOGRAMS} count {per_scored_class.tolist()[:5]} cases, num-examples says {cases:.6g}"
     return None
 
 
@@ -207,7 +230,8 @@ class ReplyValidator:
         configs = content.config_records
         claimed = configs["site"].get("name") if "site" in configs else None
         result = CheckedReply(reply, node, self.claim(node, claimed))
-        result.problem = self._records_problem(content, set(array_records))
+        array_records = set(array_records) | ({SCORES} if kind == EVALUATE and SCORES in content.array_records else set())
+        result.problem = self._records_problem(content, array_records)
         if result.problem is None:
             result.metrics, result.problem = self._metrics(kind, content.metric_records["metrics"], result.site)
         if result.problem is None:
@@ -215,6 +239,8 @@ class ReplyValidator:
                 (p for r in sorted(array_records) for n, a in content.array_records[r].items() if (p := array_problem(n, a))),
                 None,
             )
+        if result.problem is None and SCORES in array_records:
+            result.problem = histograms_problem(content.array_records[SCORES], result.metrics["num-examples"])
         if result.problem is None and "site" in configs:
             content["site"] = ConfigRecord({"name": result.site})  # strategies read the sanitised name
         return result

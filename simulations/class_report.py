@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedbrats.shared.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from fedbrats.simulations.figures import save_figure, site_order  # noqa: E402
@@ -54,7 +55,10 @@ def plot_auc_curves(history: list[dict[str, Any]], path: Path) -> Path:
     sites = sorted({s for r in evaluated for s in site_metrics(r)}, key=site_order)
     for site in sites:
         points = [(r["round"], site_metrics(r)[site]["auc"]) for r in evaluated if site in site_metrics(r)]
+        if all(math.isnan(v) for _, v in points):
+            continue  # a site holding one class has no AUC of its own in any round
         by_round.plot(*zip(*points, strict=True), marker=".", label=f"site {site}")
+    by_round.xaxis.set_major_locator(MaxNLocator(integer=True))
     by_round.set(title="AUC over rounds", xlabel="round", ylabel="AUC", ylim=(0, 1))
     by_time.set(title="Pooled AUC against simulated time", xlabel="simulated hours (FeTS model)", ylabel="AUC",
                 ylim=(0, 1))  # fmt: skip

@@ -20,6 +20,8 @@ from fedbrats.server.state import config_changes, read_run_config
 from fedbrats.shared.atomic import atomic_write_json
 from fedbrats.shared.config import RunConfig
 from fedbrats.simulations.compare_report import TARGET_REGIONS, write_comparison
+from fedbrats.simulations.headline import MEAN_DICE
+from fedbrats.simulations.run_summary import resolve_target
 from fedbrats.simulations.simulate import console, package_versions, simulate
 
 #: FedProx with mu = 0 is FedAvg; this is the value compared when none is given (Li et al. try 0.001 to 1).
@@ -166,19 +168,26 @@ def compare(
     partition: Path,
     out: Path,
     *,
-    target_dice: float = 0.7,
+    target: float | None = None,
+    target_dice: float | None = None,
     target_region: str = "mean",
     gpus_per_site: float = 0.0,
     command: str = "",
 ) -> bool:
     """Run (or resume) every (strategy, seed) in turn, then write the report; True when all runs completed.
 
-    The tables of the comparison are the command line's to print (`simulations.compare_report.summarise_runs`).
+    `target` is the convergence target on the run's headline (mean Dice or AUC, `shared.tasks`; its
+    default: `simulations.headline.DEFAULT_TARGETS`); `target_dice` is its segmentation alias. The
+    tables of the comparison are the command line's to print (`simulations.compare_report.summarise_runs`).
     """
-    if not 0.0 < target_dice <= 1.0:
-        raise ValueError(f"--target-dice must be in (0, 1], got {target_dice}")
+    from fedbrats.shared.tasks import task_for
+
+    headline = task_for(config).headline_name
+    target = resolve_target(headline, target, target_dice)
     if target_region not in TARGET_REGIONS:
         raise ValueError(f"--target-region must be one of {', '.join(TARGET_REGIONS)}, got {target_region!r}")
+    if target_region != "mean" and headline != MEAN_DICE:
+        raise ValueError(f"--target-region {target_region} applies to Dice; task {config.task!r} is ranked by {headline}")
     out = Path(out).resolve()
     config = config.replace(data_dir=str(Path(data).resolve()), partition=str(Path(partition).resolve()))
     runs, notes = plan_runs(config, specs, seeds)
@@ -198,7 +207,8 @@ def compare(
         ],
         "seeds": seeds,
         "rounds": config.rounds,
-        "target_dice": target_dice,
+        "headline": headline,
+        "target": target,
         "target_region": target_region,
         "notes": notes,
         "versions": package_versions(),

@@ -139,6 +139,7 @@ def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
             "name": config.get("strategy", label),
             "params": " ".join(f"{k}={v:g}" for k, v in params.items()),
             "headline": name,
+            "target": mine[0].summary["target"],
             "seeds": ",".join(str(r.seed) for r in mine),
             "runs_complete": f"{sum(r.complete for r in mine)}/{len(mine)}",
             "rounds": max(r.planned_rounds for r in mine),
@@ -292,7 +293,7 @@ def write_comparison(
     label, words = LABELS[name], _WORDS[name]
     rows = aggregate(runs)
     for row in rows:
-        row.update(target=target, target_region=target_region)
+        row["target_region"] = target_region
         if name == MEAN_DICE:
             row["target_dice"] = target  # the column's name before headlines, kept for readers of the CSV
     _write_csv(out / "comparison.csv", rows)

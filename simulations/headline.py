@@ -14,9 +14,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from fedbrats.shared.constants import REGIONS
+from fedbrats.shared.tasks import AUC, MEAN_DICE
 
-MEAN_DICE = "mean-dice"
-AUC = "auc"
 HEADLINES = (MEAN_DICE, AUC)
 #: How tables and figures name each headline.
 LABELS = {MEAN_DICE: "mean Dice", AUC: "AUC"}

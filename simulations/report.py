@@ -30,11 +30,28 @@ def site_region_dice(record: dict[str, Any]) -> dict[str, dict[str, float]]:
     return {e["site"]: {r: e.get(f"dice-{r}", math.nan) for r in REGIONS} for e in record.get("evaluate", []) if not e.get("dropped")}
 
 
+def is_simulated(history: list[dict[str, Any]]) -> bool:
+    """A deployed run records wall time only (no FeTS timing model): its time axis is the wall clock."""
+    return bool(history) and all("simulated_seconds" in r for r in history)
+
+
+def elapsed_hours(history: list[dict[str, Any]]) -> dict[int, float]:
+    """Round -> hours since the run began: simulated time, or for a deployed run the summed wall time."""
+    if is_simulated(history):
+        return {r["round"]: r["simulated_seconds"] / 3600 for r in history}
+    total, hours = 0.0, {}
+    for r in history:
+        total += r.get("wall_seconds", 0.0)
+        hours[r["round"]] = total / 3600
+    return hours
+
+
 def plot_learning_curves(history: list[dict[str, Any]], path: Path) -> Path:
     evaluated = [r for r in history if r.get("mean_dice")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     rounds = [r["round"] for r in evaluated]
-    hours = [r["simulated_seconds"] / 3600 for r in evaluated]
+    elapsed = elapsed_hours(history)
+    hours = [elapsed[r["round"]] for r in evaluated]
     for region in REGIONS:
         values = [r["mean_dice"][region] for r in evaluated]
         axes[0].plot(rounds, values, marker="o", color=COLORS[region], label=f"mean {region}")
@@ -45,7 +62,8 @@ def plot_learning_curves(history: list[dict[str, Any]], path: Path) -> Path:
         axes[1].plot(*zip(*pts, strict=True), marker=".", label=f"site {site}")
     axes[0].set(title="Mean Dice over sites", xlabel="round", ylabel="Dice", ylim=(0, 1))
     axes[1].set(title="WT Dice per site", xlabel="round", ylabel="Dice", ylim=(0, 1))
-    axes[2].set(title="Mean Dice against simulated time", xlabel="simulated hours (FeTS model)", ylabel="Dice", ylim=(0, 1))
+    clock = ("simulated time", "simulated hours (FeTS model)") if is_simulated(history) else ("wall time", "hours")
+    axes[2].set(title=f"Mean Dice against {clock[0]}", xlabel=clock[1], ylabel="Dice", ylim=(0, 1))
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -65,6 +83,25 @@ def plot_site_bars(record: dict[str, Any], path: Path) -> Path:
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path)
+
+
+def site_participation(history: list[dict[str, Any]]) -> list[str]:
+    """Markdown table: per site, the rounds it delivered an update, was dropped or late, and its cases."""
+    rows: dict[str, dict[str, Any]] = {}
+    for h in history:
+        for t in h.get("train", []):
+            row = rows.setdefault(t["site"], {"delivered": 0, "dropped": 0, "late": 0, "cases": "-"})
+            if not t.get("dropped"):
+                row["delivered"] += 1
+                row["cases"] = int(t.get("num-examples", 0))
+            elif t["dropped"] == "no reply before timeout":
+                row["late"] += 1
+            else:
+                row["dropped"] += 1
+    lines = ["## Sites", "", "| site | updates delivered | dropped | late | training cases |", "|---|---|---|---|---|"]
+    lines += [f"| {site} | {r['delivered']} | {r['dropped']} | {r['late']} | {r['cases']} |"
+              for site, r in sorted(rows.items(), key=lambda kv: site_order(kv[0]))]  # fmt: skip
+    return lines + [""]
 
 
 def write_report(out_dir: Path) -> Path:
@@ -95,7 +132,7 @@ def write_report(out_dir: Path) -> Path:
         "best_mean_dice": {r: max((h["mean_dice"][r] for h in evaluated), default=math.nan) for r in REGIONS},
         "worst_site": worst[0] if worst else None,
         "worst_site_dice": worst[1] if worst else {},
-        "simulated_hours": history[-1]["simulated_seconds"] / 3600,
+        "simulated_hours": history[-1]["simulated_seconds"] / 3600 if is_simulated(history) else None,
         "wall_seconds": sum(h["wall_seconds"] for h in history),
         "bytes_sent": sum(h["bytes_sent"] for h in history),
         "bytes_received": sum(h["bytes_received"] for h in history),
@@ -126,8 +163,9 @@ def write_report(out_dir: Path) -> Path:
     lines += [
         "| **mean** | " + " | ".join(f"**{md.get(r, math.nan):.3f}**" for r in REGIONS) + " |" + " |" * (len(REGIONS) + 1),
         "",
-        f"Worst site: {summary['worst_site']}. Simulated time: {summary['simulated_hours']:.2f} h (FeTS timing model). "
-        f"Wall clock: {summary['wall_seconds']:.0f} s. Sent {summary['bytes_sent'] / 1e6:.1f} MB, "
+        f"Worst site: {summary['worst_site']}. "
+        + (f"Simulated time: {summary['simulated_hours']:.2f} h (FeTS timing model). " if is_simulated(history) else "")
+        + f"Wall clock: {summary['wall_seconds']:.0f} s. Sent {summary['bytes_sent'] / 1e6:.1f} MB, "
         f"received {summary['bytes_received'] / 1e6:.1f} MB.",
         "",
         "## Learning curves",
@@ -137,14 +175,17 @@ def write_report(out_dir: Path) -> Path:
     ]
     if bars:
         lines += ["## Final Dice per site", "", f"![per-site Dice]({bars.name})", ""]
+    lines += site_participation(history)
     if summary["dropped"]:
         lines += ["## Dropped updates", ""] + [f"- round {r}, site {s}: {why}" for r, s, why in summary["dropped"]] + [""]
-    lines += ["## Rounds", "", "| round | status | sites | mean Dice ET | TC | WT | wall s | simulated h |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["## Rounds", "", "| round | status | delivered | mean Dice ET | TC | WT | wall s | simulated h |", "|---|---|---|---|---|---|---|---|"]
     for h in history:
         d = h.get("mean_dice") or {}
+        delivered = sum(1 for t in h["train"] if not t.get("dropped"))
         lines.append(
-            f"| {h['round']} | {h['status']} | {h['selected']}/{h['available']} | "
+            f"| {h['round']} | {h['status']} | {delivered}/{h['selected']} | "
             + " | ".join(f"{d[r]:.3f}" if r in d else "-" for r in REGIONS)
-            + f" | {h['wall_seconds']:.1f} | {h['simulated_seconds'] / 3600:.2f} |"
+            + f" | {h['wall_seconds']:.1f} | "
+            + (f"{h['simulated_seconds'] / 3600:.2f} |" if "simulated_seconds" in h else "- |")
         )
     return atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")

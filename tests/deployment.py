@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedbrats.deploy import Coordinator, Site, default_bin_dir, exec_start, write_files
 from fedbrats.shared.config import RunConfig
 from fedbrats.shared.data.partition import read_partition
 from fedbrats.simulations.simulate import FLOWER_ENV, app_pyproject
@@ -240,10 +241,19 @@ class DeploymentError(RuntimeError):
 class Deployment:
     """A TLS SuperLink and SuperNodes on 127.0.0.1 under `root`; a context manager that always cleans up."""
 
-    def __init__(self, root: Path, *, node_auth: bool = False, node_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, *, node_auth: bool = False, node_env: dict[str, str] | None = None, documented: bool = False
+    ) -> None:
+        """`documented`: the topology `fedbrats deploy coordinator|site` writes (docs/deploy.md): the SuperLink on
+        127.0.0.1 behind the nginx Fleet proxy, node authentication, SuperNodes behind the app gate, every
+        process started with its unit's ExecStart line."""
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
-        self.node_auth = node_auth
+        self.documented = documented
+        self.node_auth = node_auth or documented
+        self.coordinator: Coordinator | None = None
+        self.connection = "fedbrats" if documented else CONNECTION
+        self.public_port: int | None = None
         self.node_env = dict(node_env or {})
         self.tls = make_tls(self.root / "tls")
         self.processes: list[Managed] = []
@@ -286,6 +296,8 @@ class Deployment:
         """Start the SuperLink with TLS and a database; return the seconds until its port accepts connections."""
         self.port = free_port(self.ports)
         self.ports.append(self.port)
+        if self.documented:
+            return self._start_documented_coordinator(timeout)
         command = [
             "flower-superlink",
             "--ssl-ca-certfile", str(self.tls.ca),
@@ -315,11 +327,44 @@ class Deployment:
         write_connection(self.cli_home, CONNECTION, f"{HOST}:{self.port}", self.tls.ca)
         return seconds
 
+    def _wait_listening(self, managed: Managed, port: int, timeout: float, started: float) -> float:
+        while True:
+            if managed.proc.poll() is not None:
+                raise DeploymentError(f"{managed.name} exited with {managed.proc.returncode}:\n{managed.tail()}")
+            try:
+                socket.create_connection((HOST, port), timeout=0.5).close()
+                return time.monotonic() - started
+            except OSError:
+                if time.monotonic() - started > timeout:
+                    raise DeploymentError(f"{managed.name} not listening after {timeout} s:\n{managed.tail()}") from None
+                time.sleep(0.1)
+
+    def _start_documented_coordinator(self, timeout: float) -> float:
+        """`fedbrats deploy coordinator`'s files, then its two units' ExecStart lines: SuperLink, then proxy."""
+        self.public_port = free_port(self.ports)
+        self.ports.append(self.public_port)
+        c = Coordinator("localhost", root=self.root / "coordinator", public_port=self.public_port, listen=HOST,
+                        superlink_port=self.port, user="nobody", bin_dir=default_bin_dir())  # fmt: skip
+        self.coordinator = c
+        write_files(c.files(), c.root)
+        for folder in (c.certs, c.logs, c.root / "superlink", c.root / "runs"):
+            folder.mkdir(parents=True, exist_ok=True)
+        for name in ("ca.pem", "server.pem", "server.key"):
+            shutil.copy2(getattr(self.tls, {"ca.pem": "ca", "server.pem": "cert", "server.key": "key"}[name]), c.certs / name)
+        self.cli_home = c.root / "flwr-cli"
+        units = c.units()
+        started = time.monotonic()
+        link = self.spawn("superlink", exec_start(units["fedbrats-superlink.service"]), home=c.root / "superlink" / "flwr-home")
+        seconds = self._wait_listening(link, self.port, timeout, started)
+        proxy = self.spawn("proxy", exec_start(units["fedbrats-proxy.service"]), home=c.root / "superlink" / "flwr-home")
+        self._wait_listening(proxy, self.public_port, timeout, time.monotonic())
+        return seconds
+
     def register(self, public_keys: dict[str, Path], timeout: float = 60) -> None:
         """`flwr supernode register KEY CONNECTION --name NAME` for each hospital's public key (concurrently)."""
         running = {
             name: subprocess.Popen(
-                ["flwr", "supernode", "register", str(key), CONNECTION, "--name", name],
+                ["flwr", "supernode", "register", str(key), self.connection, "--name", name],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env(self.cli_home), cwd=self.root,
             )  # fmt: skip
             for name, key in public_keys.items()
@@ -345,6 +390,10 @@ class Deployment:
         if self.node_auth:
             keys = {name: make_node_keys(self.root / name / "keys", "supernode_key") for name in data_dirs}
             self.register({name: public for name, (_, public) in keys.items()})
+        if self.documented:
+            for name, data_dir in data_dirs.items():
+                self._start_documented_site(name, Path(data_dir), keys[name][0])
+            return {name: self.supernodes[name] for name in data_dirs}
         for name, data_dir in data_dirs.items():
             home = self.root / name
             port = free_port(self.ports)
@@ -361,6 +410,21 @@ class Deployment:
                 command += ["--auth-supernode-private-key", str(keys[name][0])]
             self.supernodes[name] = self.spawn(name, command, home=home / "flwr-home", extra_env=self.node_env)
         return {name: self.supernodes[name] for name in data_dirs}
+
+    def _start_documented_site(self, name: str, data_dir: Path, private_key: Path) -> None:
+        """`fedbrats deploy site`'s units at one hospital: the SuperNode (via the proxy) and its app gate."""
+        home = self.root / name
+        port = free_port(self.ports)
+        self.ports.append(port)
+        site = Site(name, f"localhost:{self.public_port}", data_dir.resolve(), root=home / "etc", work_dir=home / "work",
+                    log_dir=home / "log", runtime_port=port, user="nobody", bin_dir=default_bin_dir())  # fmt: skip
+        write_files(site.files(), site.root)
+        shutil.copy2(self.tls.ca, site.root / "ca.pem")
+        shutil.copy2(private_key, site.root / "supernode_key")
+        units = site.units()
+        env = {**self.node_env, "FLWR_HOME": str(site.work_dir / "flwr-home")}
+        self.supernodes[name] = self.spawn(name, exec_start(units["fedbrats-supernode.service"]), home=home, extra_env=env)
+        self.spawn(f"{name}-gate", exec_start(units["fedbrats-gate.service"]), home=home, extra_env=env)
 
     def wait_connected(self, names: Iterable[str] | None = None, timeout: float = 60) -> float:
         """Wait until each SuperNode logged its node id (registered and activated at the SuperLink)."""
@@ -390,8 +454,12 @@ class Deployment:
         app_dir = self.root / "app"
         app_dir.mkdir(exist_ok=True)
         (app_dir / "pyproject.toml").write_text(app_pyproject(config))
+        return self.run_app(app_dir, timeout=timeout, poll=poll)
+
+    def run_app(self, app_dir: Path, *, timeout: float, poll: Callable[[], None] | None = None) -> RunResult:
+        """`flwr run APP_DIR CONNECTION --stream` for any app folder, as the coordinator types it."""
         started = time.monotonic()
-        run = self.spawn("flwr-run", ["flwr", "run", str(app_dir), CONNECTION, "--stream"], home=self.cli_home)
+        run = self.spawn("flwr-run", ["flwr", "run", str(app_dir), self.connection, "--stream"], home=self.cli_home)
         timed_out = False
         while run.proc.poll() is None:
             if time.monotonic() - started > timeout:

@@ -5,9 +5,12 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedbrats.shared.config import DEMO, RunConfig
+from fedbrats.shared.evaluation.classification import auc
+from fedbrats.shared.tasks import class_metrics, pooled_auc
 from fedbrats.simulations import compare as compare_module
 from fedbrats.simulations.compare import compare, parse_seeds, parse_strategies, plan_runs, rounds_done
 from fedbrats.simulations.compare_report import (
@@ -41,6 +44,43 @@ def record(rnd, site_values, *, seconds=HOUR, epsilon=None, client_epsilon=None)
     if client_epsilon is not None:
         rec["client_epsilon"] = client_epsilon[rnd - 1]
     return rec
+
+
+#: Class-1 scores of two positive cases against negatives scored 0.2 and 0.6 -> the site's AUC.
+POSITIVES = {0.25: (0.1, 0.4), 0.5: (0.4, 0.4), 0.75: (0.4, 0.7), 1.0: (0.7, 0.7)}
+
+
+def class_cases(site_auc):
+    """(scores, labels) of a site's 4 validation cases with the given AUC; None: 2 negatives only (no AUC)."""
+    if site_auc is None:
+        return [0.2, 0.6], [0, 0]
+    return [0.2, 0.6, *POSITIVES[site_auc]], [0, 0, 1, 1]
+
+
+def class_record(rnd, site_aucs, *, seconds=HOUR, dice=None):
+    """One classification round as the server records it (shared.tasks' site reply and round summary);
+    `dice` makes it a multitask round with the segmentation record of `record`."""
+    rec = record(rnd, dice or dict.fromkeys(site_aucs, 0.5), seconds=seconds)
+    if dice is None:
+        rec["mean_dice"] = {}
+    histograms, evaluate = [], []
+    for entry, (site, site_auc) in zip(rec["evaluate"], site_aucs.items(), strict=True):
+        scores, labels = class_cases(site_auc)
+        metrics = class_metrics(np.asarray(scores), np.asarray(labels), 2)
+        metrics.pop("reasons")
+        histograms.append(metrics.pop("histograms"))
+        base = entry if dice else {"site": site, "dropped": None}
+        evaluate.append({**base, **metrics, "num-examples": float(len(labels)), "histograms": histograms[-1].tolist()})
+    pooled = pooled_auc(histograms)
+    rec.update(evaluate=evaluate, headline={"name": "auc", "value": pooled.auc}, pooled_auc=pooled.auc,
+               pooled_auc_bound=pooled.error_bound)  # fmt: skip
+    return rec
+
+
+def pooled_of(site_aucs):
+    """The exact AUC over the cases of every site (what the pooled histograms must give here)."""
+    cases = [class_cases(a) for a in site_aucs.values()]
+    return auc([s for c in cases for s in c[0]], [y for c in cases for y in c[1]])[0]
 
 
 # site -> region-mean Dice in rounds 1..3
@@ -245,3 +285,89 @@ def test_finished_runs_are_skipped_and_partial_ones_resumed(tmp_path, monkeypatc
     assert [r["runs_complete"] for r in rows] == ["2/2", "2/2"]
     with pytest.raises(ValueError, match="another configuration.*lr"):
         compare(config.replace(lr=0.5), specs, [0], *args)
+
+
+# ---- classification: the headline is the pooled AUC ------------------------------------------------------
+
+CLASS_RUNS = {  # site -> its own AUC in rounds 1..3; site 3 holds one class (no AUC of its own)
+    ("fedavg", 0): {"1": [0.5, 0.75, 0.75], "2": [0.25, 0.5, 0.75], "3": [None] * 3},
+    ("fedavg", 1): {"1": [0.5, 0.5, 0.75], "2": [0.5, 0.5, 0.5], "3": [None] * 3},
+    ("fedprox", 0): {"1": [0.75, 1.0, 1.0], "2": [0.5, 0.75, 1.0], "3": [None] * 3},
+    ("fedprox", 1): {"1": [0.75, 1.0, 1.0], "2": [0.75, 1.0, 0.75], "3": [None] * 3},
+}
+
+
+def class_history(strategy, seed):
+    runs = CLASS_RUNS[(strategy, seed)]
+    return [class_record(rnd, {site: v[rnd - 1] for site, v in runs.items()}) for rnd in (1, 2, 3)]
+
+
+@pytest.fixture
+def class_out(tmp_path):
+    for strategy, seed in CLASS_RUNS:
+        config = {"rounds": 3, "strategy": strategy, "seed": seed, "model": "resclassifier", "task": "classification"}
+        write_run(tmp_path / "runs" / f"{strategy}-seed{seed}", class_history(strategy, seed), config)
+    return tmp_path
+
+
+def test_classification_run_summary_uses_the_pooled_auc():
+    history = class_history("fedavg", 0)
+    final_sites = {"1": 0.75, "2": 0.75, "3": None}
+    assert history[-1]["headline"]["value"] == pytest.approx(pooled_of(final_sites))  # the histograms are exact here
+    s = summarise_run(history, target=0.6)
+    assert s["headline"] == "auc" and s["final_auc"] == pytest.approx(pooled_of(final_sites))
+    pooled = [pooled_of({k: v[i] for k, v in CLASS_RUNS[("fedavg", 0)].items()}) for i in range(3)]
+    assert s["best_auc"] == pytest.approx(max(pooled))
+    assert s["site_values"]["3"] != s["site_values"]["3"]  # NaN: one class only
+    assert (s["worst_site"], s["worst_site_auc"]) == ("1", 0.75)  # ties: the first site; site 3 has no AUC
+    first = next(i for i, p in enumerate(pooled) if p >= 0.6)
+    assert s["rounds_to_target"] == first + 1 and s["hours_to_target"] == pytest.approx(first + 1)
+    # balanced accuracy at 0.5: sites 1 and 2 each call one of two positives (0.4 < 0.5 <= 0.7) and one
+    # of two negatives (0.6) positive -> 0.5; site 3 holds one class: undefined, left out of the mean
+    assert s["balanced_accuracy"] == pytest.approx(0.5) and s["sensitivity"] == pytest.approx(0.5)
+    best = 0.0
+    area = 0.0
+    for p in pooled:  # the FeTS score of the pooled AUC over three one-hour rounds
+        best = max(best, p)
+        area += best * HOUR
+    assert s["convergence_score"] == pytest.approx(((ONE_WEEK - 3 * HOUR) * best + area) / ONE_WEEK)
+    assert s["curve"] == [(r, pytest.approx(r), pytest.approx(p)) for r, p in zip((1, 2, 3), pooled, strict=True)]
+    assert summarise_run(history)["target"] == 0.8  # the AUC's default target
+    with pytest.raises(ValueError, match="--target-dice applies to segmentation"):
+        summarise_run(history, target_dice=0.7)
+    with pytest.raises(ValueError, match="applies to Dice"):
+        summarise_run(history, target_region="WT")
+
+
+def test_classification_comparison_ranks_by_auc(class_out):
+    rows = summarise_runs(class_out, target=0.7)
+    ranked = [(r["strategy"], r["rank"], r["headline"]) for r in rows]
+    assert ranked == [("fedprox", 1, "auc"), ("fedavg", 2, "auc")]
+    prox, avg = rows
+    finals = {(k, s): pooled_of({site: v[2] for site, v in runs.items()}) for (k, s), runs in CLASS_RUNS.items()}
+    assert prox["final_auc_mean"] == pytest.approx((finals[("fedprox", 0)] + finals[("fedprox", 1)]) / 2)
+    assert avg["worst_site_auc_mean"] == pytest.approx((0.75 + 0.5) / 2)
+    assert avg["worst_site"] == "1"  # seed 0: sites 1 and 2 tie at 0.75 (the first counts); seed 1: site 2
+    assert "final_dice_mean_mean" not in prox and "balanced_accuracy_mean" in prox
+    report = write_comparison(class_out, target=0.7)
+    text = report.read_text()
+    assert "## AUC" in text and "final AUC (pooled)" in text and "worst site AUC (final)" in text
+    assert "balanced accuracy" in text and "AUC pooled over sites >= 0.7" in text
+    assert text.index("| 1 | fedprox") < text.index("| 2 | fedavg")
+    with open(class_out / "comparison.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert [r["strategy"] for r in table] == ["fedprox", "fedavg"] and table[0]["target"] == "0.7"
+    assert "target_dice" not in table[0] and table[0]["headline"] == "auc"
+    for png in ("comparison_curves.png", "comparison_sites.png", "comparison_fairness.png"):
+        assert (class_out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_histories_without_a_headline_rank_by_mean_dice_and_tasks_do_not_mix(runs_out):
+    rows = summarise_runs(runs_out, target=0.45)  # older runs: no headline in their records
+    ranked = [(r["strategy"], r["rank"], r["headline"]) for r in rows]
+    assert ranked == [("fedavg", 1, "mean-dice"), ("fedprox", 2, "mean-dice")]
+    assert rows[0]["target_reached"] == "2/2"
+    assert summarise_runs(runs_out, target_dice=0.45)[0]["target_reached"] == "2/2"  # the segmentation alias
+    write_run(runs_out / "runs" / "fedadam-seed0", class_history("fedavg", 0), {"rounds": 3})
+    with pytest.raises(ValueError, match="runs of different tasks cannot be ranked together"):
+        summarise_runs(runs_out)

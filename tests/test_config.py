@@ -120,7 +120,8 @@ def test_model_settings_reach_the_model_unchanged():
     keys = {"model-width": "16", "model-depth": "3", "deep-supervision": "true", "model-dropout": "0.1",
             "model-act": "relu", "model-se": "true", "patch-size": "32"}
     config = RunConfig.from_flower(keys)
-    expected = {"width": 16, "depth": 3, "deep_supervision": True, "dropout": 0.1, "act": "relu", "se": True}
+    expected = {"width": 16, "depth": 3, "deep_supervision": True, "dropout": 0.1, "act": "relu", "se": True,
+                "n_classes": 0}  # segmentation: resunet without its classification head
     assert config.model_config == expected
     model = model_for(config)
     assert {k: model.config[k] for k in expected} == expected

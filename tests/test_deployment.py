@@ -7,7 +7,12 @@ hospital behave outside the simulation engine.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import ssl
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -20,6 +25,7 @@ from fedbrats.shared.checkpoint import load_checkpoint
 from fedbrats.shared.config import RunConfig
 from fedbrats.shared.records import record_digest
 from fedbrats.strategies import build_strategy
+from fedbrats.simulations.report import write_report
 from tests.deployment import Deployment, is_alive, missing_flower, process_tree, site_folders
 
 SITES = ("hospital-a", "hospital-b")
@@ -30,6 +36,8 @@ RUN_LIMIT = 300.0
 #: longer than the SuperLink takes to declare a silent node gone (heartbeat 30 s x patience 2 = 60 s), and
 #: than a healthy reply under load (~35 s measured with the CPU shared), so the drop cannot hit a live site
 DROP_TIMEOUT = 90.0
+#: how `fedbrats deploy log` starts every line of a service's log file
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d ")
 
 
 @pytest.fixture(scope="module")
@@ -81,19 +89,29 @@ def _final_model_matches_checkpoint(out) -> None:
 
 @pytest.mark.slow
 def test_tls_deployment_with_two_authenticated_hospitals(dataset, tmp_path):
+    """The documented topology end to end: units' ExecStart lines, Fleet proxy, node keys, app gates."""
     folders = site_folders(dataset, tmp_path / "hospitals", SITES)
     out = tmp_path / "coordinator" / "run"
-    with Deployment(tmp_path / "deploy", node_auth=True, node_env=ONE_THREAD) as deployment:
+    with Deployment(tmp_path / "deploy", node_env=ONE_THREAD, documented=True) as deployment:
         _start(deployment, folders)
         result = deployment.run(tiny_config(out), timeout=RUN_LIMIT)
         logs = deployment.logs()
-        link_log = deployment.processes[0].log_text()
+        link_log = (deployment.coordinator.logs / "superlink.log").read_text()
         pids = _live(deployment)
     assert _gone(pids), "processes survived the deployment context"
     assert not result.timed_out and result.returncode == 0, logs
-    assert "https://127.0.0.1" in link_log  # TLS, not --insecure
+    assert "Uvicorn running on https://127.0.0.1" in link_log  # TLS, bound to 127.0.0.1, readiness line in the file
+    assert all(TIMESTAMP.match(line) for line in link_log.splitlines()), link_log[:2000]
+    assert "round 2/2 [ok] delivered 2/2 (hospital-a, hospital-b" in result.log, result.log[-3000:]
     history = read_history(out / "history.jsonl")
     assert [h["round"] for h in history] == [1, 2], logs
+    assert all("simulated_seconds" not in h and h["wall_seconds"] > 0 for h in history)  # real sites, real time
+    report = write_report(out).read_text()
+    assert "| hospital-a | 2 | 0 | 0 | 2 |" in report and "Simulated time" not in report, report
+    for name in SITES:  # each site's log: timestamped lines, the gate let FedBraTS run
+        site_log = (tmp_path / "deploy" / name / "log" / "site.log").read_text()
+        assert "app gate" in site_log and "refused" not in site_log, site_log[-2000:]
+        assert all(TIMESTAMP.match(line) for line in site_log.splitlines())
     for record in history:
         assert record["status"] == "ok"
         assert sorted(t["site"] for t in record["train"] if t["dropped"] is None) == list(SITES)
@@ -136,6 +154,97 @@ def test_a_hospital_that_crashes_mid_run_is_dropped_and_the_run_completes(datase
     assert second["wall_seconds"] < DROP_TIMEOUT + 60
     assert {e["site"]: e["dropped"] for e in second["evaluate"]} == {"hospital-a": None}  # gone by then
     _final_model_matches_checkpoint(out)
+
+
+PROBE_APP = {
+    "pyproject.toml": """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "probe"
+version = "1.0.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "anyone"
+
+[tool.flwr.app.components]
+serverapp = "probe:server"
+clientapp = "probe:client"
+
+[tool.flwr.app.config]
+marker = "MARKER"
+result = "RESULT"
+""",
+    "probe.py": """import json, pathlib
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+client = ClientApp()
+server = ServerApp()
+
+
+@client.query()
+def query(msg, context):
+    pathlib.Path(context.run_config["marker"]).write_text(str(sorted(context.node_config)))
+    return Message(RecordDict({"c": ConfigRecord({"ran": "yes"})}), reply_to=msg)
+
+
+@server.main()
+def main(grid, context):
+    nodes = list(grid.get_node_ids())
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in nodes]
+    replies = grid.send_and_receive(messages, timeout=90)
+    out = [r.error.reason if r.has_error() else "ran" for r in replies]
+    pathlib.Path(context.run_config["result"]).write_text(json.dumps(out))
+""",
+}
+
+
+PROTOBUF = {"Content-Type": "application/protobuf"}  # what Flower's HTTP APIs accept
+
+
+def _post(url: str, ca) -> int:
+    """The HTTP status of an empty POST (what `curl --cacert ca.pem -X POST URL` prints)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=b"", method="POST", headers=PROTOBUF), context=context, timeout=10):
+            return 200
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+@pytest.mark.slow
+def test_the_documented_topology_refuses_control_requests_and_foreign_apps(dataset, tmp_path):
+    folders = site_folders(dataset, tmp_path / "hospitals", SITES[:1])
+    marker, result_file = tmp_path / "probe-ran-at-the-hospital", tmp_path / "probe-result.json"
+    app = tmp_path / "probe-app"
+    app.mkdir()
+    for name, text in PROBE_APP.items():
+        (app / name).write_text(text.replace("MARKER", str(marker)).replace("RESULT", str(result_file)))
+    with Deployment(tmp_path / "deploy", documented=True) as deployment:
+        _start(deployment, folders)
+        ca = deployment.tls.ca
+        # what a hospital (or anyone) reaches: the proxy; the Control API answers only on 127.0.0.1
+        hospital_side = _post(f"https://localhost:{deployment.public_port}/v1/control/list-runs", ca)
+        coordinator_side = _post(f"https://127.0.0.1:{deployment.port}/v1/control/list-runs", ca)
+        fleet = _post(f"https://localhost:{deployment.public_port}/v1/fleet/get-run", ca)
+        result = deployment.run_app(app, timeout=RUN_LIMIT)
+        logs = deployment.logs()
+        gate_log = (tmp_path / "deploy" / SITES[0] / "log" / "site.log").read_text()
+    assert hospital_side == 403 and fleet == 401, (hospital_side, fleet)  # the Fleet API wants a node signature
+    assert coordinator_side != 403, coordinator_side
+    assert not result.timed_out, logs
+    assert not marker.exists(), "the hospital ran a probe app"
+    assert result_file.is_file(), logs
+    (reason,) = json.loads(result_file.read_text())
+    assert "AppRefused" in reason and "other than pyproject.toml" in reason, reason
+    assert "refused the run's app" in gate_log, gate_log[-2000:]
 
 
 # --- the round loop's side of a vanished node (fast, no processes) ------------------------------
