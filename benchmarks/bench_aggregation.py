@@ -5,9 +5,12 @@ as the server receives them (Flower ArrayRecords in reply Messages). The bound i
 over the same updates already stacked in one preallocated array (``np.mean(stack, axis=0)``): no
 aggregation that reads every update can be faster. Everything runs in this one process; each
 strategy gets fresh reply Messages that share the received bytes (FedMedian empties its inputs).
-Prints a Markdown table: best and median seconds over the repeats, and best / bound.
+The bound is timed again between strategies (a loaded machine drifts); each ratio uses the best
+bound time. Peak extra memory is tracemalloc's peak during the aggregation (numpy reports its
+buffers to it), in units of one model's size. Prints a Markdown table.
 
-    python benchmarks/bench_aggregation.py [--sites 17] [--params 20e6] [--repeats 3]
+    python benchmarks/bench_aggregation.py [--sites 17] [--params 20e6] [--repeats 3] [--flower]
+    python benchmarks/bench_aggregation.py --chunks 2048,8192,32768   # block size of the robust kernels
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import logging
 import os
 import statistics
 import time
+import tracemalloc
 from collections.abc import Callable
 
 import numpy as np
@@ -27,7 +31,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-from fedbrats.strategies import build_strategy  # noqa: E402
+from fedbrats.strategies import build_strategy, robust  # noqa: E402
 from fedbrats.strategies.base import ReweightedFedAvg  # noqa: E402
 
 
@@ -82,8 +86,11 @@ def fresh(replies: list[Message]) -> list[Message]:
     return out
 
 
-def timed(fn: Callable[[object], object], repeats: int, prepare: Callable[[], object] = lambda: None) -> list[float]:
-    """Seconds of each of `repeats` calls of ``fn(prepare())``; preparing is not timed."""
+def timed(fn: Callable[[object], object], repeats: int, prepare: Callable[[], object] = lambda: None
+          ) -> tuple[list[float], int]:
+    """Seconds of each of `repeats` calls of ``fn(prepare())`` (preparing is not timed), and, from one
+    more call traced by tracemalloc (which slows allocation, so it is not timed), the peak memory
+    allocated above the start of the call, in bytes."""
     times = []
     for _ in range(repeats):
         argument = prepare()
@@ -92,7 +99,15 @@ def timed(fn: Callable[[object], object], repeats: int, prepare: Callable[[], ob
         result = fn(argument)
         times.append(time.perf_counter() - t0)
         del result, argument
-    return times
+    argument = prepare()
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    result = fn(argument)
+    peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    del result, argument
+    return times, peak
 
 
 def main() -> None:
@@ -100,6 +115,8 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=17)
     parser.add_argument("--params", type=float, default=20e6)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--flower", action="store_true", help="also time Flower's FedMedian and Krum (slow)")
+    parser.add_argument("--chunks", default="", help="comma-separated block sizes: time the robust kernels only")
     args = parser.parse_args()
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1  # Messages outside a Flower run
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -112,31 +129,57 @@ def main() -> None:
     stack = np.empty((args.sites, n_params), np.float32)
     for i, r in enumerate(replies):
         stack[i] = np.concatenate([a.numpy().ravel() for a in r.content["arrays"].values()])
-    bound = timed(lambda _: np.mean(stack, axis=0), args.repeats)
-    stack = None  # free 1.4 GB before the strategies run
+    bounds: list[float] = []
 
-    candidates: list[tuple[str, object, int]] = [
-        ("FedAvg (Flower)", FedAvg(**common), args.repeats),
-        ("FedAvg (ours, strategies.base)", ReweightedFedAvg(**common), args.repeats),
-        ("FedPIDAvg (ours)", build_strategy("fedpidavg"), args.repeats),
-        ("FedNova (ours)", build_strategy("fednova"), args.repeats),
-        ("FeTS clipped (ours)", build_strategy("fets_clipped"), max(1, args.repeats - 1)),
-        ("FedMedian (Flower)", FedMedian(**common), max(1, args.repeats - 1)),
-        ("Krum (Flower)", Krum(**common), max(1, args.repeats - 1)),
-    ]
-    rows = [("numpy mean over a preallocated stack (bound)", bound)]
-    grid = Grid([r.metadata.src_node_id for r in replies])
-    for label, strategy, repeats in candidates:
-        list(strategy.configure_train(1, start, ConfigRecord({}), grid))
-        rows.append((label, timed(lambda batch, s=strategy: s.aggregate_train(1, batch), repeats, lambda: fresh(replies))))
+    def bound() -> None:
+        bounds.extend(timed(lambda _: np.mean(stack, axis=0), 2)[0])  # (its memory is ignored)
 
-    best_bound = min(bound)
-    gb = args.sites * n_params * 4 / 1e9
-    print(f"\n{args.sites} updates x {n_params / 1e6:.0f}M float32 parameters ({gb:.2f} GB read per aggregation)\n")
-    print("| aggregation | best s | median s | repeats | best / bound |")
+    rows: list[tuple[str, list[float], int]] = []
+    if args.chunks:
+        flat = list(stack)
+        for chunk in (int(c) for c in args.chunks.split(",")):
+            for label, fn in [("median", lambda c=chunk: robust.coordinate_median(flat, c)),
+                              ("trimmed mean 0.2", lambda c=chunk: robust.trimmed_mean(flat, 0.2, c)),
+                              ("distances", lambda c=chunk: robust.squared_distances([{"w": f} for f in flat], c))]:
+                bound()
+                rows.append((f"{label}, chunk {chunk}", *timed(lambda _, fn=fn: fn(), args.repeats)))
+    else:
+        f = max(0, (args.sites - 3) // 4)
+        candidates: list[tuple[str, object, int]] = [
+            ("FedAvg (Flower, registered as fedavg)", FedAvg(**common), args.repeats),
+            ("FedAvg (ours, strategies.base)", ReweightedFedAvg(**common), args.repeats),
+            ("FedAvgM (registered)", build_strategy("fedavgm", {"server_momentum": 0.9}), args.repeats),
+            ("FedPIDAvg (ours)", build_strategy("fedpidavg"), args.repeats),
+            ("FedCostWAvg (ours)", build_strategy("fedcostwavg"), args.repeats),
+            ("FedNova (ours)", build_strategy("fednova"), args.repeats),
+            ("FeTS clipped (ours)", build_strategy("fets_clipped"), max(1, args.repeats - 1)),
+            ("FedMedian (registered)", build_strategy("fedmedian"), args.repeats),
+            ("FedTrimmedAvg beta 0.2 (registered)", build_strategy("fedtrimmedavg"), args.repeats),
+            (f"Krum f={f} (registered)", build_strategy("krum", {"num_malicious_nodes": f}), args.repeats),
+            (f"Multi-Krum f={f}, 3 selected (registered)",
+             build_strategy("multikrum", {"num_malicious_nodes": f, "num_nodes_to_select": 3}), args.repeats),
+            (f"Bulyan f={f} (registered)", build_strategy("bulyan", {"num_malicious_nodes": f}), args.repeats),
+        ]
+        if args.flower:
+            candidates += [("FedMedian (Flower)", FedMedian(**common), 1), ("Krum (Flower)", Krum(**common), 1)]
+        grid = Grid([r.metadata.src_node_id for r in replies])
+        for label, strategy, repeats in candidates:
+            bound()
+            list(strategy.configure_train(1, start, ConfigRecord({}), grid))
+            rows.append((label, *timed(lambda batch, s=strategy: s.aggregate_train(1, batch), repeats,
+                                       lambda: fresh(replies))))
+    bound()
+
+    best_bound = min(bounds)
+    model = n_params * 4
+    gb = args.sites * model / 1e9
+    print(f"\n{args.sites} updates x {n_params / 1e6:.0f}M float32 parameters ({gb:.2f} GB read per aggregation); "
+          f"bound best {best_bound:.3f} s, median {statistics.median(bounds):.3f} s over {len(bounds)} runs\n")
+    print("| aggregation | best / bound | median / bound | repeats | peak extra memory (models) |")
     print("|---|---:|---:|---:|---:|")
-    for label, times in rows:
-        print(f"| {label} | {min(times):.3f} | {statistics.median(times):.3f} | {len(times)} | {min(times) / best_bound:.1f} |")
+    for label, times, peak in rows:
+        print(f"| {label} | {min(times) / best_bound:.2f} | {statistics.median(times) / best_bound:.2f} | "
+              f"{len(times)} | {peak / model:.2f} |")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import traceback
 from typing import Any
 
@@ -173,10 +174,33 @@ def _record_round(
     site.save_state(run, state)
 
 
+def summary_line(kind: str, msg: Message, reply: Message, seconds: float) -> str:
+    """The site operator's one line per message: round, cases used and skipped, loss or Dice, seconds."""
+    config = msg.content.config_records.get("config")
+    head = f"{kind} round {config.get('server-round', '?') if config else '?'}"
+    if reply.has_error():
+        return f"{head}: error {reply.error.code}: {reply.error.reason} | {seconds:.1f} s"
+    site = reply.content.config_records.get("site")
+    metrics = reply.content.metric_records.get("metrics") or {}
+    parts = [f"site {site.get('name', '?') if site else '?'}", f"cases used {int(metrics.get('num-examples', 0))}"]
+    if "skipped-cases" in metrics:
+        parts.append(f"skipped {int(metrics['skipped-cases'])}")
+    for key in ("train-loss", "dice-WT"):
+        if key in metrics:
+            parts.append(f"{key.replace('-', ' ')} {float(metrics[key]):.4f}")
+    return f"{head}: " + ", ".join(parts) + f" | {seconds:.1f} s"
+
+
 def _guarded(handler):
-    """A failure at a site becomes an error reply, never a crashed node."""
+    """A failure at a site becomes an error reply, never a crashed node; each message ends with a summary line."""
 
     def run(msg: Message, context: Context) -> Message:
+        started = time.monotonic()
+        reply = _answer(msg, context)
+        log.info(summary_line(handler.__name__.removeprefix("handle_"), msg, reply, time.monotonic() - started))
+        return reply
+
+    def _answer(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
         except PrivacyBudgetExhausted as err:

@@ -37,7 +37,6 @@ from fedbrats.shared.config import RunConfig
 from fedbrats.shared.constants import REGIONS, label_sets_for
 from fedbrats.shared.data.partition import Partition, write_partition
 from fedbrats.shared.data.site_cases import Discovered, cases_of_sites
-from fedbrats.shared.evaluation.classification import histogram_auc
 from fedbrats.shared.tasks import Task, checkpoint_metadata, load_labels, task_for, with_label_classes
 from fedbrats.strategies.selection import round_lr
 
@@ -113,7 +112,8 @@ def validate(task: Task, net: Any, val_ds: Any, config: RunConfig, device: Any) 
     metrics = task.evaluate(net, val_ds, config, device)
     histograms = metrics.pop("histograms", None)
     metrics.pop("reasons", None)
-    pooled = None if histograms is None else histogram_auc(histograms).auc
+    # One site: its exact AUC is what a federation pools from histograms (which round within a bin).
+    pooled = metrics.get("auc") if histograms is not None else None
     headline = task.headline([metrics], pooled)
     return {k.replace("-", "_"): float(v) for k, v in metrics.items()}, headline
 
@@ -178,8 +178,6 @@ def run_train(
     extra = {"patch_size": list(config.patch), "label_set": label_set, "seed": config.seed,
              "trained_on": site or "all", "train_cases": len(train_ds), "val_cases": len(val_ds) if val_ds else 0,
              **checkpoint_metadata(config, Path(data))}  # fmt: skip
-    if task.classifies:
-        extra["class_input_size"] = config.class_input_size
     headline_name = task.headline_name
     console.print(f"training {config.model} {net.config} for {task.name} on {len(train_ds)} case(s), validating on "
                   f"{extra['val_cases']}, {periods} epoch(s), {total} step(s), device {device_}")  # fmt: skip

@@ -117,6 +117,14 @@ def serve(runtime_api_address: str, *, poll_seconds: float = POLL_SECONDS) -> No
         client.close()
 
 
+def site_logging() -> None:
+    """Our INFO lines (the gate's, a site's summary per message) reach the site log; `fedbrats deploy log` adds
+    the time. Flower's logger keeps its own handler (no doubled lines); httpx's line per poll is left out."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("flwr").propagate = False
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    site_logging()
     run_gated_clientapp()

@@ -174,6 +174,14 @@ def simulate(args: argparse.Namespace) -> int:
     return run_simulate(config, data, partition, out, gpus_per_site=args.gpus_per_site)
 
 
+def _check_target(config, args: argparse.Namespace) -> None:
+    """The convergence target fits the task's headline (e.g. no --target-dice for a classifier), before data."""
+    from fedbrats.shared.tasks import task_for
+    from fedbrats.simulations.run_summary import resolve_target
+
+    resolve_target(task_for(config).headline_name, args.target, args.target_dice)
+
+
 def compare(args: argparse.Namespace) -> int:
     from fedbrats.simulations.compare import compare as run_comparison
     from fedbrats.simulations.compare import parse_seeds, parse_strategies, plan_runs
@@ -184,6 +192,7 @@ def compare(args: argparse.Namespace) -> int:
     specs = parse_strategies(args.strategies)
     seeds = parse_seeds(args.seeds) if args.seeds else [config.seed]
     plan_runs(config, specs, seeds)  # every strategy and its parameters, checked before data or Flower
+    _check_target(config, args)
     out = (args.out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")).resolve()
     data, partition = _federation_data(args, config, out)
     ok = run_comparison(
@@ -236,11 +245,9 @@ def deploy_site(args: argparse.Namespace) -> int:
 
 
 def deploy_gate(args: argparse.Namespace) -> int:
-    import logging
+    from fedbrats.app_gate import serve, site_logging
 
-    from fedbrats.app_gate import serve
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    site_logging()
     serve(args.runtime_api_address)
     return 0
 

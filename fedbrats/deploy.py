@@ -37,6 +37,8 @@ FLOWER_ENVIRONMENT = {
 #: the only URL prefix the proxy forwards: Flower 1.41's Fleet API (flwr/supernode/fleet_http_client.py)
 FLEET_PREFIX = "/v1/fleet/"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+#: Flower logs an empty message before each received message ("INFO :      ")
+_EMPTY_FLOWER_LINE = re.compile(r"(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s*")
 
 
 def default_bin_dir() -> Path:
@@ -288,7 +290,7 @@ def write_files(files: dict[str, str], root: Path) -> list[Path]:
 def timestamped(line: str) -> str | None:
     """A log line with the local time in front, colours stripped; None for Flower's empty spacer lines."""
     text = _ANSI.sub("", line).rstrip()
-    if not text.strip():
+    if not text.strip() or _EMPTY_FLOWER_LINE.fullmatch(text):
         return None
     return f"{datetime.now().astimezone().isoformat(timespec='milliseconds')} {text}"
 

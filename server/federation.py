@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from datetime import UTC, datetime
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from fedbrats.server.state import (
     write_run_config,
 )
 from fedbrats.server.update_checks import conform_aggregate, update_problem
+from fedbrats.shared.atomic import atomic_write_json
 from fedbrats.shared.config import RunConfig
 from fedbrats.shared.constants import REGIONS
 from fedbrats.shared.records import record_digest, record_nbytes
@@ -377,6 +378,8 @@ class Federation:
                                 [r.histograms for r in evaluated if not r.dropped and r.histograms is not None]),
             }
             self.history.append(record)
+            # which Flower node id is which hospital (`flwr supernode list` shows ids only), from the replies' names
+            atomic_write_json(self.out_dir / "node_sites.json", {str(n): name for n, name in sorted(self.node_names.items())})
             self._checkpoint(rnd)
             log.info(progress_line(record, self.config.rounds))
         return self.arrays
@@ -402,8 +405,8 @@ def progress_line(record: dict[str, Any], rounds: int) -> str:
     sites = " ".join(
         f"{e['site']}:{e.get('dice-WT', float('nan')):.2f}" for e in record["evaluate"] if not e.get("dropped")
     )
-    delivered = [t["site"] for t in record["train"] if not t.get("dropped")]
-    late = [t["site"] for t in record["train"] if t.get("dropped") == LATE]
+    delivered = sorted(t["site"] for t in record["train"] if not t.get("dropped"))
+    late = sorted(t["site"] for t in record["train"] if t.get("dropped") == LATE)
     dropped = [f"{t['site']} ({t['dropped']})" for t in record["train"] if t.get("dropped") not in (None, LATE)]
     line = (
         f"round {record['round']}/{rounds} [{record['status']}] delivered {len(delivered)}/{record['selected']} "
@@ -414,4 +417,8 @@ def progress_line(record: dict[str, Any], rounds: int) -> str:
     if "pooled_auc" in record:  # a task that classifies
         auc = record["pooled_auc"]
         line += f" | pooled AUC {'undefined' if auc is None else f'{auc:.3f}'}"
+        if not dice:  # classification only: each site's AUC, not a column of NaN Dice
+            aucs = " ".join(f"{e['site']}:{e['auc']:.2f}" if "auc" in e else f"{e['site']}:-"
+                            for e in record["evaluate"] if not e.get("dropped"))  # fmt: skip
+            return line + f" | AUC per site {aucs or '-'} | {record['wall_seconds']:.1f} s"
     return line + f" | mean Dice {dice_text} | WT per site {sites or '-'} | {record['wall_seconds']:.1f} s"

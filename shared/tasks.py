@@ -357,12 +357,12 @@ def with_label_classes(config: RunConfig, data_root: Path | str | None = None) -
     found = len(labels.classes)
     if config.model_classes not in (found, _default_classes(config)):
         check_classes(config, labels)
-    return config.replace(model_classes=found)
+    return config.replace(model_classes=found, label_classes=config.label_classes or ",".join(labels.classes))
 
 
 def checkpoint_metadata(config: RunConfig, data_root: Path | str | None = None) -> dict[str, Any]:
     """What a checkpoint records about the task: `task`, and for classifying tasks `classes` (names in
-    index order) and `label_column`. Names come from `label-classes`, else from the labels file when it
+    index order), `label_column` and `class_input_size`. Names come from `label-classes`, else from the labels file when it
     can be read here, else the class indices."""
     meta: dict[str, Any] = {"task": config.task}
     if not task_for(config).classifies:
@@ -379,6 +379,7 @@ def checkpoint_metadata(config: RunConfig, data_root: Path | str | None = None) 
             log.info("class names not read from the labels (%s); the checkpoint lists class indices", err)
     meta["classes"] = list(classes or (str(i) for i in range(config.model_classes)))
     meta["label_column"] = column or "label"
+    meta["class_input_size"] = config.class_input_size  # the classifier's input cube, for evaluate and predict
     return meta
 
 

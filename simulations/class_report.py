@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedbrats.shared.atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from fedbrats.simulations.figures import save_figure, site_order  # noqa: E402
+from fedbrats.simulations.figures import elapsed_hours, is_simulated, save_figure, site_order  # noqa: E402
 from fedbrats.simulations.headline import AUC, evaluated_rounds, evaluated_sites, headline_value  # noqa: E402
 from fedbrats.simulations.roc import pooled_histograms, roc_curves  # noqa: E402
 
@@ -50,7 +50,8 @@ def plot_auc_curves(history: list[dict[str, Any]], path: Path) -> Path:
     rounds = [r["round"] for r in evaluated]
     pooled = [headline_value(r) for r in evaluated]
     by_round.plot(rounds, pooled, marker="o", color="black", linewidth=2, label="pooled (summed histograms)")
-    by_time.plot([r["simulated_seconds"] / 3600 for r in evaluated], pooled, marker="o", color="black",
+    hours = elapsed_hours(history)  # simulated time, or a deployed run's wall time
+    by_time.plot([hours[r["round"]] for r in evaluated], pooled, marker="o", color="black",
                  label="pooled")  # fmt: skip
     sites = sorted({s for r in evaluated for s in site_metrics(r)}, key=site_order)
     for site in sites:
@@ -60,7 +61,7 @@ def plot_auc_curves(history: list[dict[str, Any]], path: Path) -> Path:
         by_round.plot(*zip(*points, strict=True), marker=".", label=f"site {site}")
     by_round.xaxis.set_major_locator(MaxNLocator(integer=True))
     by_round.set(title="AUC over rounds", xlabel="round", ylabel="AUC", ylim=(0, 1))
-    by_time.set(title="Pooled AUC against simulated time", xlabel="simulated hours (FeTS model)", ylabel="AUC",
+    by_time.set(title="Pooled AUC against time", xlabel="hours (simulated FeTS model, or wall clock when deployed)", ylabel="AUC",
                 ylim=(0, 1))  # fmt: skip
     for ax in (by_round, by_time):
         ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
@@ -126,7 +127,7 @@ def classification_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
         "worst_site": worst[0],
         "worst_site_auc": worst[1],
         "mean_balanced_accuracy": sum(balanced) / len(balanced) if balanced else math.nan,
-        "simulated_hours": history[-1]["simulated_seconds"] / 3600,
+        "simulated_hours": history[-1]["simulated_seconds"] / 3600 if is_simulated(history) else None,
         "wall_seconds": sum(h["wall_seconds"] for h in history),
         "bytes_sent": sum(h["bytes_sent"] for h in history),
         "bytes_received": sum(h["bytes_received"] for h in history),
@@ -182,8 +183,9 @@ def write_class_report(
         + (f"Worst site: {summary['worst_site']} (AUC {summary['worst_site_auc']:.3f}). "
            if summary["worst_site"] is not None else "")
         + (f"AUC undefined at site(s) {', '.join(summary['undefined_sites'])}. " if summary["undefined_sites"] else "")
-        + f"Simulated time: {summary['simulated_hours']:.2f} h (FeTS timing model). "
-        f"Wall clock: {summary['wall_seconds']:.0f} s. Sent {summary['bytes_sent'] / 1e6:.1f} MB, "
+        + (f"Simulated time: {summary['simulated_hours']:.2f} h (FeTS timing model). "
+           if summary["simulated_hours"] is not None else "")
+        + f"Wall clock: {summary['wall_seconds']:.0f} s. Sent {summary['bytes_sent'] / 1e6:.1f} MB, "
         f"received {summary['bytes_received'] / 1e6:.1f} MB.",
         "",
         "## AUC over rounds", "", f"![AUC over rounds]({curves.name})", "",
@@ -203,6 +205,6 @@ def write_class_report(
         lines.append(
             f"| {h['round']} | {h['status']} | {h['selected']}/{h['available']} | "
             f"{'-' if math.isnan(value) else f'{value:.3f}'} | {h['wall_seconds']:.1f} | "
-            f"{h['simulated_seconds'] / 3600:.2f} |"
+            + (f"{h['simulated_seconds'] / 3600:.2f} |" if "simulated_seconds" in h else "- |")
         )
     return atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")

@@ -16,7 +16,7 @@ from fedbrats.server.history import read_history  # noqa: E402
 from fedbrats.shared.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from fedbrats.shared.constants import REGIONS  # noqa: E402
 from fedbrats.simulations.class_report import write_class_report  # noqa: E402
-from fedbrats.simulations.figures import save_figure, site_order  # noqa: E402
+from fedbrats.simulations.figures import elapsed_hours, is_simulated, save_figure, site_order  # noqa: E402
 from fedbrats.simulations.headline import AUC, headline_name  # noqa: E402
 
 __all__ = ["plot_learning_curves", "plot_site_bars", "save_figure", "site_order", "site_region_dice", "write_report"]
@@ -28,22 +28,6 @@ COLORS = {"ET": "#d62728", "TC": "#ff7f0e", "WT": "#2ca02c"}
 def site_region_dice(record: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Each evaluated site's Dice per region in one history record (dropped sites left out)."""
     return {e["site"]: {r: e.get(f"dice-{r}", math.nan) for r in REGIONS} for e in record.get("evaluate", []) if not e.get("dropped")}
-
-
-def is_simulated(history: list[dict[str, Any]]) -> bool:
-    """A deployed run records wall time only (no FeTS timing model): its time axis is the wall clock."""
-    return bool(history) and all("simulated_seconds" in r for r in history)
-
-
-def elapsed_hours(history: list[dict[str, Any]]) -> dict[int, float]:
-    """Round -> hours since the run began: simulated time, or for a deployed run the summed wall time."""
-    if is_simulated(history):
-        return {r["round"]: r["simulated_seconds"] / 3600 for r in history}
-    total, hours = 0.0, {}
-    for r in history:
-        total += r.get("wall_seconds", 0.0)
-        hours[r["round"]] = total / 3600
-    return hours
 
 
 def plot_learning_curves(history: list[dict[str, Any]], path: Path) -> Path:

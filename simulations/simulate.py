@@ -241,6 +241,9 @@ def simulate(
         out_dir=str(out),
         min_sites=min(config.min_sites, sites),
     )
+    from fedbrats.shared.tasks import with_label_classes  # torch: only once the run is really starting
+
+    config = with_label_classes(config)  # a classifying task: every site numbers the classes alike
     app_dir = out / "app"
     app_dir.mkdir(parents=True, exist_ok=True)
     from fedbrats.server.state import load_state

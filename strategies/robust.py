@@ -21,12 +21,18 @@ Flower's own functions: they are tiny and Flower returns them as float64.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 from flwr.serverapp.strategy.bulyan import aggregate_n_closest_weights
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+
+try:  # installed with scikit-learn (nilearn's dependency); without it BLAS keeps its own threads
+    from threadpoolctl import threadpool_limits
+except ImportError:  # pragma: no cover
+    threadpool_limits = None
 
 #: Parameters per block. Chosen by measurement (benchmarks/bench_aggregation.py --chunks): a block of
 #: every site's values and its scratch rows stays in the core's L2 cache for 12-17 sites.
@@ -236,6 +242,16 @@ def squared_distances(updates: Sequence[Mapping[str, np.ndarray]], chunk: int = 
     if n == 0:
         raise ValueError("no updates to compare")
     gram = np.zeros((n, n), np.float64)
+    # one BLAS thread: a 17 x chunk product is too small to share, and on a busy server OpenBLAS's
+    # spinning threads made each product 100x slower (benchmarks/RESULTS.md)
+    with threadpool_limits(1, user_api="blas") if threadpool_limits else contextlib.nullcontext():
+        _add_gram(gram, updates, chunk)
+    norms = np.diag(gram)
+    return np.maximum(norms[:, None] + norms[None, :] - 2 * gram, 0.0)
+
+
+def _add_gram(gram: np.ndarray, updates: Sequence[Mapping[str, np.ndarray]], chunk: int) -> None:
+    n = len(updates)
     for name, first in updates[0].items():
         flat = _flat([u[name] for u in updates])
         dtype = np.float32 if first.dtype == np.float32 else np.float64
@@ -245,8 +261,6 @@ def squared_distances(updates: Sequence[Mapping[str, np.ndarray]], chunk: int = 
             for k, f in enumerate(flat):
                 np.subtract(f[block], flat[0][block], out=rows[k], casting="unsafe")
             gram += rows @ rows.T
-    norms = np.diag(gram)
-    return np.maximum(norms[:, None] + norms[None, :] - 2 * gram, 0.0)
 
 
 def multikrum_selection(distances: np.ndarray, num_malicious_nodes: int, num_nodes_to_select: int) -> list[int]:

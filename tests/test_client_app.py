@@ -10,6 +10,7 @@ import pytest
 from fedbrats.client.site import run_key
 from fedbrats.server.app import run_server
 from fedbrats.server.history import read_history
+from fedbrats.server.state import load_state
 from fedbrats.shared.checkpoint import load_checkpoint
 from fedbrats.shared.config import RunConfig
 from fedbrats.shared.data.phantom import generate_phantom
@@ -30,6 +31,11 @@ def phantom(tmp_path_factory):
 def _config(phantom, out, **changes):
     values = dict(rounds=2, min_sites=1, data_dir=str(phantom), partition=str(phantom / "partitioning_1.csv"), out_dir=str(out))
     return RunConfig(**{**values, **TINY, **changes})
+
+
+def _site_run(out) -> str:
+    """The folder name a site keeps this run's state in: the server's run key (kept in its checkpoint)."""
+    return run_key(1, RunConfig(), load_state(out / "server").meta["run_key"])
 
 
 def test_two_rounds_end_to_end_and_nothing_private_leaves_a_site(phantom, tmp_path):
@@ -64,7 +70,7 @@ def test_schedule_position_follows_the_rounds_in_the_runs_own_folder(phantom, tm
 
     config = _config(phantom, tmp_path)
     run_server(LocalGrid(config.to_flower(), sites=2), config)
-    state = json.loads((tmp_path / "sites" / "1" / "runs" / run_key(1, config) / "state.json").read_text())
+    state = json.loads((tmp_path / "sites" / "1" / "runs" / _site_run(tmp_path) / "state.json").read_text())
     assert [state["rounds"][r]["start-step"] for r in ("1", "2")] == [0, config.local_steps]
     assert state["rounds"]["2"]["end-step"] == 2 * config.local_steps
     assert not (tmp_path / "sites" / "1" / "site_state.json").exists()  # nothing outside a run's folder
@@ -91,7 +97,7 @@ def test_strategies_with_site_side_parts_run(phantom, tmp_path, strategy):
     assert [h["status"] for h in history] == ["ok", "ok"], history[-1]["train"]
     if strategy == "fedpidavg":
         assert all("loss-before" in t and "loss-after" in t for t in history[0]["train"])
-    run = run_key(1, config)  # LocalGrid's Flower run id is 1
+    run = _site_run(tmp_path)
     if strategy == "fedbn":
         assert (tmp_path / "sites" / "1" / "runs" / run / "fedbn_norms.r0002.safetensors").is_file()
     if strategy == "scaffold":

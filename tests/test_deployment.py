@@ -24,8 +24,8 @@ from fedbrats.server.state import load_state
 from fedbrats.shared.checkpoint import load_checkpoint
 from fedbrats.shared.config import RunConfig
 from fedbrats.shared.records import record_digest
-from fedbrats.strategies import build_strategy
 from fedbrats.simulations.report import write_report
+from fedbrats.strategies import build_strategy
 from tests.deployment import Deployment, is_alive, missing_flower, process_tree, site_folders
 
 SITES = ("hospital-a", "hospital-b")
@@ -110,7 +110,9 @@ def test_tls_deployment_with_two_authenticated_hospitals(dataset, tmp_path):
     assert "| hospital-a | 2 | 0 | 0 | 2 |" in report and "Simulated time" not in report, report
     for name in SITES:  # each site's log: timestamped lines, the gate let FedBraTS run
         site_log = (tmp_path / "deploy" / name / "log" / "site.log").read_text()
-        assert "app gate" in site_log and "refused" not in site_log, site_log[-2000:]
+        assert "app gate" in site_log and "refused the run's app" not in site_log, site_log[-2000:]
+        assert f"train round 2: site {name}, cases used 2, skipped 0, train loss" in site_log, site_log[-2000:]
+        assert "httpx" not in site_log  # no line per poll of the SuperNode
         assert all(TIMESTAMP.match(line) for line in site_log.splitlines())
     for record in history:
         assert record["status"] == "ok"

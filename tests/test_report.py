@@ -94,3 +94,17 @@ def test_roc_curves_from_histograms_have_the_histogram_auc():
         pooled_histograms([{"histograms": h}, {"histograms": hm}])
     with pytest.raises(ValueError, match=r"\[K, 1 or K, bins\]"):
         roc_curves(np.zeros((2, 3, 10)))
+
+
+def test_a_deployed_classification_run_reports_wall_time_only(tmp_path):
+    """A deployed run records no simulated time: its report must not need it."""
+    rounds = [{"1": 0.5, "2": 0.75}, {"1": 0.75, "2": 1.0}]
+    history = [class_record(i + 1, sites) for i, sites in enumerate(rounds)]
+    for record in history:
+        for key in [k for k in record if k.startswith("simulated")]:
+            del record[key]
+    write_run(tmp_path, history, {"strategy": "fedavg", "model": "resclassifier", "task": "classification",
+                                  "class-input-size": 32, "label-column": "Grade"})  # fmt: skip
+    report = write_report(tmp_path).read_text()
+    assert json.loads((tmp_path / "summary.json").read_text())["simulated_hours"] is None
+    assert "Simulated time" not in report and "| - |" in report

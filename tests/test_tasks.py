@@ -80,6 +80,7 @@ def test_labels_are_found_and_the_class_count_is_checked(phantom, tmp_path):
     assert labels.classes == ("HGG", "LGG") and labels.label_column == "Grade"
     assert load_labels(config.replace(label_classes="LGG,HGG"), phantom).classes == ("LGG", "HGG")
     assert with_label_classes(config.replace(model_classes=2)).model_classes == 2
+    assert with_label_classes(config).label_classes == "HGG,LGG"  # sites number the classes alike
     with pytest.raises(ValueError, match="hold 2 classes .* but model-classes = 3; set model-classes = 2"):
         with_label_classes(config.replace(model_classes=3))
     with pytest.raises(CaseLabelError, match="no labels file"):
@@ -110,6 +111,7 @@ def test_classification_round_sends_histograms_and_the_server_pools_the_auc(phan
     assert record["headline"] == {"name": "auc", "value": record["pooled_auc"]}
     model, meta = load_checkpoint(checkpoint)
     assert meta["task"] == "classification" and meta["classes"] == ["HGG", "LGG"] and meta["label_column"] == "Grade"
+    assert meta["class_input_size"] == 16
     assert model(torch.zeros(1, 4, 16, 16, 16)).shape == (1, 2)
 
 
@@ -173,3 +175,23 @@ def test_histograms_that_miscount_the_sites_cases_are_refused():
     assert "negative" in histograms_problem(ArrayRecord({"histograms": Array(-good)}), 3)
     floats = ArrayRecord({"histograms": Array(good.astype(np.float32))})
     assert "whole counts" in histograms_problem(floats, 3)
+
+
+def test_classification_dataset_gives_cubes_per_patient_and_caches_them_on_disk(phantom, tmp_path):
+    from fedbrats.shared.data.class_dataset import ClassificationDataset
+
+    cases = cases_of_sites(phantom, phantom / "partitioning_1.csv", seed=0, val_fraction=0.5)["2"].cases
+    label_of = load_labels(_config(phantom, tmp_path), phantom).indices
+    data = ClassificationDataset(cases, dict(zip([c.case_id for c in cases], label_of([c.case_id for c in cases]),
+                                                 strict=True)), 16, cache="disk", cache_dir=tmp_path)  # fmt: skip
+    assert len(data) == len(cases) and sorted(data.labels) == [0, 0, 1, 1]
+    image, label = data[0]
+    assert image.shape == (4, 16, 16, 16) and image.dtype == torch.float32 and label.dtype == torch.int64
+    assert len(list(tmp_path.glob("*.class16v1.npy"))) == len(cases)
+    data.reseed(5)
+    first = data[1][0]
+    data.reseed(5)
+    assert torch.equal(data[1][0], first)  # the augmentation stream replays
+    assert np.abs(data.image(1)).max() > 0  # z-scored brain, not an empty cube
+    with pytest.raises(ValueError, match="no class label for 1 case"):
+        ClassificationDataset(cases[:1], {}, 16, cache=None)

@@ -205,3 +205,27 @@ def test_run_config_schedule_spans_every_round():
     by_steps = train_config(RunConfig(rounds=4, local_steps=7, proximal_mu=0.1), 5)
     assert (by_steps.steps, by_steps.total_steps, by_steps.proximal_mu) == (7, 28, 0.1)
     assert lr_at(by_steps.total_steps, by_steps) == 0.0
+
+
+class LabelledBlobs(BlobDataset):
+    """Multitask items: (image, (regions, class index)), the class being whether the blob is on the left."""
+
+    def __getitem__(self, i):
+        image, regions = super().__getitem__(i)
+        return image, (regions, torch.tensor(i % 2))
+
+
+def test_a_task_loss_trains_both_heads_on_nested_targets():
+    from fedbrats.shared.tasks import MultitaskTask
+
+    torch.manual_seed(0)
+    model = create_model("resunet", width=8, depth=2, n_classes=2)
+    head_before = model.class_head.linear.weight.detach().clone()
+    task = MultitaskTask(weight=1.0)
+    data = LabelledBlobs(4)
+    config = TrainConfig(steps=3, batch_size=2, lr=1e-2)
+    result = train_local(model, data, config, loss_fn=task.loss)
+    assert result.steps == 3 and math.isfinite(result.mean_loss)
+    assert not torch.equal(model.class_head.linear.weight, head_before)
+    before = loss_on(model, data, 2, seed=1, loss_fn=task.loss)
+    assert loss_on(model, data, 2, seed=1, loss_fn=task.loss) == before  # no update, same batches
