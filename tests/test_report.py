@@ -100,9 +100,9 @@ def test_a_deployed_classification_run_reports_wall_time_only(tmp_path):
     """A deployed run records no simulated time: its report must not need it."""
     rounds = [{"1": 0.5, "2": 0.75}, {"1": 0.75, "2": 1.0}]
     history = [class_record(i + 1, sites) for i, sites in enumerate(rounds)]
-    for record in history:
-        for key in [k for k in record if k.startswith("simulated")]:
-            del record[key]
+    for entry in history:
+        for key in [k for k in entry if k.startswith("simulated")]:
+            del entry[key]
     write_run(tmp_path, history, {"strategy": "fedavg", "model": "resclassifier", "task": "classification",
                                   "class-input-size": 32, "label-column": "Grade"})  # fmt: skip
     report = write_report(tmp_path).read_text()
