@@ -32,7 +32,6 @@ from flwr.supercore.task_identity import TaskIdentity
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 from fedbrats.strategies import build_strategy, robust  # noqa: E402
-from fedbrats.strategies.base import ReweightedFedAvg  # noqa: E402
 
 
 class Grid:
@@ -146,13 +145,14 @@ def main() -> None:
     else:
         f = max(0, (args.sites - 3) // 4)
         candidates: list[tuple[str, object, int]] = [
-            ("FedAvg (Flower, registered as fedavg)", FedAvg(**common), args.repeats),
-            ("FedAvg (ours, strategies.base)", ReweightedFedAvg(**common), args.repeats),
+            ("FedAvg (Flower's class)", FedAvg(**common), args.repeats),
+            ("FedAvg (registered as fedavg and fedprox: ours)", build_strategy("fedavg"), args.repeats),
             ("FedAvgM (registered)", build_strategy("fedavgm", {"server_momentum": 0.9}), args.repeats),
             ("FedPIDAvg (ours)", build_strategy("fedpidavg"), args.repeats),
             ("FedCostWAvg (ours)", build_strategy("fedcostwavg"), args.repeats),
             ("FedNova (ours)", build_strategy("fednova"), args.repeats),
-            ("FeTS clipped (ours)", build_strategy("fets_clipped"), max(1, args.repeats - 1)),
+            ("FeTS clipped (ours, median of per-site percentiles)", build_strategy("fets_clipped"), args.repeats),
+            ("FeTS clipped (pooled=1, FeTS's rule)", build_strategy("fets_clipped", {"pooled": 1}), args.repeats),
             ("FedMedian (registered)", build_strategy("fedmedian"), args.repeats),
             ("FedTrimmedAvg beta 0.2 (registered)", build_strategy("fedtrimmedavg"), args.repeats),
             (f"Krum f={f} (registered)", build_strategy("krum", {"num_malicious_nodes": f}), args.repeats),

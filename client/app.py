@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from fedbrats.client.algorithms import CONTROL, CONTROL_DELTA, ControlVariate, LocalNorms
-from fedbrats.client.attack import misbehave
+from fedbrats.client.attack import attacked_site, misbehave
 from fedbrats.client.ledger import PrivacyLedger
 from fedbrats.client.privacy import DPConfig, PrivacyBudgetExhausted, eval_metrics_released, train_private
 from fedbrats.client.settings import model_for, start_step, train_config
@@ -69,7 +69,7 @@ def _server_round(msg: Message) -> int:
 
 def handle_train(msg: Message, context: Context) -> Message:
     config = RunConfig.from_flower(dict(context.run_config))
-    site = cached_site(dict(context.node_config), config)
+    site = attacked_site(config, dict(context.node_config), cached_site(dict(context.node_config), config))
     if len(site.train) == 0:
         return _error(msg, SITE_UNUSABLE, f"site {site.name} has no usable training case ({site.skipped_count} skipped)")
     round_config = msg.content["config"]

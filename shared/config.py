@@ -51,7 +51,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dp_accountant": ("rdp", "prv"),  # client.ledger.ACCOUNTANTS
     "dp_grad_sample_mode": ("auto", "functorch", "hooks"),  # client.privacy.GRAD_SAMPLE_MODES
     "dp_eval_metrics": ("suppress", "aggregate"),  # client.privacy_plan.EVAL_RELEASE
-    "attack": ("none", "scale", "signflip", "noise", "inflate"),  # client.attack.ATTACKS
+    "attack": ("none", "scale", "signflip", "noise", "inflate", "labelflip"),  # client.attack.ATTACKS
     "task": ("segmentation", "classification", "multitask"),  # shared.tasks.TASKS
 }
 
@@ -172,7 +172,7 @@ class RunConfig:
     screen_updates: bool = True
     screen_norm_factor: float = 10.0  # drop an update whose norm exceeds this x the round's median
     screen_min_cosine: float = 0.0  # drop an update whose cosine to the round's median update is below
-    attack: str = "none"  # none | scale | signflip | noise | inflate
+    attack: str = "none"  # none | scale | signflip | noise | inflate | labelflip
     attack_sites: str = ""  # comma-separated site IDs (partition IDs) that attack
     attack_scale: float = 0.0  # the attack's strength (0: its default; client.attack.DEFAULT_SCALES)
     # where data and results live

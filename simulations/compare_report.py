@@ -25,6 +25,7 @@ from fedbrats.shared.constants import REGIONS
 from fedbrats.simulations.compare_figures import mean_std, plot_curves, plot_fairness, plot_site_bars
 from fedbrats.simulations.headline import AUC, LABELS, MEAN_DICE
 from fedbrats.simulations.run_summary import (
+    ATTACK_COUNTS,
     METRICS,
     ONE_WEEK,
     RANKED_BY,
@@ -36,10 +37,12 @@ from fedbrats.simulations.run_summary import (
 )
 
 __all__ = [
-    "ONE_WEEK", "TARGET_REGIONS", "aggregate", "collect_runs", "convergence_scores", "mean_std", "region_value",
+    "ONE_WEEK", "TARGET_REGIONS", "aggregate", "attack_of", "attack_settings", "collect_runs", "convergence_scores", "mean_std", "region_value",
     "summarise_run", "summarise_runs", "table_columns", "write_comparison",
 ]  # fmt: skip
 
+#: Attacks whose strength attack-scale does not set (client.attack.DATA_ATTACKS).
+UNSCALED = ("labelflip",)
 RUN_DIR = re.compile(r"^(?P<label>.+)-seed(?P<seed>\d+)$")
 
 
@@ -82,6 +85,23 @@ def settings_target(settings: dict[str, Any]) -> float | None:
     """The target a comparison was run with (`target`, or `target_dice` of comparisons before headlines)."""
     value = settings.get("target", settings.get("target_dice"))
     return None if value is None else float(value)
+
+
+def attack_of(config: dict[str, Any]) -> str:
+    """The simulated attack a run was configured with ("none" for none, and for runs from before attacks)."""
+    return str(config.get("attack") or "none")
+
+
+def attack_settings(runs: list[Run]) -> list[str]:
+    """Each distinct attack setting of the runs, e.g. "`labelflip` by site(s) 3 (attack-scale 0: its default)"."""
+    settings = []
+    for r in runs:
+        if attack_of(r.config) == "none":
+            continue
+        scale = float(r.config.get("attack-scale", 0) or 0)
+        strength = "" if attack_of(r.config) in UNSCALED else f" (attack-scale {scale:g}{': its default' if scale == 0 else ''})"
+        settings.append(f"`{attack_of(r.config)}` by site(s) {r.config.get('attack-sites') or '?'}{strength}")
+    return list(dict.fromkeys(settings))
 
 
 def collect_runs(
@@ -138,6 +158,8 @@ def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
             "strategy": label,
             "name": config.get("strategy", label),
             "params": " ".join(f"{k}={v:g}" for k, v in params.items()),
+            "attack": ",".join(dict.fromkeys(attack_of(r.config) for r in mine)),
+            **{key: sum(int(r.summary.get(key, 0)) for r in mine) for key in ATTACK_COUNTS},
             "headline": name,
             "target": mine[0].summary["target"],
             "seeds": ",".join(str(r.seed) for r in mine),
@@ -220,11 +242,24 @@ def table_columns(rows: list[dict[str, Any]]) -> tuple[list, list]:
         ("received MB", lambda r: fmt(r, "bytes_received", 1, 1e-6)),
         ("wall s", lambda r: fmt(r, "wall_seconds", 0)),
     ]
+    if attacked(rows):
+        column = ("attack", lambda r: r["attack"])
+        accuracy.insert(2, column)
+        cost[1:1] = [
+            column,
+            ("attacker updates dropped", lambda r: f"{r['attacker_dropped']} / {r['attacker_updates']}"),
+            ("honest updates dropped", lambda r: f"{r['honest_dropped']} / {r['honest_updates']}"),
+        ]
     if any(not math.isnan(r["max_site_epsilon_mean"]) for r in rows):
         cost.append(("max site ε", lambda r: fmt(r, "max_site_epsilon", 2)))
     if any(not math.isnan(r["client_epsilon_mean"]) for r in rows):
         cost.append(("client ε", lambda r: fmt(r, "client_epsilon", 2)))
     return accuracy, cost
+
+
+def attacked(rows: list[dict[str, Any]]) -> bool:
+    """Whether any strategy's runs were configured with a simulated attack."""
+    return any(r.get("attack", "none") != "none" for r in rows)
 
 
 def table_titles(rows: list[dict[str, Any]], target: float, target_region: str = "mean") -> tuple[str, str]:
@@ -299,7 +334,8 @@ def write_comparison(
     _write_csv(out / "comparison.csv", rows)
     per_run = [
         {"strategy": r.label, "seed": r.seed, "rounds_done": r.summary["rounds_done"], "rounds": r.planned_rounds,
-         "complete": r.complete, "worst_site": r.summary["worst_site"], **{m: r.summary[m] for m in METRICS[name]}}
+         "complete": r.complete, "worst_site": r.summary["worst_site"], "attack": attack_of(r.config),
+         **{k: r.summary[k] for k in ATTACK_COUNTS}, **{m: r.summary[m] for m in METRICS[name]}}
         for r in runs
     ]  # fmt: skip
     _write_csv(out / "comparison_runs.csv", per_run)
@@ -322,6 +358,14 @@ def write_comparison(
         f"{label} (mean over seeds).",
         "",
     ]
+    if attacked(rows):
+        lines += [
+            f"**Simulated attack**: {'; '.join(attack_settings(runs))} (docs/reliability.md). \"Attacker updates "
+            "dropped\" counts the attacking sites' training updates the server dropped (reply validation, update "
+            "checks or screening) out of those it received, summed over seeds; the others entered the aggregate. "
+            "\"Honest updates dropped\" counts the same for the other sites.",
+            "",
+        ]  # fmt: skip
     lines += [f"- {note}" for note in settings.get("notes", [])] + ([""] if settings.get("notes") else [])
     lines += [f"## {words['section']}", "", *markdown_table(accuracy, rows), ""]
     lines += [
@@ -340,15 +384,18 @@ def write_comparison(
     ]  # fmt: skip
     if len({c for r in runs for c in r.commits}) > 1:
         lines += ["Not every run ran the same FedBraTS code: the code column gives the commit of each start.", ""]
+    under_attack = attacked(rows)
     lines += [
-        f"| strategy | seed | rounds | final {label} | worst site | convergence score | wall s | code | folder |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| strategy | seed | rounds | final {label} | worst site | convergence score | wall s | code | folder |"
+        + (" attack | attacker updates dropped |" if under_attack else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if under_attack else ""),
     ]
     for r in runs:
         s = r.summary
+        attack = f" {attack_of(r.config)} | {s['attacker_dropped']} / {s['attacker_updates']} |" if under_attack else ""
         lines.append(
             f"| {r.label} | {r.seed} | {s['rounds_done']}/{r.planned_rounds} | {s['final_headline']:.3f} | "
             f"{s['worst_site']} ({s[WORST_SITE[name]]:.3f}) | {s['convergence_score']:.3f} | {s['wall_seconds']:.0f} | "
-            f"{' -> '.join(dict.fromkeys(r.commits)) or '-'} | `runs/{r.path.name}` |"
+            f"{' -> '.join(dict.fromkeys(r.commits)) or '-'} | `runs/{r.path.name}` |{attack}"
         )
     return atomic_write_text(out / "comparison.md", "\n".join(lines) + "\n")

@@ -42,6 +42,8 @@ METRICS = {
 #: The metric a comparison ranks by (higher is better) and the worst site's value, per headline.
 RANKED_BY = {MEAN_DICE: "final_dice_mean", AUC: "final_auc"}
 WORST_SITE = {MEAN_DICE: "worst_site_dice", AUC: "worst_site_auc"}
+#: Counts of a run's training updates by attacking and honest sites (`attack_counts`); summed over seeds.
+ATTACK_COUNTS = ("attacker_updates", "attacker_dropped", "honest_updates", "honest_dropped")
 #: Site metrics of a classification evaluate reply averaged over sites (summary key -> record key).
 SITE_MEANS = {"balanced_accuracy": "balanced-accuracy", "sensitivity": "sensitivity", "specificity": "specificity"}
 
@@ -121,6 +123,19 @@ def _classification(s: dict[str, Any], evaluated: list[dict[str, Any]]) -> None:
         s[key] = _mean_defined(e.get(metric) for e in entries)
 
 
+def attack_counts(history: list[dict[str, Any]]) -> dict[str, int]:
+    """Training updates the server received from attacking and from honest sites, and how many of each it
+    dropped (validation, update checks or screening), from the rounds' train entries: the server marks a
+    simulated attacker's entry with ``"attack"`` (server/federation.py)."""
+    counts = dict.fromkeys(ATTACK_COUNTS, 0)
+    for h in history:
+        for entry in h.get("train", []):
+            who = "attacker" if entry.get("attack") else "honest"
+            counts[f"{who}_updates"] += 1
+            counts[f"{who}_dropped"] += entry.get("dropped") is not None
+    return counts
+
+
 def summarise_run(
     history: list[dict[str, Any]],
     *,
@@ -170,4 +185,5 @@ def summarise_run(
         (float(h["client_epsilon"]) for h in reversed(history) if "client_epsilon" in h), math.nan
     )
     s["curve"] = [(h["round"], h["simulated_seconds"] / 3600, headline_value(h)) for h in evaluated]
+    s.update(attack_counts(history))
     return s

@@ -87,7 +87,10 @@ def phantom_for(config: RunConfig, sites: int) -> Path:
     from fedbrats.shared.data.phantom import generate_phantom
 
     cache = Path(os.environ.get("FEDBRATS_CACHE", Path.home() / ".cache" / "fedbrats"))
-    root = cache / "phantom" / f"seed{config.seed}-sites{sites}-{config.phantom_voxel_size:g}mm"
+    from fedbrats.shared.data.phantom.sites import GENERATOR_VERSION
+
+    # the generator's version in the name: a newer generator never reuses an older one's cases
+    root = cache / "phantom" / f"seed{config.seed}-sites{sites}-{config.phantom_voxel_size:g}mm-v{GENERATOR_VERSION}"
     if not (root / "partitioning_1.csv").is_file():
         tmp = root.with_name(root.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

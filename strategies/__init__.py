@@ -22,6 +22,7 @@ Adding a strategy (details in ``strategies/README.md``):
 
 # Importing the strategy modules registers them.
 from fedbrats.strategies import (  # noqa: F401
+    fedavg,
     fedbn,
     fedcostwavg,
     fednova,

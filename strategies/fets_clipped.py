@@ -9,11 +9,19 @@ percentile is then the attacker's own magnitude and clipping does nothing (an up
 1e6 still moved the aggregate 3e4 times the honest update). Our default takes the percentile per
 site and clips to the median of those per-site percentiles, a statistic a minority cannot set;
 ``pooled=1`` restores the FeTS rule for reproducing the challenge.
+
+Computed tensor by tensor without a copy of the round: each site's |change| goes into one scratch
+tensor, whose percentile is found by one in-place selection (``np.partition`` at one index, about
+five times faster than ``np.percentile``'s two; same value, ``linear_percentile``); the clipped
+weighted mean is then summed block by block from the received bytes, in the operations of
+``weighted_average``, so the result equals the stacked computation bit for bit. The pooled rule
+needs every site's |change| of one tensor at once (sites x the largest tensor of scratch).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 from flwr.app import Message
@@ -23,6 +31,45 @@ from fedbrats.strategies.base import ReweightedFedAvg
 from fedbrats.strategies.registry import register_strategy
 
 log = logging.getLogger("fedbrats.strategies")
+
+_CHUNK = 1 << 16  # parameters per block of the clipped sum: the block and its scratch stay in cache
+
+
+def linear_percentile(values: np.ndarray, percentile: float) -> np.floating:
+    """``np.percentile(values, percentile)`` (linear interpolation, same bits) of a flat array of
+    finite values, which it reorders in place: one partition at the lower index, the upper
+    neighbour is the minimum above it."""
+    n = values.size
+    index = (n - 1) * (percentile / 100)
+    k = min(int(math.floor(index)), n - 1)
+    gamma = index - k
+    values.partition(k)
+    below = values[k]
+    above = values[k + 1 :].min() if k + 1 < n else below
+    diff = above - below
+    return above - diff * (1 - gamma) if gamma >= 0.5 else below + diff * gamma
+
+
+def clipped_weighted_mean(
+    start: np.ndarray, models: list[np.ndarray], shares: list[float], bound: np.floating
+) -> np.ndarray:
+    """``start + sum_j shares_j clip(models_j - start, -bound, bound)`` block by block, in
+    `start`'s dtype, with ``weighted_average``'s operations (so the same bits as stacking)."""
+    out = np.empty(start.size, start.dtype)
+    scratch = np.empty(min(_CHUNK, start.size), start.dtype)
+    for lo in range(0, start.size, _CHUNK):
+        hi = min(lo + _CHUNK, start.size)
+        total, change = out[lo:hi], scratch[: hi - lo]
+        for j, (model, share) in enumerate(zip(models, shares, strict=True)):
+            np.subtract(model[lo:hi], start[lo:hi], out=change, casting="same_kind")
+            np.clip(change, -bound, bound, out=change)
+            if j == 0:
+                np.multiply(change, share, out=total)
+            else:
+                np.multiply(change, share, out=change)
+                total += change
+        total += start[lo:hi]
+    return out
 
 
 @register_strategy("fets_clipped")
@@ -56,12 +103,21 @@ class FetsClippedAvg(ReweightedFedAvg):
         log.info("FetsClippedAvg: clip each change to the %.0fth percentile of %s", self.percentile, rule)
         super().summary()
 
-    def bound(self, magnitudes: np.ndarray) -> float:
-        """The clipping value of one tensor from its |changes|, one row per site."""
+    def bound(self, start: np.ndarray, models: list[np.ndarray]) -> np.floating:
+        """The clipping value of one (flat) tensor from the sites' (flat) models."""
+        n, size = len(models), start.size
+        scratch = np.empty(size * n if self.pooled else size, start.dtype)
         if self.pooled:
-            return float(np.percentile(magnitudes.reshape(-1), self.percentile))
-        per_site = np.percentile(magnitudes.reshape(len(magnitudes), -1), self.percentile, axis=1)
-        return float(np.median(per_site))
+            for j, model in enumerate(models):
+                np.subtract(model, start, out=scratch[j * size : (j + 1) * size], casting="same_kind")
+            np.abs(scratch, out=scratch)
+            return linear_percentile(scratch, self.percentile)
+        per_site = np.empty(n, start.dtype)
+        for j, model in enumerate(models):
+            np.subtract(model, start, out=scratch, casting="same_kind")
+            np.abs(scratch, out=scratch)
+            per_site[j] = linear_percentile(scratch, self.percentile)
+        return np.median(per_site)
 
     def combine(self, server_round: int, replies: list[Message], weights: list[float]) -> dict[str, np.ndarray]:
         reference = self.global_views()
@@ -72,9 +128,8 @@ class FetsClippedAvg(ReweightedFedAvg):
             if start.dtype.kind != "f" or start.size == 0:
                 result[name] = weighted_average([{name: u[name]} for u in updates], shares)[name]
                 continue
-            changes = np.stack([np.subtract(u[name], start) for u in updates]).astype(start.dtype, copy=False)
-            bound = start.dtype.type(self.bound(np.abs(changes)))
-            np.clip(changes, -bound, bound, out=changes)
-            mean_change = weighted_average([{name: c} for c in changes], shares)[name]
-            result[name] = start + mean_change
+            flat_start = np.ravel(start)
+            models = [np.ravel(u[name]) for u in updates]  # views, except for a Fortran-ordered array
+            bound = start.dtype.type(self.bound(flat_start, models))
+            result[name] = clipped_weighted_mean(flat_start, models, shares, bound).reshape(start.shape)
         return result

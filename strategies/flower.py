@@ -7,8 +7,8 @@ Parameters come from the run config's ``strategy_params`` (all floats); whole-nu
 are converted here. Defaults are Flower 1.41's unless noted:
 
 =============  ============================================================================
-fedavg         (registered in ``strategies/__init__``) no parameters
-fedprox        (registered in ``strategies/__init__``) proximal_mu=0.0 (sent to sites as "proximal-mu")
+fedavg         (registered in ``strategies/fedavg.py`` on our aggregation) no parameters
+fedprox        (registered in ``strategies/fedavg.py``) proximal_mu=0.0 (sent to sites as "proximal-mu")
 fedavgm        server_learning_rate=1.0, server_momentum=0.0                     [state: momentum]
 fets_fedavgm   FeTS FedAvgM: server_learning_rate=1.0, server_momentum=0.9       [state: momentum]
 fedadam        eta=0.1, eta_l=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3             [state: m_t, v_t]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from fedbrats.shared.registry import Registry
 
@@ -39,6 +39,3 @@ def build_strategy(name: str, params: dict[str, float] | None = None) -> Strateg
     except TypeError as err:
         raise ValueError(f"bad parameters {params} for strategy {name!r}: {err}") from err
 
-
-register_strategy("fedavg")(FedAvg)
-register_strategy("fedprox")(FedProx)

@@ -69,6 +69,24 @@ def test_bulyan_step_equals_flowers(n):
         assert np.array_equal(closest_to_median_mean(arrays, beta, chunk=64), flower), beta
 
 
+@pytest.mark.parametrize("n", [3, 4, 8, 9, 12])
+def test_bulyan_keys_merge_like_the_outward_merge_on_ties_zeros_and_extremes(n):
+    from fedbrats.strategies.robust import _closest_to_median_mean_merge
+
+    rng = np.random.default_rng(300 + n)
+    arrays = updates(rng, n, shape=(5000,))
+    arrays[1][:800] = arrays[2][:800]  # equal values
+    arrays[2][800:1600] = -arrays[0][800:1600]  # equal distances on both sides of a zero median
+    arrays[0][1600:1700], arrays[2][1650:1750] = 0.0, -0.0
+    arrays[1][2000:2100], arrays[0][2050:2150] = 1e30, -3e-38  # distances that round alike
+    for beta in range(1, n + 1):
+        expected = _closest_to_median_mean_merge([a.copy() for a in arrays], beta, 64)
+        assert np.array_equal(closest_to_median_mean(arrays, beta, chunk=64), expected), beta
+    wide = [a.astype(np.float64) for a in arrays]  # not float32: the merge itself, against Flower
+    flower = aggregate_n_closest_weights([np.median(np.stack(wide), axis=0)], [[a] for a in wide], 3)[0]
+    assert np.array_equal(closest_to_median_mean(wide, 3, chunk=64), flower)
+
+
 def test_distances_are_accurate_where_flowers_cancel():
     rng = np.random.default_rng(3)
     base = rng.standard_normal(50_000).astype(np.float32) * 100
@@ -151,3 +169,35 @@ def test_registered_robust_strategies_equal_flowers(name, params, flower, seed, 
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
         else:
             assert np.array_equal(a, b), (name, key)
+
+
+# --- FeTS clipped: percentile by one selection, clipped mean block by block --------------------
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 11, 1001])
+def test_linear_percentile_equals_numpys(n):
+    from fedbrats.strategies.fets_clipped import linear_percentile
+
+    values = np.abs(np.random.default_rng(n).standard_normal(n).astype(np.float32))
+    values[: n // 3] = values[-1]  # ties
+    for q in (0.5, 33.3, 50.0, 80.0, 99.9, 100.0):
+        assert linear_percentile(values.copy(), q) == np.percentile(values, q), q
+
+
+@pytest.mark.parametrize("pooled", [0, 1])
+def test_fets_clipped_blockwise_equals_the_stacked_computation(pooled):
+    from fedbrats.strategies.arithmetic import normalise, weighted_average
+    from fedbrats.strategies.fets_clipped import clipped_weighted_mean
+
+    rng = np.random.default_rng(pooled)
+    start = rng.standard_normal(70_001).astype(np.float32)  # more than one block of the clipped sum
+    models = [start + rng.standard_normal(start.size).astype(np.float32) * (10.0 if j == 0 else 0.1) for j in range(5)]
+    shares = normalise([3, 1, 4, 1, 5])
+    changes = np.stack([m - start for m in models])
+    magnitudes = np.abs(changes)
+    if pooled:
+        bound = np.percentile(magnitudes, 80.0)
+    else:
+        bound = np.median(np.percentile(magnitudes, 80.0, axis=1))
+    expected = start + weighted_average([{"w": c} for c in np.clip(changes, -bound, bound)], shares)["w"]
+    strategy = build_strategy("fets_clipped", {"pooled": float(pooled)})
+    got = clipped_weighted_mean(start, models, shares, np.float32(strategy.bound(start, models)))
+    assert np.array_equal(got, expected)

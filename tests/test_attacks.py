@@ -13,10 +13,15 @@ from flwr.app import ArrayRecord
 from fedbrats.client.attack import (
     ATTACKS,
     DEFAULT_SCALES,
+    FlippedClasses,
+    FlippedRegions,
+    attacked_site,
     attacks_here,
+    complement_regions,
     misbehave,
     poison_metrics,
     poison_update,
+    rotate_class,
 )
 from fedbrats.server.history import read_history
 from fedbrats.shared.config import CHOICES, RunConfig
@@ -71,8 +76,8 @@ def test_misbehave_leaves_an_honest_site_untouched():
 
 def test_attack_settings_are_checked():
     assert CHOICES["attack"] == ATTACKS
-    with pytest.raises(ValueError, match="attack must be one of none, scale, signflip, noise, inflate, got 'labelflip'"):
-        RunConfig(attack="labelflip", attack_sites="1")
+    with pytest.raises(ValueError, match="attack must be one of none, scale, signflip, noise, inflate, labelflip, got 'x'"):
+        RunConfig(attack="x", attack_sites="1")
     with pytest.raises(ValueError, match="attack 'scale' needs attack-sites"):
         RunConfig(attack="scale")
     with pytest.raises(ValueError, match="attack-scale must be >= 0"):
@@ -160,3 +165,111 @@ def test_a_simulated_site_attacks_through_the_real_client_app(tmp_path):
     assert entries["1"]["dropped"] is None and entries["2"]["dropped"] is None and record["status"] == "ok"
     norms = record["screening"]["norms"]
     assert norms["3"] > 1e5 * max(norms["1"], norms["2"])
+
+
+# --- labelflip: an attacker trains on corrupted labels ------------------------------------------------
+SITE_1 = {"partition-id": 0, "num-partitions": 3}
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    from fedbrats.shared.data.phantom import generate_phantom
+
+    data = tmp_path_factory.mktemp("phantom")
+    return generate_phantom(data, sites=3, cases_per_site=3, voxel_size=5.0, seed=3, progress=False)
+
+
+def flip_config(phantom, tmp_path, **changes):
+    return RunConfig(data_dir=str(phantom), partition=str(phantom / "partitioning_1.csv"), out_dir=str(tmp_path),
+                     cache="memory", patch_size=16, attack="labelflip", attack_sites="1", **changes)  # fmt: skip
+
+
+def test_label_corruption_rules():
+    image = np.zeros((4, 3, 1, 1), np.float32)
+    image[1, :2] = 0.5  # brain: the first two voxels
+    regions = np.array([[1, 0, 0], [1, 0, 0], [0, 0, 0]], np.uint8).reshape(3, 3, 1, 1)
+    flipped = complement_regions(image, regions)
+    assert flipped.dtype == np.uint8
+    assert flipped.reshape(3, 3).tolist() == [[0, 1, 0], [0, 1, 0], [1, 1, 0]]  # the background stays 0
+    assert [rotate_class(k, 3) for k in (0, 1, 2)] == [1, 2, 0] and rotate_class(1, 2) == 0
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        rotate_class(0, 1)
+
+
+def test_labelflip_corrupts_only_the_attackers_training_regions(phantom, tmp_path):
+    from fedbrats.client.site import open_site
+    from fedbrats.shared.data.dataset import PatientDataset
+
+    config = flip_config(phantom, tmp_path, foreground_prob=0.0)
+    honest = open_site({"partition-id": 1, "num-partitions": 3}, config)
+    assert attacked_site(config, {"partition-id": 1, "num-partitions": 3}, honest) is honest
+    site = open_site(SITE_1, config)
+    assert attacked_site(config, {"site-name": "1"}, site) is site  # a hospital's SuperNode never attacks
+    attacker = attacked_site(config, SITE_1, site)
+    assert isinstance(attacker.train, FlippedRegions) and isinstance(site.train, PatientDataset)
+    assert attacker.val is site.val and attacker.name == "1" and len(attacker.train) == len(site.train)
+    image, regions, _ = site.train.volume(0)
+    _, flipped, _ = attacker.train.volume(0)
+    brain = np.any(image != 0, axis=0)
+    assert regions[0].any() and brain.sum() > regions[0].sum()
+    np.testing.assert_array_equal(flipped, brain[None] & (regions == 0))
+    # patches: the same crop as the honest dataset's (uniform crops, same seed), labels inverted in the brain
+    plain = PatientDataset(site.train.cases, (16, 16, 16), foreground_prob=0.0, augment=False, progress=False)
+    wrapped = FlippedRegions(plain)
+    plain.reseed(7)
+    wrapped.reseed(7)
+    for i in range(len(plain)):
+        (x, y), (fx, fy) = plain[i], wrapped[i]
+        torch_brain = (x != 0).any(dim=0)
+        assert (fx == x).all() and fy.dtype == y.dtype
+        assert (fy == (torch_brain & (y == 0)).float()).all()
+    assert attacker.train[0][1].shape == (3, 16, 16, 16)
+
+
+def test_labelflip_rotates_the_attackers_classes(phantom, tmp_path):
+    from fedbrats.client.site import open_site
+
+    for task, changes in (("classification", {"model": "resclassifier", "class_input_size": 16}), ("multitask", {})):
+        config = flip_config(phantom, tmp_path, task=task, **changes)
+        site = open_site(SITE_1, config)
+        attacker = attacked_site(config, SITE_1, site)
+        assert attacker.train.labels == [(k + 1) % 2 for k in site.train.labels], task
+        assert site.train.labels != attacker.train.labels and attacker.val is site.val
+        target = attacker.train[0][1]
+        if task == "multitask":
+            assert isinstance(attacker.train.patients, FlippedRegions)
+            target = target[1]
+        else:
+            assert isinstance(attacker.train, FlippedClasses)
+        assert int(target) == attacker.train.labels[0]
+
+
+def test_labelflip_leaves_the_reply_alone():
+    received, reply = to_record(RECEIVED), to_record(TRAINED)
+    metrics = {"num-examples": 10.0}
+    config = RunConfig(attack="labelflip", attack_sites="1")
+    assert misbehave(config, SIMULATED, "1", received, reply, metrics, 1) == (reply, metrics)
+
+
+def test_a_labelflip_site_trains_through_the_real_client_app(phantom, tmp_path, monkeypatch):
+    """One round of the real ClientApp: site 3 trains on its corrupted cases, the history marks it."""
+    from fedbrats.client import attack
+    from fedbrats.server.app import run_server
+
+    from .local_grid import LocalGrid
+
+    flipped = []
+    real = attack.flip_labels
+    monkeypatch.setattr(attack, "flip_labels", lambda dataset, k: flipped.append(real(dataset, k)) or flipped[-1])
+    config = RunConfig(
+        rounds=1, min_sites=2, data_dir=str(phantom), partition=str(phantom / "partitioning_1.csv"),
+        out_dir=str(tmp_path / "run"), model_width=8, model_depth=2, patch_size=16, batch_size=2, local_steps=1,
+        cache="memory", attack="labelflip", attack_sites="3",
+    )  # fmt: skip
+    run_server(LocalGrid(config.to_flower(), sites=3), config)
+    (record,) = read_history(tmp_path / "run" / "history.jsonl")
+    entries = {t["site"]: t for t in record["train"]}
+    assert entries["3"]["attack"] == "labelflip" and "attack" not in entries["1"] and "attack" not in entries["2"]
+    assert record["status"] == "ok" and entries["3"]["num-examples"] >= 1
+    (dataset,) = flipped  # one training message, to site 3 only
+    assert isinstance(dataset, FlippedRegions) and all(c.startswith("Phantom_003_") for c in dataset.case_ids())

@@ -15,6 +15,8 @@ from fedbrats.simulations import compare as compare_module
 from fedbrats.simulations.compare import compare, parse_seeds, parse_strategies, plan_runs, rounds_done
 from fedbrats.simulations.compare_report import (
     ONE_WEEK,
+    Run,
+    attack_settings,
     convergence_scores,
     mean_std,
     summarise_run,
@@ -371,3 +373,55 @@ def test_histories_without_a_headline_rank_by_mean_dice_and_tasks_do_not_mix(run
     write_run(runs_out / "runs" / "fedadam-seed0", class_history("fedavg", 0), {"rounds": 3})
     with pytest.raises(ValueError, match="runs of different tasks cannot be ranked together"):
         summarise_runs(runs_out)
+
+
+# --- comparisons under a simulated attack ------------------------------------------------------------
+#: (strategy, seed) -> the rounds in which site 2's (the attacker's) update was dropped, and honest drops.
+ATTACKED = {
+    ("fedavg", 0): ((), ()), ("fedavg", 1): ((), ()),
+    ("fedmedian", 0): ((2, 3), ()), ("fedmedian", 1): ((1, 2, 3), (1,)),
+}  # fmt: skip
+
+
+def attacked_history(strategy, seed):
+    """Three rounds in which the server marked site 2's train entries as a labelflip attacker's."""
+    attacker_drops, honest_drops = ATTACKED[(strategy, seed)]
+    history = history_of("fedavg", seed)
+    for rec in history:
+        for entry in rec["train"]:
+            if entry["site"] == "2":
+                entry["attack"] = "labelflip"
+                if rec["round"] in attacker_drops:
+                    entry["dropped"] = "screened: update cosine -0.5 to the round's median update is below 0"
+            elif rec["round"] in honest_drops:
+                entry["dropped"] = "screened: update norm 30 is 12 x the round's median 2.5 (limit 10 x)"
+    return history
+
+
+def test_a_comparison_under_attack_counts_the_attackers_updates(tmp_path, runs_out):
+    out = tmp_path / "attacked"
+    for strategy, seed in ATTACKED:
+        config = {"rounds": 3, "strategy": strategy, "seed": seed, "attack": "labelflip", "attack-sites": "2",
+                  "attack-scale": 0.0}  # fmt: skip
+        write_run(out / "runs" / f"{strategy}-seed{seed}", attacked_history(strategy, seed), config)
+    assert attack_settings([Run("fedavg", 0, out, {"attack": "scale", "attack-sites": "2,3", "attack-scale": 0.0}),
+                            Run("fedavg", 1, out, {"attack": "noise", "attack-sites": "2", "attack-scale": 5.0})]) == [
+        "`scale` by site(s) 2,3 (attack-scale 0: its default)", "`noise` by site(s) 2 (attack-scale 5)"]  # fmt: skip
+    s = summarise_run(attacked_history("fedmedian", 1), target_dice=0.45)
+    assert (s["attacker_updates"], s["attacker_dropped"], s["honest_updates"], s["honest_dropped"]) == (3, 3, 3, 1)
+    rows = {r["strategy"]: r for r in summarise_runs(out, target_dice=0.45)}
+    assert rows["fedavg"]["attack"] == rows["fedmedian"]["attack"] == "labelflip"
+    assert (rows["fedavg"]["attacker_dropped"], rows["fedavg"]["attacker_updates"]) == (0, 6)
+    assert (rows["fedmedian"]["attacker_dropped"], rows["fedmedian"]["honest_dropped"]) == (5, 1)
+    text = write_comparison(out, target_dice=0.45).read_text()
+    assert "**Simulated attack**: `labelflip` by site(s) 2 (docs/reliability.md)" in text
+    assert text.count("| attack |") == 3  # the accuracy, cost and runs tables
+    assert "| labelflip | 5 / 6 | 1 / 6 |" in text and "| labelflip | 0 / 6 | 0 / 6 |" in text
+    assert "| `runs/fedmedian-seed0` | labelflip | 2 / 3 |" in text
+    per_run = {(r["strategy"], r["seed"]): r for r in csv.DictReader(open(out / "comparison_runs.csv"))}
+    assert (per_run[("fedmedian", "1")]["attack"], per_run[("fedmedian", "1")]["attacker_dropped"]) == ("labelflip", "3")
+    assert next(csv.DictReader(open(out / "comparison.csv")))["attack"] == "labelflip"
+    # a comparison without an attack says nothing about one
+    honest = write_comparison(runs_out, target_dice=0.45).read_text()
+    assert "Simulated attack" not in honest and "| attack |" not in honest and "attacker updates" not in honest
+    assert summarise_runs(runs_out, target_dice=0.45)[0]["attack"] == "none"

@@ -17,6 +17,7 @@ from flwr.serverapp.strategy import (
     FedAvg,
     FedAvgM,
     FedMedian,
+    FedProx,
     FedTrimmedAvg,
     FedYogi,
     Krum,
@@ -301,6 +302,8 @@ def _rounds(strategy, rounds=range(1, 4), arrays=None, rng=None, n_sites=5):
 @pytest.mark.parametrize(
     ("name", "params", "flower"),
     [
+        ("fedavg", {}, lambda: FedAvg(**COMMON)),
+        ("fedprox", {"proximal_mu": 0.1}, lambda: FedProx(proximal_mu=0.1, **COMMON)),
         ("fedavgm", {"server_momentum": 0.9, "server_learning_rate": 0.5}, lambda: FedAvgM(server_momentum=0.9, server_learning_rate=0.5, **COMMON)),
         ("fedadam", {"eta": 0.01}, lambda: FedAdam(eta=0.01, **COMMON)),
         ("fedyogi", {}, lambda: FedYogi(**COMMON)),
@@ -320,6 +323,16 @@ def test_registered_flower_strategies_equal_flowers_classes(name, params, flower
     for a, b in zip(ours, theirs, strict=True):
         for key in a:
             assert np.array_equal(a[key], b[key]), (name, key)
+
+
+def test_fedavg_and_fedprox_run_on_our_aggregation_and_send_proximal_mu():
+    fedavg, fedprox = build_strategy("fedavg"), build_strategy("fedprox", {"proximal_mu": 0.25})
+    assert isinstance(fedavg, ReweightedFedAvg) and isinstance(fedprox, ReweightedFedAvg)
+    messages = list(fedprox.configure_train(1, record(w=[0.0]), ConfigRecord({}), Grid([1, 2])))
+    assert [m.content["config"]["proximal-mu"] for m in messages] == [0.25, 0.25]
+    unweighted = reply(2, {"w": [9.0]}, {})
+    del unweighted.content["metrics"]
+    assert "num-examples" in fedavg.reply_problem(unweighted)  # left out with a reason, not a failed round
 
 
 def test_qfedavg_pairs_arrays_by_name():

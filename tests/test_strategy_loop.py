@@ -11,6 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from fedbrats.strategies import available_strategies, build_strategy
+from fedbrats.strategies.base import ReweightedFedAvg
 from fedbrats.strategies.hooks import RoundHooks, StrategyHooks, hooks_of
 from tests.test_strategies import COMMON, Grid, _through_disk, record, reply
 
@@ -191,4 +192,4 @@ def test_registering_a_second_strategy_under_a_taken_name_is_refused():
 
     with pytest.raises(ValueError, match="already registered"):
         register_strategy("fedavg")(FedProx)
-    assert build_strategy("fedavg").__class__ is FedAvg  # the first registration stands
+    assert build_strategy("fedavg").__class__ is ReweightedFedAvg  # the first registration stands
