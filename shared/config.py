@@ -171,7 +171,9 @@ class RunConfig:
     max_num_examples: int = 100000  # cap on a reply's num-examples (0: only the site's first reply bounds it)
     screen_updates: bool = True
     screen_norm_factor: float = 10.0  # drop an update whose norm exceeds this x the round's median
-    screen_min_cosine: float = 0.0  # drop an update whose cosine to the round's median update is below
+    # drop an update whose cosine to the round's median update is below this; -1 (default) = off: honest
+    # sites with other labels (e.g. one holding only HGG) point away from the median (measured -0.3..-0.7)
+    screen_min_cosine: float = -1.0
     attack: str = "none"  # none | scale | signflip | noise | inflate | labelflip
     attack_sites: str = ""  # comma-separated site IDs (partition IDs) that attack
     attack_scale: float = 0.0  # the attack's strength (0: its default; client.attack.DEFAULT_SCALES)

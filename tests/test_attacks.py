@@ -131,9 +131,16 @@ def test_a_sign_flip_with_inflated_num_examples_wins_the_weighting_unless_valida
 
 
 def test_two_attackers_in_seven_are_screened():
-    for attack in ("scale", "signflip", "noise"):
+    for attack in ("scale", "noise"):
         moved, dropped = bench.defended("fedavg", bench.Round(7, 2, attack))
         assert moved < 0.3 and dropped == ["site6", "site7"], attack
+
+
+def test_a_sign_flip_of_ordinary_size_passes_the_default_screen():
+    """The direction test is off by default (honest sites with other labels point away from the median
+    too); a sign flip is then bounded, not dropped: docs/reliability.md says by how much."""
+    moved, dropped = bench.defended("fedavg", bench.Round(7, 2, "signflip"))
+    assert dropped == [] and 0.3 < moved < 2.0
 
 
 def test_the_table_lists_every_strategy_and_attack():
