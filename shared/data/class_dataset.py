@@ -44,6 +44,14 @@ def resample_cube(image: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+def case_cube(case: Case, size: int) -> np.ndarray:
+    """The classifier's input of one case [4, size, size, size]: brain-cropped, z-scored, resampled.
+
+    The one definition, used by the dataset and by `fedbrats evaluate`/`predict` on one case."""
+    image, _, _ = preprocess(load_case(case, with_labels=False))
+    return resample_cube(image, size)
+
+
 def _label_indices(cases: Sequence[Case], label_of: Mapping[str, int]) -> None:
     missing = [c.case_id for c in cases if c.case_id not in label_of]
     if missing:
@@ -105,8 +113,7 @@ class ClassificationDataset(Dataset):
             path = self._path(case)
             if path.is_file():
                 return np.load(path)
-        image, _, _ = preprocess(load_case(case, with_labels=False))
-        cube = resample_cube(image, self.size)
+        cube = case_cube(case, self.size)
         if self.cache == "disk":
             buffer = io.BytesIO()
             np.save(buffer, cube)

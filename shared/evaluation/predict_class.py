@@ -24,6 +24,7 @@ from torch import nn
 
 from fedbrats.shared.atomic import atomic_write_json, atomic_write_text
 from fedbrats.shared.checkpoint import CheckpointError
+from fedbrats.shared.data.class_dataset import case_cube
 from fedbrats.shared.data.site_cases import SPLITS, Discovered, cases_of_sites
 from fedbrats.shared.evaluation.classification import (
     AUCInterval,
@@ -74,16 +75,6 @@ def load_classifier(path: str | Path) -> Classifier:
         raise CheckpointError(f"checkpoint {path}: the model has {n_classes} class logits but its metadata lists "
                               f"{len(classes)} classes {list(classes)}")  # fmt: skip
     return Classifier(model, classes, str(meta["label_column"]), int(meta["class_input_size"]), Path(path))
-
-
-def case_cube(case: Any, size: int) -> np.ndarray:
-    """The classifier's input of one case [4, size, size, size], as `ClassificationDataset` builds it."""
-    from fedbrats.shared.data.class_dataset import resample_cube
-    from fedbrats.shared.data.transforms import preprocess
-    from fedbrats.shared.data.volumes import load_case
-
-    image, _, _ = preprocess(load_case(case, with_labels=False))
-    return resample_cube(image, size)
 
 
 def class_probabilities(model: nn.Module, cube: np.ndarray, device: torch.device) -> np.ndarray:
