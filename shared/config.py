@@ -37,6 +37,9 @@ MODEL_ARGUMENTS = {
     "act": "model_act",
     "se": "model_se",
     "n_classes": "model_classes",  # classifiers (shared.models.classifier)
+    "slice_branch": "model_slice_branch",  # unetpp, bifpn: the slice-wise classification branch
+    "fp_removal": "model_fp_removal",  # unetpp, bifpn: slices the branch calls negative lose the region
+    "bifpn_layers": "model_bifpn_layers",  # bifpn
 }
 #: Constructor arguments fixed by the data (MODALITIES in, REGIONS out), never by the run configuration.
 DATA_ARGUMENTS = ("in_channels", "out_channels")
@@ -76,6 +79,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "model_depth": (lambda v: v >= 2, ">= 2 (one downsampling at least)"),
     "model_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "model_classes": (lambda v: v >= 2, ">= 2 (binary labels use 2 logits)"),
+    "model_bifpn_layers": (lambda v: v >= 1, ">= 1"),
     "patch_size": (lambda v: v >= 1, ">= 1"),
     "foreground_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -144,6 +148,9 @@ class RunConfig:
     model_act: str = "leakyrelu"
     model_se: bool = False
     model_classes: int = 2  # classifiers' output logits (2 for a binary label such as the grade)
+    model_slice_branch: bool = True  # unetpp, bifpn: slice-wise region classification (a BiLSTM along z)
+    model_fp_removal: bool = True  # unetpp, bifpn: at inference, negative slices lose that region's voxels
+    model_bifpn_layers: int = 3  # bifpn: BiFPN layers between encoder and decoder
     patch_size: int = 128
     foreground_prob: float = 0.5
     val_fraction: float = 0.2

@@ -112,8 +112,25 @@ class Task:
         raise NotImplementedError
 
 
+def model_loss(model: str) -> Any:
+    """The training loss a registered model brings (its paper's loss: `training_loss(outputs, regions)`,
+    a static method or attribute of the registered class or factory), or None for the default region loss.
+
+    A model whose training outputs are more than region logits (a slice branch, a cascade, label
+    logits) owns the loss that reads them; its eval-mode forward returns region logits like any model.
+    """
+    from fedbrats.shared.models import MODELS
+
+    return getattr(MODELS.get(model), "training_loss", None)
+
+
 class SegmentationTask(Task):
+    """Region masks; the loss is the model's own (`model_loss`) or Dice + focal on region logits."""
+
     name, headline_name = "segmentation", MEAN_DICE
+
+    def __init__(self, model_loss_fn: Any = None):
+        self.model_loss_fn = model_loss_fn
 
     def check_model(self, config: RunConfig) -> None:
         if not _takes(config.model, "out_channels"):
@@ -135,6 +152,8 @@ class SegmentationTask(Task):
                               cache=_cache(config), cache_dir=cache_dir, seed=config.seed)  # fmt: skip
 
     def loss(self, outputs, targets):
+        if self.model_loss_fn is not None:
+            return self.model_loss_fn(outputs, targets)
         from fedbrats.shared.models.losses import region_loss
 
         return region_loss(outputs, targets)
@@ -243,9 +262,9 @@ class MultitaskTask(Task):
     name, headline_name = "multitask", AUC
     needs_labels, classifies = True, True
 
-    def __init__(self, weight: float = 0.5):
+    def __init__(self, weight: float = 0.5, model_loss_fn: Any = None):
         self.weight = float(weight)
-        self.segmentation = SegmentationTask()
+        self.segmentation = SegmentationTask(model_loss_fn)
 
     def check_model(self, config: RunConfig) -> None:
         if not (_takes(config.model, "out_channels") and _takes(config.model, "n_classes")):
@@ -293,9 +312,9 @@ def task_for(config: RunConfig) -> Task:
     if config.task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {config.task!r}")
     return {
-        "segmentation": SegmentationTask,
+        "segmentation": lambda: SegmentationTask(model_loss(config.model)),
         "classification": ClassificationTask,
-        "multitask": lambda: MultitaskTask(config.multitask_weight),
+        "multitask": lambda: MultitaskTask(config.multitask_weight, model_loss(config.model)),
     }[config.task]()
 
 
