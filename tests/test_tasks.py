@@ -17,7 +17,7 @@ from fedbrats.shared.config import CHOICES, RunConfig
 from fedbrats.shared.data.case_labels import CaseLabelError
 from fedbrats.shared.data.phantom import generate_phantom
 from fedbrats.shared.data.site_cases import cases_of_sites
-from fedbrats.shared.evaluation.classification import histogram_auc
+from fedbrats.shared.evaluation.classification import HISTOGRAM_BINS, histogram_auc
 from fedbrats.shared.models import create_model
 from fedbrats.shared.tasks import (
     TASKS,
@@ -104,7 +104,7 @@ def test_classification_round_sends_histograms_and_the_server_pools_the_auc(phan
     for reply in _evaluations(grid):
         assert set(reply.content.keys()) == {"metrics", "site", "scores"}
         counts = reply.content["scores"]["histograms"].numpy()
-        assert counts.shape == (2, 1, 100) and counts.sum() == reply.content["metrics"]["num-examples"] == 2
+        assert counts.shape == (2, 1, HISTOGRAM_BINS) and counts.sum() == reply.content["metrics"]["num-examples"] == 2
     summed = np.sum([np.asarray(e["histograms"]) for e in record["evaluate"]], axis=0)
     pooled = histogram_auc(summed)
     assert record["pooled_auc"] == pytest.approx(pooled.auc) and record["pooled_auc_bound"] == pooled.error_bound

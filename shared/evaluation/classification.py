@@ -8,7 +8,9 @@ classes present (as scikit-learn's `roc_auc_score(multi_class="ovr")`; sklearn i
 A metric that the data cannot define is `None` with a reason, never 0 or 1: a site that holds
 one grade only has no AUC, and its balanced accuracy would be one class's recall in disguise.
 
-Sites need not share per-case scores: each sends `score_histograms` (fixed bins over [0, 1]); the
+Sites need not share per-case scores: each sends `score_histograms` (fixed bins, equal in log-odds
+over [-10, 10], the end bins open, so that scores that crowd near 0, 1 or one value still fall in
+different bins: equal bins of 0.01 over [0, 1] put an uncertain model's scores in one bin); the
 server sums them and `histogram_auc` gives the pooled AUC. Pairs of cases in different bins are
 ordered exactly as their scores are; a positive-negative pair in the same bin counts one half,
 while the exact AUC counts it 0, 1/2 or 1. Hence |histogram AUC - exact AUC| <= one half of the
@@ -21,10 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.stats import rankdata
 
-#: Bins of the score histograms a site sends instead of per-case scores (width 0.01 over [0, 1]).
-HISTOGRAM_BINS = 100
+#: Bins of the score histograms a site sends instead of per-case scores: width 0.02 in log-odds
+#: (0.005 in probability at 0.5, 0.002 at 0.1) over [-LOGIT_SPAN, LOGIT_SPAN]; the end bins are open.
+HISTOGRAM_BINS = 1000
+LOGIT_SPAN = 10.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,8 @@ def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     n_neg = positive.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return None
+    from scipy.stats import rankdata  # SciPy (~1 s) is paid where an exact AUC is computed, not at import
+
     ranks = rankdata(scores)  # average ranks: a tie contributes one half
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
@@ -176,13 +181,17 @@ def score_histograms(
 
     Binary histograms hold class 1's score; multi-class ones every class's score (one-vs-rest).
     What a site sends instead of per-case scores: summing sites' arrays pools them exactly.
-    Bins are equal over [0, 1], the last one closed; scores outside [0, 1] are refused.
+    Bins are equal in log-odds over [-LOGIT_SPAN, LOGIT_SPAN] (a monotone map, so bin order is score
+    order), the end bins open; scores outside [0, 1] are refused.
     """
     s, y, k = _check(scores, labels, n_classes)
     if s.size and (s.min() < 0.0 or s.max() > 1.0):
         raise ValueError(f"scores must be probabilities in [0, 1] to be binned, got [{s.min()}, {s.max()}]")
     scored = s[:, 1:2] if k == 2 else s
-    index = np.minimum((scored * bins).astype(np.int64), bins - 1)
+    with np.errstate(divide="ignore"):
+        log_odds = np.log(scored) - np.log1p(-scored)  # -inf at 0, +inf at 1: the end bins
+    position = np.floor((log_odds + LOGIT_SPAN) / (2 * LOGIT_SPAN) * bins)
+    index = np.clip(np.nan_to_num(position, posinf=bins, neginf=-1), 0, bins - 1).astype(np.int64)
     counts = np.zeros((k, scored.shape[1], bins), np.int64)
     for j in range(scored.shape[1]):
         np.add.at(counts[:, j, :], (y, index[:, j]), 1)
