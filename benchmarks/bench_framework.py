@@ -34,7 +34,7 @@ from fedbrats.shared.config import RunConfig
 from fedbrats.shared.data.phantom import generate_phantom
 from fedbrats.shared.models import create_model
 from fedbrats.shared.records import model_to_record, record_nbytes
-from fedbrats.simulations.simulate import run_flower, simulate, stop_local_superlink
+from fedbrats.simulations.simulate import LOCAL, run_flower, simulate, stop_local_superlink
 
 PLAIN_PYPROJECT = """\
 [build-system]
@@ -290,7 +290,7 @@ def run_plain(spec: dict, sites: int, rounds: int, work: Path) -> dict:
     started = time.monotonic()
     with MemoryPoll(out / ".flwr") as memory:
         code = run_flower(
-            app, out, sites, cpus_per_site=float(os.cpu_count() or 1), gpus_per_site=0.0, rounds=rounds
+            app, out, sites, cpus_per_site=float(os.cpu_count() or 1), engine=LOCAL, rounds=rounds
         )
     total = time.monotonic() - started
     left = stop_leftovers(out / ".flwr")

@@ -23,13 +23,14 @@ from flwr.clientapp import ClientApp
 from fedbrats.client.algorithms import CONTROL, CONTROL_DELTA, ControlVariate, LocalNorms
 from fedbrats.client.attack import attacked_site, misbehave
 from fedbrats.client.ledger import PrivacyLedger
-from fedbrats.client.privacy import DPConfig, PrivacyBudgetExhausted, eval_metrics_released, train_private
+from fedbrats.client.privacy_plan import DPConfig, PrivacyBudgetExhausted, eval_metrics_released
 from fedbrats.client.settings import model_for, start_step, train_config
 from fedbrats.client.site import Site, SiteError, cached_site, run_key
 from fedbrats.client.trainer import get_device, loss_on, lr_at, train_local
 from fedbrats.shared.config import RunConfig
 from fedbrats.shared.records import model_to_record, record_to_model
 from fedbrats.shared.tasks import task_for
+from fedbrats.shared.wire import encode_update
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 log = logging.getLogger("fedbrats.client")
@@ -98,6 +99,8 @@ def handle_train(msg: Message, context: Context) -> Message:
         metrics["loss-before"] = loss_on(model, site.train, loss_batches, seed=config.seed + server_round, device=device,
                                          loss_fn=task.loss)  # fmt: skip
     if config.dp:
+        from fedbrats.client.privacy import train_private  # Opacus: paid by DP sites only, when they train
+
         result = train_private(
             model, site.train, local, DPConfig.from_run_config(config),
             PrivacyLedger.for_site(dict(context.node_config), site.name, site.work_dir),  # keyed to the site, not a folder
@@ -131,7 +134,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         norms.keep(model, server_round)
         reply = LocalNorms.hide(model, reply, incoming)
     reply, metrics = misbehave(config, dict(context.node_config), site.name, incoming, reply, metrics, server_round)
-    out = _reply(msg, site, metrics, reply)
+    out = _reply(msg, site, metrics, encode_update(incoming, reply, config.update_dtype))  # shared.wire
     if control:
         steps = max(result.steps, 1)
         mean_lr = sum(lr_at(s, local) for s in range(first_step, first_step + steps)) / steps

@@ -29,17 +29,18 @@ import logging
 import math
 import zlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
 from torch.utils.data import Dataset, get_worker_info
 
-from fedbrats.shared.data.class_dataset import ClassificationDataset, MultitaskDataset
-from fedbrats.shared.data.dataset import PatientDataset
-from fedbrats.shared.data.transforms import IMAGE, LABEL, train_augmentation
 from fedbrats.strategies.arithmetic import record_views, to_record
+
+if TYPE_CHECKING:  # the data stack (MONAI) is imported by the labelflip attack only, when it runs
+    from fedbrats.shared.data.class_dataset import ClassificationDataset
+    from fedbrats.shared.data.dataset import PatientDataset
 
 log = logging.getLogger("fedbrats.client")
 
@@ -141,6 +142,8 @@ class FlippedRegions(Dataset):
     """
 
     def __init__(self, patients: PatientDataset):
+        from fedbrats.shared.data.transforms import train_augmentation
+
         self.patients = patients
         self.seed = patients.seed
         self._transform = train_augmentation(patients.patch_size, patients.foreground_prob,
@@ -170,6 +173,8 @@ class FlippedRegions(Dataset):
         if info is not None and self._worker_seed != info.seed:  # as PatientDataset: a stream per worker
             self._worker_seed = info.seed
             self.reseed(self.seed * 1_000_003 + info.seed)
+        from fedbrats.shared.data.transforms import IMAGE, LABEL
+
         image, regions, _ = self.volume(i)
         out = self._transform({IMAGE: image, LABEL: regions})
         return _tensor(out[IMAGE]), _tensor(out[LABEL])
@@ -217,6 +222,9 @@ class FlippedClasses(Dataset):
 
 def flip_labels(dataset: Dataset, n_classes: int) -> Dataset:
     """`dataset` (a task's training dataset, `shared.tasks`) with every case's labels corrupted."""
+    from fedbrats.shared.data.class_dataset import ClassificationDataset, MultitaskDataset
+    from fedbrats.shared.data.dataset import PatientDataset
+
     if isinstance(dataset, PatientDataset):
         return FlippedRegions(dataset)
     if isinstance(dataset, MultitaskDataset):

@@ -17,6 +17,7 @@ from torch import nn
 
 from fedbrats.client.trainer import TrainConfig
 from fedbrats.shared.config import RunConfig
+from fedbrats.shared.data.patch_pool import batches_per_pass, parse_patch_pool
 from fedbrats.shared.models import create_model
 from fedbrats.strategies.selection import epochs_at
 
@@ -36,6 +37,8 @@ def steps_per_epoch(config: RunConfig, n_cases: int) -> int:
         from fedbrats.client.privacy import round_steps  # Opacus is paid for by DP sites only
 
         return round_steps(max(n_cases, 1), config.batch_size, epochs=1)
+    if config.patch_pool:  # random patch size: about one pass over the cases per epoch
+        return batches_per_pass(n_cases, parse_patch_pool(config.patch_pool))
     return max(1, math.ceil(n_cases / config.batch_size))
 
 
@@ -84,4 +87,5 @@ def train_config(config: RunConfig, n_cases: int, round_config: Mapping[str, Any
         batch_size=config.batch_size,
         seed=config.seed,
         proximal_mu=float(sent.get("proximal-mu", config.proximal_mu)),
+        patch_pool=parse_patch_pool(config.patch_pool),
     )

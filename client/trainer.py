@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedbrats.shared.data.patch_pool import pool_loader
 from fedbrats.shared.evaluation.inference import fast_layout, get_device
 from fedbrats.shared.evaluation.local import (  # re-exported: callers import them here
     evaluate_local,
@@ -61,6 +62,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = None
     num_workers: int = 0
+    #: random patch size: (patch edge, batch size) pairs, one drawn per step (shared.data.patch_pool); () = off
+    patch_pool: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         problems = []
@@ -189,10 +192,14 @@ def train_local(
     torch.manual_seed(seed)
     _reseed(dataset, seed)
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        dataset, batch_size=config.batch_size, shuffle=True, generator=generator,
-        num_workers=config.num_workers, pin_memory=device.type == "cuda",
-    )  # fmt: skip
+    if config.patch_pool:  # random patch size: each batch one shape of the pool (shared.data.patch_pool)
+        loader = pool_loader(dataset, config.patch_pool, seed=seed, num_workers=config.num_workers,
+                             pin_memory=device.type == "cuda")  # fmt: skip
+    else:
+        loader = DataLoader(
+            dataset, batch_size=config.batch_size, shuffle=True, generator=generator,
+            num_workers=config.num_workers, pin_memory=device.type == "cuda",
+        )  # fmt: skip
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if config.proximal_mu > 0 else None

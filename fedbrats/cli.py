@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from fedbrats import commands
+from fedbrats import commands, export_command, prepare_command
 from fedbrats.run_options import add_partition_options, add_run_options
 
 # Hospitals must not phone home: Flower's telemetry and update checks are off in all we start.
@@ -34,8 +34,14 @@ def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = data_sub.add_parser("phantom", help="generate the BraTS-like phantom dataset")
     p.add_argument("--out", type=Path, required=True, help="folder to write the cases and partitioning_1.csv to")
-    p.add_argument("--sites", type=int, default=4, help="institutions (each with its own scanner profile)")
+    p.add_argument("--sites", type=int, default=None, help="institutions, each with its own scanner (default 4)")
     p.add_argument("--cases-per-site", type=int, default=None, help="default: heavy-tailed draw per site")
+    p.add_argument("--institutions", choices=["fets2022", "fets2021"], default=None,
+                   help="size the sites like this challenge's partitioning_1 institutions (instead of --sites)")
+    p.add_argument("--scale", type=float, default=1.0, help="--institutions: cases = real count x scale")
+    p.add_argument("--min-cases", type=int, default=3, help="--institutions: smallest site after scaling")
+    p.add_argument("--val-cases", type=int, default=None,
+                   help="held-out cases fixed by a TrainOrVal column (default with --institutions: 20%%, >= 40)")
     p.add_argument("--voxel-size", type=float, default=3.0, help="mm; 1 = real BraTS size")
     p.add_argument("--seed", type=int, default=0, help="the dataset is a function of the seed")
     p.add_argument("--layout", choices=["brats2021", "brats2023"], default="brats2021",
@@ -61,6 +67,8 @@ def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
                    help="institution scheme: the FeTS CSV to read (default: ROOT/partitioning_1.csv)")
     p.set_defaults(func=commands.data_partition)
 
+    prepare_command.add_prepare_parser(data_sub)
+
 
 def _add_model_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="centralized (or single-site) training: the baseline, a one-site federation")
@@ -76,8 +84,11 @@ def _add_model_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, metrics.json, learning curve")
     p.set_defaults(func=commands.train)
 
-    p = sub.add_parser("predict", help="segment one case with a checkpoint (a classifier's: class probabilities)")
-    p.add_argument("--checkpoint", type=Path, required=True, help="a .safetensors checkpoint of fedbrats")
+    p = sub.add_parser("predict", help="segment one case with a checkpoint or an ensemble of them "
+                                       "(a classifier's: class probabilities)")
+    p.add_argument("--checkpoint", type=Path, required=True, action="append",
+                   help="a .safetensors checkpoint of fedbrats; repeat it for an ensemble (mean of the region "
+                        "probabilities, also of different networks; writes the members' spread too)")
     p.add_argument("--case", type=Path, required=True, help="case folder (its four modalities)")
     p.add_argument("--out", type=Path, required=True,
                    help="folder for the segmentation, uncertainty and overlay (a classifier: <case>_class.json)")
@@ -108,7 +119,9 @@ def _add_federation_options(p: argparse.ArgumentParser, *, set_help: str) -> Non
     p.add_argument("--rounds", type=int, default=None, help="federated rounds (run configuration key rounds)")
     p.add_argument("--sites", type=int, default=None, help="phantom sites when no data is given")
     p.add_argument("--seed", type=int, default=None, help="seed of the run (run configuration key seed)")
-    p.add_argument("--gpus-per-site", type=float, default=0.0, help="GPU share of each simulated site")
+    p.add_argument("--gpus-per-site", type=float, default=0.0, help="GPU share of each simulated site (e.g. 0.25)")
+    p.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                   help="run the sites on an existing Ray cluster (ray start --head; docs/scale.md)")  # fmt: skip
 
 
 def _add_federation_parsers(sub: argparse._SubParsersAction) -> None:
@@ -216,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data_parsers(sub)
     _add_model_parsers(sub)
+    export_command.add_export_parser(sub)
     _add_federation_parsers(sub)
     _add_privacy_parsers(sub)
     _add_deploy_parsers(sub)

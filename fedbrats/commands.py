@@ -32,7 +32,8 @@ def data_phantom(args: argparse.Namespace) -> int:
 
     out = generate_phantom(
         args.out, sites=args.sites, cases_per_site=args.cases_per_site, voxel_size=args.voxel_size,
-        seed=args.seed, layout=args.layout, progress=True,
+        seed=args.seed, layout=args.layout, progress=True, institutions=args.institutions, scale=args.scale,
+        min_cases=args.min_cases, val_cases=args.val_cases,
     )  # fmt: skip
     print(f"phantom written to {out}")
     if args.check:
@@ -88,14 +89,33 @@ def evaluate(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(
         args.checkpoint, args.data, partition, out_csv=args.out, tta=args.tta, device=args.device,
         split=args.split, seed=config.seed, val_fraction=config.val_fraction, discovered=discovered,
+        hd95_definition=config.hd95_definition,
     )  # fmt: skip
     console = _console()
     console.print(evaluation_table(result.summary, result.title))
+    _print_intervals(console, result)
     if result.skipped:
         console.print(f"[yellow]skipped {len(result.skipped)} case(s):[/] " + "; ".join(result.skipped))
     if result.written:
         console.print("\n".join(f"written: {path}" for path in result.written))
     return 0
+
+
+def _print_intervals(console, result) -> None:
+    """Case- and site-weighted means with their bootstrap 95% intervals, one line per metric and region."""
+    from fedbrats.shared.evaluation.metrics import hd95_note
+
+    if not result.intervals:
+        return
+    first = result.intervals[0]
+    console.print(f"means over {first['cases']} case(s) and {first['sites']} site(s), bootstrap {first['level']:.0%} "
+                  f"intervals ({first['resamples']} resamples of the cases, seed {first['seed']}); "
+                  f"{hd95_note(result.hd95_definition)}")  # fmt: skip
+    for r in result.intervals:
+        fmt = "{:.1f}" if r["metric"].startswith("hd95") else "{:.3f}"
+        case, site = (" ".join([fmt.format(r[f"{w}_weighted"]), "(" + fmt.format(r[f"{w}_low"]) + "-"
+                                + fmt.format(r[f"{w}_high"]) + ")"]) for w in ("case", "site"))  # fmt: skip
+        console.print(f"  {r['metric']}: case-weighted {case}, site-weighted {site}")
 
 
 def _classifies(checkpoint: Path) -> bool:
@@ -126,18 +146,21 @@ def _evaluate_classifier(args: argparse.Namespace, config, partition, discovered
 
 
 def predict(args: argparse.Namespace) -> int:
-    from fedbrats.shared.evaluation.inference import predict_case
+    from fedbrats.shared.evaluation.ensemble import check_members, predict_ensemble
 
-    if _classifies(args.checkpoint):
+    checkpoints = check_members(args.checkpoint)  # one, or an ensemble of segmenters (no classifier among them)
+    if len(checkpoints) == 1 and _classifies(checkpoints[0]):
         from fedbrats.shared.evaluation.predict_class import predict_class_case
 
-        prediction = predict_class_case(args.checkpoint, args.case, args.out, device=args.device)
+        prediction = predict_class_case(checkpoints[0], args.case, args.out, device=args.device)
         for name, probability in prediction.probabilities.items():
             print(f"p_{name}: {probability:.4f}")
         print(f"predicted: {prediction.predicted}")
         print(f"written: {prediction.written}")
         return 0
-    written = predict_case(args.checkpoint, args.case, args.out, tta=not args.no_tta, device=args.device)
+    if len(checkpoints) > 1:
+        print(f"ensemble of {len(checkpoints)} checkpoints: " + ", ".join(map(str, checkpoints)))
+    written = predict_ensemble(checkpoints, args.case, args.out, tta=not args.no_tta, device=args.device)
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0
@@ -171,7 +194,13 @@ def simulate(args: argparse.Namespace) -> int:
     config = run_config_from_args(args, _federation_flags(args), federated=True)
     out = (args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")).resolve()
     data, partition = _federation_data(args, config, out)
-    return run_simulate(config, data, partition, out, gpus_per_site=args.gpus_per_site)
+    return run_simulate(config, data, partition, out, engine=_engine(args))
+
+
+def _engine(args: argparse.Namespace):
+    from fedbrats.simulations.simulate import Engine
+
+    return Engine(gpus_per_site=args.gpus_per_site, ray_address=args.ray_address)
 
 
 def _check_target(config, args: argparse.Namespace) -> None:
@@ -197,7 +226,7 @@ def compare(args: argparse.Namespace) -> int:
     data, partition = _federation_data(args, config, out)
     ok = run_comparison(
         config, specs, seeds, data, partition, out, target=args.target, target_dice=args.target_dice,
-        target_region=args.target_region, gpus_per_site=args.gpus_per_site,
+        target_region=args.target_region, engine=_engine(args),
         command=shlex.join(["fedbrats", *sys.argv[1:]]),
     )  # fmt: skip
     console = _console()

@@ -34,7 +34,8 @@ from fedbrats.server.state import (
     save_state,
     write_run_config,
 )
-from fedbrats.server.update_checks import conform_aggregate, update_problem
+from fedbrats.server.tracking import start_tracker
+from fedbrats.server.update_checks import conform_aggregate, from_wire, update_problem
 from fedbrats.shared.atomic import atomic_write_json
 from fedbrats.shared.config import RunConfig
 from fedbrats.shared.constants import REGIONS
@@ -240,8 +241,12 @@ class Federation:
         answered = {_reply_node(r, destinations) for r in replies}
         pairs = [(r, _reply_node(r, destinations)) for r in replies]
         results, usable = [], []
+        sent, wire_bytes = {m.metadata.dst_node_id: m.content["arrays"] for m in messages}, {}
         for checked in self.replies.check_round(TRAIN, pairs, reply_arrays(messages)):
             result = SiteResult(checked.node, checked.site, checked.metrics, checked.problem)
+            if result.dropped is None:  # the bytes as they travelled, then float32 weights (update-dtype)
+                wire_bytes[checked.node] = record_nbytes(checked.reply.content.array_records["arrays"])
+                result.dropped = from_wire(checked.reply, sent.get(checked.node), self.config.update_dtype)
             if result.dropped is None:
                 result.dropped = update_problem(checked.reply, self.arrays) or self._strategy_problem(checked.reply)
             if "num-examples" in result.metrics:
@@ -256,7 +261,7 @@ class Federation:
         info: dict[str, Any] = {"screening": self._screen(rnd, usable)}
         good = [reply for reply, result in usable if not result.dropped]
         info["bytes_sent"] = sum(sum(record_nbytes(r) for r in m.content.array_records.values()) for m in messages)
-        info["bytes_received"] = sum(record_nbytes(r.content.array_records["arrays"]) for r in good)
+        info["bytes_received"] = sum(wire_bytes[result.node_id] for _, result in usable if not result.dropped)
         needed = max(self.config.min_sites, self.hooks.min_replies)  # Bulyan: 4f + 3
         if len(good) < needed:
             short = f"min_sites={needed}" if needed == self.config.min_sites else f"the {needed} {self.config.strategy} needs"
@@ -348,6 +353,7 @@ class Federation:
         return max(times, default=0.0)
 
     def run(self) -> ArrayRecord:
+        tracker = start_tracker(self.config, self.out_dir, self.history.records())  # TensorBoard/MLflow, if asked
         for rnd in range(self.start_round + 1, self.config.rounds + 1):
             started = time.monotonic()
             nodes = self._wait_for_sites()
@@ -378,10 +384,12 @@ class Federation:
                                 [r.histograms for r in evaluated if not r.dropped and r.histograms is not None]),
             }
             self.history.append(record)
+            tracker.log_round(record)  # the same record: one source of metrics
             # which Flower node id is which hospital (`flwr supernode list` shows ids only), from the replies' names
             atomic_write_json(self.out_dir / "node_sites.json", {str(n): name for n, name in sorted(self.node_names.items())})
             self._checkpoint(rnd)
             log.info(progress_line(record, self.config.rounds))
+        tracker.close()
         return self.arrays
 
 

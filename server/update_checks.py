@@ -10,7 +10,22 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
+from fedbrats.shared.wire import WireError, decode_update
 from fedbrats.strategies.arithmetic import array_view, cast_like, record_views, to_record
+
+
+def from_wire(reply: Message, sent: ArrayRecord | None, update_dtype: str) -> str | None:
+    """Put in a validated training reply the float32 weights its arrays stand for (`shared.wire`: with
+    update-dtype float16/bfloat16 a site sends its update against `sent`); why it cannot, or None."""
+    if update_dtype == "float32" or reply.has_error():
+        return None
+    if sent is None:
+        return "a reply from a node the round sent no model to"
+    try:
+        reply.content["arrays"] = decode_update(sent, reply.content.array_records["arrays"], update_dtype)
+    except WireError as err:
+        return str(err)
+    return None
 
 
 def update_problem(reply: Message, reference: ArrayRecord) -> str | None:

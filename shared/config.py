@@ -56,6 +56,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dp_eval_metrics": ("suppress", "aggregate"),  # client.privacy_plan.EVAL_RELEASE
     "attack": ("none", "scale", "signflip", "noise", "inflate", "labelflip"),  # client.attack.ATTACKS
     "task": ("segmentation", "classification", "multitask"),  # shared.tasks.TASKS
+    "tracking": ("none", "tensorboard", "mlflow"),  # server.tracking.TRACKERS
+    "hd95_definition": ("pooled", "max"),  # shared.evaluation.surface.HD95_DEFINITIONS
+    "update_dtype": ("float32", "float16", "bfloat16"),  # shared.wire.UPDATE_DTYPES
 }
 
 #: Range of each numeric field: (test, what is expected). Add a line with a new numeric field.
@@ -118,6 +121,8 @@ class RunConfig:
     min_sites: int = 2
     eval_every: int = 1
     timeout: float = 3600.0
+    # precision of a site's update on the wire (shared.wire): float32 | float16 | bfloat16; weights stay float32
+    update_dtype: str = "float32"
     seed: int = 0
     # local training
     local_epochs: int = 1
@@ -152,8 +157,12 @@ class RunConfig:
     model_fp_removal: bool = True  # unetpp, bifpn: at inference, negative slices lose that region's voxels
     model_bifpn_layers: int = 3  # bifpn: BiFPN layers between encoder and decoder
     patch_size: int = 128
+    # random patch size (bag of tricks, shared.data.patch_pool): "PATCHxBATCH,..." e.g. "64x4,96x2,128x1", each
+    # step one of these batch shapes at random; "" = off (patch-size x batch-size; patch-size stays the inference window)
+    patch_pool: str = ""
     foreground_prob: float = 0.5
     val_fraction: float = 0.2
+    hd95_definition: str = "pooled"  # pooled (MedPy, BraTS evaluators) | max (MONAI): shared.evaluation.surface
     cache: str = "disk"
     # differential privacy at each site (DP-SGD, client/privacy.py); 0 means "work it out"
     dp: bool = False
@@ -190,6 +199,10 @@ class RunConfig:
     out_dir: str = "runs/latest"
     resume_override: bool = False
     phantom_voxel_size: float = 1.0
+    # experiment tracking of every round (server/tracking.py): none | tensorboard | mlflow; tracking-uri: an
+    # MLflow tracking server (default "": a local store inside the run folder)
+    tracking: str = "none"
+    tracking_uri: str = ""
     # strategy parameters, flattened as "strategy-<name>" keys in Flower's run config
     strategy_params: dict[str, float] = field(default_factory=dict)
 
@@ -233,6 +246,8 @@ class RunConfig:
             problems.append("selection 'deadline' needs deadline-seconds > 0")
         if self.local_epochs < 1 and self.local_steps < 1:
             problems.append("one of local-epochs or local-steps must be >= 1")
+        if self.tracking_uri and self.tracking != "mlflow":
+            problems.append(f"tracking-uri applies to tracking = mlflow only, got tracking = {self.tracking!r}")
         if self.attack != "none" and not self.attack_sites.strip(", "):
             problems.append(f"attack {self.attack!r} needs attack-sites (comma-separated site IDs)")
         multiple = 2 ** (self.model_depth - 1)
@@ -240,6 +255,10 @@ class RunConfig:
             problems.append(
                 f"patch-size must be a multiple of 2^(model-depth - 1) = {multiple}, got {self.patch_size}"
             )
+        if self.patch_pool:
+            from fedbrats.shared.data.patch_pool import pool_problems
+
+            problems += pool_problems(self.patch_pool, multiple=multiple, dp=self.dp, task=self.task)
         return problems
 
     @property

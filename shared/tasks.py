@@ -161,7 +161,8 @@ class SegmentationTask(Task):
     def evaluate(self, model, dataset, config, device):
         from fedbrats.shared.evaluation.local import evaluate_local, flat_metrics
 
-        evaluation = evaluate_local(model, dataset, patch_size=config.patch, device=device)
+        evaluation = evaluate_local(model, dataset, patch_size=config.patch, device=device,
+                                    hd95_definition=config.hd95_definition)
         metrics = {k.replace("_", "-"): v for k, v in flat_metrics(evaluation).items()}
         return {**metrics, "eval-seconds": evaluation["seconds"], "reasons": {}}
 

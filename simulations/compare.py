@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedbrats.server.state import config_changes, read_run_config
+from fedbrats.server.tracking import local_store_uri
 from fedbrats.shared.atomic import atomic_write_json
 from fedbrats.shared.config import RunConfig
 from fedbrats.simulations.compare_report import TARGET_REGIONS, write_comparison
 from fedbrats.simulations.headline import MEAN_DICE
 from fedbrats.simulations.run_summary import resolve_target
-from fedbrats.simulations.simulate import console, package_versions, simulate
+from fedbrats.simulations.simulate import LOCAL, Engine, console, package_versions, simulate
 
 #: FedProx with mu = 0 is FedAvg; this is the value compared when none is given (Li et al. try 0.001 to 1).
 FEDPROX_DEFAULT_MU = 0.01
@@ -171,7 +172,7 @@ def compare(
     target: float | None = None,
     target_dice: float | None = None,
     target_region: str = "mean",
-    gpus_per_site: float = 0.0,
+    engine: Engine = LOCAL,
     command: str = "",
 ) -> bool:
     """Run (or resume) every (strategy, seed) in turn, then write the report; True when all runs completed.
@@ -190,6 +191,8 @@ def compare(
         raise ValueError(f"--target-region {target_region} applies to Dice; task {config.task!r} is ranked by {headline}")
     out = Path(out).resolve()
     config = config.replace(data_dir=str(Path(data).resolve()), partition=str(Path(partition).resolve()))
+    if config.tracking == "mlflow" and not config.tracking_uri:  # one store, one MLflow run per strategy and seed
+        config = config.replace(tracking_uri=local_store_uri(out))
     runs, notes = plan_runs(config, specs, seeds)
     for note in notes:
         console.print(f"[yellow]note:[/] {note}")
@@ -245,7 +248,7 @@ def compare(
         def note(round_: int, i: int = i, run: PlannedRun = run, done: int = done) -> str:
             return f"run {i}/{len(runs)} {run.label} seed {run.seed} | {time_left(round_ - done)}"
 
-        if not simulate(run.config, data, partition, folder, gpus_per_site=gpus_per_site, round_note=note):
+        if not simulate(run.config, data, partition, folder, engine=engine, round_note=note):
             failed.append(run.folder)
         to_run.pop(run.folder)
         finished += rounds_done(folder) - done

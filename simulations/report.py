@@ -15,6 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from fedbrats.server.history import read_history  # noqa: E402
 from fedbrats.shared.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from fedbrats.shared.constants import REGIONS  # noqa: E402
+from fedbrats.shared.evaluation.intervals import FEW_CASES, case_weighted, few_cases_label  # noqa: E402
+from fedbrats.shared.evaluation.surface import HD95_DESCRIPTIONS  # noqa: E402
 from fedbrats.simulations.class_report import write_class_report  # noqa: E402
 from fedbrats.simulations.figures import elapsed_hours, is_simulated, save_figure, site_order  # noqa: E402
 from fedbrats.simulations.headline import AUC, headline_name  # noqa: E402
@@ -69,6 +71,14 @@ def plot_site_bars(record: dict[str, Any], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def hd95_definition(config: dict[str, Any]) -> str:
+    """The run's HD95 definition as a report names it; runs from before `hd95-definition` existed used MONAI's max."""
+    if not config:
+        return "HD95 definition not recorded (no run_config.json)"
+    name = str(config.get("hd95-definition", "max"))
+    return f"HD95 {name}: {HD95_DESCRIPTIONS.get(name, 'unknown definition')}"
+
+
 def site_participation(history: list[dict[str, Any]]) -> list[str]:
     """Markdown table: per site, the rounds it delivered an update, was dropped or late, and its cases."""
     rows: dict[str, dict[str, Any]] = {}
@@ -108,11 +118,18 @@ def write_report(out_dir: Path) -> Path:
     bars = plot_site_bars(final, out_dir / "site_dice.png") if evaluated else None
     per_site = site_region_dice(final)
     worst = min(per_site.items(), key=lambda kv: sum(kv[1].values())) if per_site else None
+    scored = [e for e in final.get("evaluate", []) if not e.get("dropped")]
+    val_cases = [int(e.get("num-examples", 0)) for e in scored]
+    by_cases = {r: case_weighted([e.get(f"dice-{r}", math.nan) for e in scored], val_cases) for r in REGIONS}
+    few = sorted((str(e["site"]) for e, n in zip(scored, val_cases, strict=True) if few_cases_label(n)), key=site_order)
     summary = {
         "task": "segmentation",
         "headline": "mean-dice",
         "rounds": history[-1]["round"],
         "final_mean_dice": final.get("mean_dice", {}),
+        "final_case_weighted_dice": by_cases if scored else {},
+        "few_case_sites": few,
+        "hd95_definition": hd95_definition(config),
         "best_mean_dice": {r: max((h["mean_dice"][r] for h in evaluated), default=math.nan) for r in REGIONS},
         "worst_site": worst[0] if worst else None,
         "worst_site_dice": worst[1] if worst else {},
@@ -131,7 +148,9 @@ def write_report(out_dir: Path) -> Path:
         f"patch {config.get('patch-size', '?')}, {config.get('local-epochs', '?')} local epoch(s) per round.",
         "",
         "Metrics are computed on each site's held-out validation cases, thresholded at 0.5, without post-processing. "
-        "Empty truth and empty prediction count as Dice 1 (CaPTk/FeTS convention). Means are over sites, unweighted.",
+        "Empty truth and empty prediction count as Dice 1 (CaPTk/FeTS convention). "
+        f"{hd95_definition(config)}. The mean counts each site once (site-weighted, as FeTS ranks); the "
+        "case-weighted mean counts each validation case once.",
         "",
         "## Final Dice per site",
         "",
@@ -139,14 +158,21 @@ def write_report(out_dir: Path) -> Path:
         "|---" * (2 + 2 * len(REGIONS)) + "|",
     ]
     for e in sorted((e for e in final["evaluate"] if not e.get("dropped")), key=lambda e: site_order(e["site"])):
+        label = few_cases_label(int(e.get("num-examples", 0)))
         lines.append(
-            f"| {e['site']} | " + " | ".join(f"{e.get(f'dice-{r}', math.nan):.3f}" for r in REGIONS) + " | "
+            f"| {e['site']}{f' ({label})' if label else ''} | "
+            + " | ".join(f"{e.get(f'dice-{r}', math.nan):.3f}" for r in REGIONS) + " | "
             + " | ".join(f"{e.get(f'hd95-{r}', math.nan):.1f}" for r in REGIONS) + f" | {int(e.get('num-examples', 0))} |"
         )
     md = summary["final_mean_dice"]
     lines += [
-        "| **mean** | " + " | ".join(f"**{md.get(r, math.nan):.3f}**" for r in REGIONS) + " |" + " |" * (len(REGIONS) + 1),
+        "| **mean (site-weighted)** | " + " | ".join(f"**{md.get(r, math.nan):.3f}**" for r in REGIONS) + " |"
+        + " |" * (len(REGIONS) + 1),
+        "| **mean (case-weighted)** | " + " | ".join(f"**{by_cases[r]:.3f}**" for r in REGIONS) + " |"
+        + " |" * len(REGIONS) + f" {sum(val_cases)} |",
         "",
+        *([f"Sites marked n=K are scored on 1-{FEW_CASES} validation cases ({', '.join(few)}): their own numbers "
+           "are anecdotes, not estimates; the means above carry them.", ""] if few else []),
         f"Worst site: {summary['worst_site']}. "
         + (f"Simulated time: {summary['simulated_hours']:.2f} h (FeTS timing model). " if is_simulated(history) else "")
         + f"Wall clock: {summary['wall_seconds']:.0f} s. Sent {summary['bytes_sent'] / 1e6:.1f} MB, "

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from fedbrats.shared.constants import REGIONS
+from fedbrats.shared.evaluation.intervals import case_weighted
 from fedbrats.simulations.headline import (
     AUC,
     DEFAULT_TARGETS,
@@ -34,6 +35,7 @@ _COSTS = (
 METRICS = {
     MEAN_DICE: (
         *(f"final_dice_{r}" for r in (*REGIONS, "mean")),
+        *(f"final_case_dice_{r}" for r in (*REGIONS, "mean")),  # weighted by each site's validation cases
         *(f"best_dice_{r}" for r in (*REGIONS, "mean")),
         "worst_site_dice", *_COSTS,
     ),
@@ -104,7 +106,15 @@ def _mean_defined(values) -> float:
 
 
 def _segmentation(s: dict[str, Any], evaluated: list[dict[str, Any]]) -> None:
+    """Final and best Dice: site-weighted (the recorded mean_dice, each site once) and, for the final
+    round, case-weighted (each site's mean times its validation cases)."""
     final = evaluated[-1] if evaluated else {}
+    entries = evaluated_sites(final) if final else []
+    for region in REGIONS:
+        s[f"final_case_dice_{region}"] = case_weighted(
+            [e.get(f"dice-{region}", math.nan) for e in entries], [int(e.get("num-examples", 0)) for e in entries]
+        )
+    s["final_case_dice_mean"] = sum(s[f"final_case_dice_{r}"] for r in REGIONS) / len(REGIONS)
     for region in (*REGIONS, "mean"):
         s[f"final_dice_{region}"] = region_value(final.get("mean_dice", {}), region)
         s[f"best_dice_{region}"] = max(

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -116,6 +117,25 @@ def stop_local_superlink(flwr_home: Path) -> None:
                 pass
 
 
+#: Flower gives the local SuperLink it starts 15 s, too little on a loaded machine (the run then fails
+#: before round 1); we start it first, through Flower's own launcher, with this much time.
+SUPERLINK_START_SECONDS = 180.0
+_START_SUPERLINK = (
+    "import sys, flwr.cli.local_superlink as link; "
+    "link.LOCAL_SUPERLINK_STARTUP_TIMEOUT = float(sys.argv[1]); link._start_local_superlink()"
+)
+
+
+def start_local_superlink(env: dict[str, str], cwd: Path) -> str:
+    """Start the run's local SuperLink (`flwr run` then finds it running); its output for the log.
+
+    Uses Flower's private launcher: when a Flower release lacks it, `flwr run` starts the SuperLink
+    itself as before, so the worst case is Flower's own behaviour."""
+    done = subprocess.run([sys.executable, "-c", _START_SUPERLINK, str(SUPERLINK_START_SECONDS)],
+                          env=env, cwd=cwd, capture_output=True, text=True)  # fmt: skip
+    return done.stdout + done.stderr
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -125,13 +145,36 @@ def free_port() -> int:
 RoundNote = Callable[[int], str]
 
 
+@dataclass(frozen=True)
+class Engine:
+    """Where the simulated sites run: the GPU share of each site, and an existing Ray cluster to join
+    (`ray start --head` on the machines; None starts a private Ray instance on this machine)."""
+
+    gpus_per_site: float = 0.0
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.gpus_per_site <= 1:
+            raise ValueError(f"--gpus-per-site must be in [0, 1] (a share of one GPU), got {self.gpus_per_site}")
+        if self.ray_address is not None and not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}|auto", self.ray_address):
+            raise ValueError(f"--ray-address must be HOST:PORT of a Ray head (or 'auto'), got {self.ray_address!r}")
+
+    def environment(self) -> dict[str, str]:
+        """Environment of `flwr run`: Flower's Ray backend calls `ray.init()`, which joins RAY_ADDRESS."""
+        return {"RAY_ADDRESS": self.ray_address} if self.ray_address else {}
+
+
+#: This machine, no GPU: the default engine.
+LOCAL = Engine()
+
+
 def run_flower(
     app_dir: Path,
     out: Path,
     sites: int,
     *,
     cpus_per_site: float,
-    gpus_per_site: float,
+    engine: Engine,
     rounds: int,
     round_note: RoundNote | None = None,
 ) -> int:
@@ -148,10 +191,11 @@ def run_flower(
         "FLWR_HOME": str(flwr_home),
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        **engine.environment(),
     }
     federation = (
         f"num-supernodes={sites} client-resources-num-cpus={cpus_per_site:g} "
-        f"client-resources-num-gpus={gpus_per_site:g}"
+        f"client-resources-num-gpus={engine.gpus_per_site:g}"
     )
     flwr = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
     command = [flwr, "run", str(app_dir), "--federation-config", federation, "--stream"]
@@ -164,6 +208,7 @@ def run_flower(
     ) as progress:  # fmt: skip
         task = progress.add_task("rounds", total=rounds)
         shown: set[int] = set()
+        log.write(start_local_superlink(env, out))
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=out)
         try:
             for line in proc.stdout:  # type: ignore[union-attr]
@@ -232,7 +277,7 @@ def simulate(
     partition: Path,
     out: Path,
     *,
-    gpus_per_site: float = 0.0,
+    engine: Engine = LOCAL,
     round_note: RoundNote | None = None,
 ) -> bool:
     """Run (or resume) one simulated federation into `out`; True when every round completed."""
@@ -266,7 +311,7 @@ def simulate(
         out,
         sites,
         cpus_per_site=float(os.cpu_count() or 1),
-        gpus_per_site=gpus_per_site,
+        engine=engine,
         rounds=config.rounds,
         round_note=round_note,
     )
@@ -303,9 +348,9 @@ def untrained(history: list[dict]) -> str | None:
     )
 
 
-def run_simulate(config: RunConfig, data: Path, partition: Path, out: Path, *, gpus_per_site: float = 0.0) -> int:
+def run_simulate(config: RunConfig, data: Path, partition: Path, out: Path, *, engine: Engine = LOCAL) -> int:
     """Run (or resume) the federation, then its report; exit status 0, or 1 when it did not run or train."""
-    if not simulate(config, data, partition, out, gpus_per_site=gpus_per_site):
+    if not simulate(config, data, partition, out, engine=engine):
         return 1
     from fedbrats.simulations.report import write_report
 

@@ -245,7 +245,7 @@ def test_finished_runs_are_skipped_and_partial_ones_resumed(tmp_path, monkeypatc
     stop_after: dict[str, int] = {"fedprox-seed0": 1}
     notes: list[str] = []
 
-    def fake_simulate(config, data, partition, out, *, gpus_per_site=0.0, round_note=None):
+    def fake_simulate(config, data, partition, out, *, engine=None, round_note=None):
         start = rounds_done(out)
         calls.append((out.name, start))
         last = min(config.rounds, stop_after.pop(out.name, config.rounds))

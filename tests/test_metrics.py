@@ -61,7 +61,7 @@ def test_random_masks_match_reference(seed, spacing):
     shape = (36, 32, 20)
     pred = np.stack([blobs(rng, shape) for _ in REGIONS])
     truth = np.stack([blobs(rng, shape) for _ in REGIONS])
-    result = region_metrics(pred, truth, spacing)
+    result = region_metrics(pred, truth, spacing, hd95_definition="max")
     assert list(result) == list(REGIONS)
     for i, region in enumerate(REGIONS):
         expected = ref_counts(pred[i], truth[i])
@@ -77,20 +77,21 @@ def test_masks_touching_the_border_and_overlapping_partly():
     pred = np.zeros(shape, bool)
     pred[3:12, 6:18, 2:] = True
     for spacing in [(1.0, 1.0, 1.0), (1.0, 1.0, 3.0)]:
-        assert hd95(pred, truth, spacing) == pytest.approx(ref_hd95(pred, truth, spacing), rel=1e-5)
+        assert hd95(pred, truth, spacing, "max") == pytest.approx(ref_hd95(pred, truth, spacing), rel=1e-5)
+        assert hd95(pred, truth, spacing) == pytest.approx(ref_hd95_pooled(pred, truth, spacing), rel=1e-5)
 
 
-def test_symmetric_convention_is_max_of_directed_percentiles_not_pooled():
-    """A prediction with a far-away false positive: the two conventions differ, we follow MONAI's."""
+def test_default_is_pooled_and_max_is_the_larger_directed_percentile():
+    """A prediction with a far-away false positive: the two definitions differ; the default is MedPy's pooled."""
     shape = (48, 48, 48)
     g = np.indices(shape)
     truth = ((g - 24) ** 2).sum(0) < 12**2
     pred = truth.copy()
     pred[2:8, 2:8, 2:8] = True  # distant blob: few surface voxels, large distances
-    ours = hd95(pred, truth, (1.0, 1.0, 1.0))
     directed, pooled = ref_hd95(pred, truth, (1, 1, 1)), ref_hd95_pooled(pred, truth, (1, 1, 1))
     assert abs(directed - pooled) > 2.0  # the example really separates the conventions
-    assert ours == pytest.approx(directed, rel=1e-5)
+    assert hd95(pred, truth, (1.0, 1.0, 1.0)) == pytest.approx(pooled, rel=1e-5)
+    assert hd95(pred, truth, (1.0, 1.0, 1.0), "max") == pytest.approx(directed, rel=1e-5)
 
 
 # ---- edge cases: the CaPTk/FeTS convention -----------------------------------------------------

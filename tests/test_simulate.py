@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -91,12 +92,25 @@ def test_each_run_gets_its_own_local_superlink_ports(tmp_path, monkeypatch):
             return 0
 
     monkeypatch.setattr(simulate.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(simulate, "start_local_superlink", lambda env, cwd: "")
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        assert simulate.run_flower(tmp_path, tmp_path / name, 2, cpus_per_site=1, gpus_per_site=0, rounds=1) == 0
+        assert simulate.run_flower(tmp_path, tmp_path / name, 2, cpus_per_site=1, engine=simulate.LOCAL, rounds=1) == 0
     ports = {(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"], env["FLWR_LOCAL_CONTROL_API_PORT"]) for env in seen}
     assert len(ports) == 2 and all(env["FLWR_TELEMETRY_ENABLED"] == "0" for env in seen)
     assert seen[0]["FLWR_HOME"] != seen[1]["FLWR_HOME"]
+    assert all("RAY_ADDRESS" not in env for env in seen) or os.environ.get("RAY_ADDRESS")
+    # --ray-address: Flower's Ray backend calls ray.init(), which joins the cluster named by RAY_ADDRESS
+    (tmp_path / "c").mkdir()
+    cluster = simulate.Engine(gpus_per_site=0.5, ray_address="10.0.0.7:6379")
+    assert simulate.run_flower(tmp_path, tmp_path / "c", 2, cpus_per_site=1, engine=cluster, rounds=1) == 0
+    assert seen[-1]["RAY_ADDRESS"] == "10.0.0.7:6379"
+
+
+@pytest.mark.parametrize("bad", [{"ray_address": "head"}, {"ray_address": "h:1;x"}, {"gpus_per_site": 2.0}])
+def test_engine_refuses_a_bad_address_or_gpu_share(bad):
+    with pytest.raises(ValueError, match="ray-address|gpus-per-site"):
+        simulate.Engine(**bad)
 
 
 def test_every_start_of_a_run_records_its_code(tmp_path, monkeypatch):

@@ -101,9 +101,10 @@ def test_train_then_evaluate(data, tmp_path):
     assert set(result.summary) == {"1", "2", "all"} and result.summary["all"]["cases"] == 2
     with (tmp_path / "eval.csv").open() as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == ["site", "case_id", *METRIC_COLUMNS]
+    assert list(table[0]) == ["site", "case_id", *METRIC_COLUMNS, "hd95_definition"]
+    assert {r["hd95_definition"] for r in table} == {"pooled"} and len(result.intervals) == len(METRIC_COLUMNS)
     assert all(0.0 <= float(r["dice_ET"]) <= 1.0 for r in table)
-    assert result.written == [tmp_path / "eval.csv", tmp_path / "eval_sites.csv"]
+    assert result.written == [tmp_path / "eval.csv", tmp_path / "eval_sites.csv", tmp_path / "eval_intervals.csv"]
     everything = evaluate_checkpoint(out / "last.safetensors", data, console=_quiet())
     assert len(everything.rows) == 5 and set(everything.summary) == {"all"}
 

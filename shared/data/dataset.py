@@ -189,7 +189,9 @@ class PatientDataset(Dataset):
         """Restart the augmentation random stream (same seed, same sequence of patches)."""
         self._transform.set_random_state(seed=seed % 2**32)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A patch of case `i`: `key` is i (a patch of `patch_size`) or (i, patch size), as a patch pool draws it."""
+        i, patch = key if isinstance(key, tuple) else (key, self.patch_size)
         info = get_worker_info()
         if info is not None and self._worker_seed != info.seed:
             # each worker got a copy of one random state: give it its own stream (deterministic
@@ -197,6 +199,7 @@ class PatientDataset(Dataset):
             self._worker_seed = info.seed
             self.reseed(self.seed * 1_000_003 + info.seed)
         image, regions, _ = self._arrays(i, mmap=True)
+        self._transform.transforms[0].patch_size = tuple(patch)  # the crop (shared.data.patch_pool varies it)
         out = self._transform({IMAGE: image, LABEL: regions})
         return _tensor(out[IMAGE]), _tensor(out[LABEL])
 

@@ -3,7 +3,8 @@
 The full inference pipeline runs (sliding window, optional TTA, post-processing) and predictions are
 padded back to the original volume before scoring, so the numbers are comparable with BraTS (the
 metrics' specificity and empty-mask HD95 depend on the whole image). Sites come from a FeTS
-partition CSV, or everything is one site "all".
+partition CSV, or everything is one site "all". Every CSV names its HD95 definition (`hd95_definition`
+column); `<stem>_intervals.csv` holds the case- and site-weighted means with bootstrap 95% intervals.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from fedbrats.shared.atomic import atomic_write_text
 from fedbrats.shared.constants import REGIONS
 from fedbrats.shared.data.partition import Partition
 from fedbrats.shared.data.site_cases import SPLITS, Discovered, cases_of_sites
+from fedbrats.shared.evaluation.intervals import interval_rows
+from fedbrats.shared.evaluation.surface import DEFAULT_HD95, check_definition
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,8 @@ METRIC_COLUMNS = tuple(f"{m}_{r}" for m in METRIC_NAMES for r in REGIONS)
 
 
 def score_case(
-    model: torch.nn.Module, case: Any, *, patch_size, tta: bool, device: Any, overlap: float = 0.5
+    model: torch.nn.Module, case: Any, *, patch_size, tta: bool, device: Any, overlap: float = 0.5,
+    hd95_definition: str = DEFAULT_HD95,
 ) -> dict[str, dict[str, float]]:
     """Metrics of one labelled case, predicted with the full pipeline and scored on the original grid."""
     from fedbrats.shared.data.transforms import preprocess
@@ -48,7 +52,7 @@ def score_case(
         model, torch.as_tensor(image), patch_size=patch_size, overlap=overlap, tta=tta, device=device
     )
     regions = postprocess(probs.numpy() >= 0.5, min_et_voxels(volume.spacing), brain=(image != 0).any(0))
-    return region_metrics(box.uncrop(regions), volume.regions.astype(bool), volume.spacing)
+    return region_metrics(box.uncrop(regions), volume.regions.astype(bool), volume.spacing, hd95_definition)
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -75,13 +79,16 @@ def _write_csv(path: Path, header: list[str], rows: list[dict[str, Any]]) -> Non
 
 @dataclass(frozen=True)
 class Evaluation:
-    """What `evaluate_checkpoint` found: per-case rows, per-site means, cases it could not score, files."""
+    """What `evaluate_checkpoint` found: per-case rows, per-site means, cases it could not score, files,
+    and the case- and site-weighted means with bootstrap intervals (`shared.evaluation.intervals`)."""
 
     rows: list[dict[str, Any]]
     summary: dict[str, dict[str, Any]]
     skipped: list[str]
     title: str
     written: list[Path]
+    intervals: list[dict[str, Any]] = field(default_factory=list)
+    hd95_definition: str = DEFAULT_HD95
 
 
 def evaluate_checkpoint(
@@ -97,6 +104,7 @@ def evaluate_checkpoint(
     val_fraction: float = 0.2,
     discovered: Discovered | None = None,
     console: Console | None = None,
+    hd95_definition: str = DEFAULT_HD95,
 ) -> Evaluation:
     """Score `checkpoint` on the labelled cases under `data_root`, site by site; optionally write CSVs.
 
@@ -105,7 +113,8 @@ def evaluate_checkpoint(
     `<stem>_sites.csv` beside it the per-site means. A case that cannot be loaded is logged and
     listed as skipped, never silently dropped. The cases of each site and their train/val `split`
     come from `shared.data.site_cases` with `seed` and `val_fraction`, as training drew them.
-    `console` only carries the progress bar.
+    `console` only carries the progress bar. HD95 follows `hd95_definition` (pooled or max); the
+    intervals resample the scored cases with `seed`.
     """
     from fedbrats.shared.checkpoint import load_checkpoint
     from fedbrats.shared.data.problems import CaseError
@@ -113,6 +122,7 @@ def evaluate_checkpoint(
 
     if split not in SPLITS:
         raise ValueError(f"split={split!r}; expected one of {SPLITS}")
+    check_definition(hd95_definition)
     model, meta = load_checkpoint(checkpoint)
     if "patch_size" not in meta:
         raise ValueError(f"checkpoint {checkpoint} has no patch_size in its metadata; cannot run inference")
@@ -132,7 +142,8 @@ def evaluate_checkpoint(
         for site, case in todo:
             progress.update(task, description=f"site {site}: {case.case_id}")
             try:
-                metrics = score_case(model, case, patch_size=meta["patch_size"], tta=tta, device=device)
+                metrics = score_case(model, case, patch_size=meta["patch_size"], tta=tta, device=device,
+                                     hd95_definition=hd95_definition)
             except CaseError as error:
                 log.warning("skipped %s: %s", case.case_id, error)
                 skipped.append(f"{case.case_id}: {error}")
@@ -143,12 +154,18 @@ def evaluate_checkpoint(
     if not rows:
         raise ValueError(f"none of the {len(todo)} cases could be scored: " + "; ".join(skipped[:5]))
     summary = summarise(rows)
-    title = f"{Path(checkpoint).name} on {len(rows)} case(s), split {split}, TTA {'on' if tta else 'off'}"
+    intervals = interval_rows(rows, METRIC_COLUMNS, seed=seed)
+    title = (f"{Path(checkpoint).name} on {len(rows)} case(s), split {split}, TTA {'on' if tta else 'off'}, "
+             f"HD95 {hd95_definition}")  # fmt: skip
     written: list[Path] = []
     if out_csv is not None:
         out_csv = Path(out_csv)
-        _write_csv(out_csv, ["site", "case_id", *METRIC_COLUMNS], rows)
+        named = {"hd95_definition": hd95_definition}
+        _write_csv(out_csv, ["site", "case_id", *METRIC_COLUMNS, *named], [{**r, **named} for r in rows])
         sites_csv = out_csv.with_name(f"{out_csv.stem}_sites.csv")
-        _write_csv(sites_csv, ["site", "cases", *METRIC_COLUMNS], [{"site": s, **v} for s, v in summary.items()])
-        written = [out_csv, sites_csv]
-    return Evaluation(rows, summary, skipped, title, written)
+        _write_csv(sites_csv, ["site", "cases", *METRIC_COLUMNS, *named],
+                   [{"site": s, **v, **named} for s, v in summary.items()])  # fmt: skip
+        intervals_csv = out_csv.with_name(f"{out_csv.stem}_intervals.csv")
+        _write_csv(intervals_csv, [*intervals[0], *named], [{**r, **named} for r in intervals])
+        written = [out_csv, sites_csv, intervals_csv]
+    return Evaluation(rows, summary, skipped, title, written, intervals, hd95_definition)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -175,8 +176,78 @@ def save_overlay(flair: np.ndarray, labels: np.ndarray, label_set: LabelSet, pat
     return path
 
 
+@dataclass(frozen=True)
+class Predictor:
+    """A model and the patch it was trained on (its sliding-window size); `source` names it (a checkpoint)."""
+
+    model: nn.Module
+    patch_size: tuple[int, ...]
+    source: str = ""
+
+
+def training_patch(meta: dict[str, Any], checkpoint_path: str | Path) -> tuple[int, ...]:
+    """The patch a checkpoint was trained on (metadata `patch_size`), which inference uses as its window."""
+    if "patch_size" not in meta:
+        raise ValueError(f"checkpoint {checkpoint_path} has no patch_size in its metadata; cannot run inference")
+    return tuple(int(p) for p in meta["patch_size"])
+
+
+def mean_probabilities(
+    predictors: Sequence[Predictor],
+    image: torch.Tensor,
+    *,
+    overlap: float = 0.5,
+    tta: bool = True,
+    device: torch.device | str | None = None,
+    sw_batch_size: int = SW_BATCH_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mean region probabilities [3, X, Y, Z] of the predictors (each with its own window and flip TTA) and
+    their standard deviation over the predictors (None for one). One model at a time, Welford's running
+    mean and sum of squares in fp32, each model back on the CPU after its pass: memory stays flat."""
+    if not predictors:
+        raise ValueError("no model to predict with")
+    mean = m2 = None
+    for k, predictor in enumerate(predictors, start=1):
+        probs = predict_probabilities(predictor.model, image, patch_size=predictor.patch_size, overlap=overlap,
+                                      tta=tta, device=device, sw_batch_size=sw_batch_size)  # fmt: skip
+        if len(predictors) > 1:
+            predictor.model.cpu()
+        if mean is None:
+            mean, m2 = probs, torch.zeros_like(probs)
+            continue
+        delta = probs - mean
+        mean = mean + delta / k
+        m2 = m2 + delta * (probs - mean)
+    return mean, (torch.sqrt(m2 / len(predictors)) if len(predictors) > 1 else None)
+
+
+def spread_map(std: torch.Tensor | np.ndarray) -> np.ndarray:
+    """How much the models disagree per voxel, uint8 in [0, 100]: 200 x the standard deviation of their
+    probabilities (at most 0.5 for values in [0, 1]), the scale of the uncertainty maps."""
+    return np.clip(np.rint(200.0 * np.asarray(std, dtype=np.float32)), 0, 100).astype(np.uint8)
+
+
 def predict_case(
     checkpoint_path: str | Path,
+    case_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    tta: bool = True,
+    device: str = "auto",
+    overlap: float = 0.5,
+    min_et_mm3: float = MIN_ET_MM3,
+) -> dict[str, Path]:
+    """Segment one case folder with one checkpoint (`segment_case`); several: `ensemble.predict_ensemble`."""
+    from fedbrats.shared.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(checkpoint_path)
+    predictor = Predictor(model, training_patch(meta, checkpoint_path), str(checkpoint_path))
+    return segment_case([predictor], case_dir, out_dir, tta=tta, device=device, overlap=overlap,
+                        min_et_mm3=min_et_mm3)  # fmt: skip
+
+
+def segment_case(
+    predictors: Sequence[Predictor],
     case_dir: str | Path,
     out_dir: str | Path,
     *,
@@ -189,27 +260,24 @@ def predict_case(
 
     Outputs have exactly the input shape and affine: the prediction of the cropped, normalised volume
     is padded back with the crop box. The label values follow the case's layout (ET = 4 for BraTS
-    2017-2021 files, 3 for 2023+).
+    2017-2021 files, 3 for 2023+). Several predictors (an ensemble): the mean of their probabilities is
+    segmented and its uncertainty mapped, and three maps of their spread (`spread_<region>`) are added.
     """
-    from fedbrats.shared.checkpoint import load_checkpoint
     from fedbrats.shared.constants import label_sets_for
     from fedbrats.shared.data.cases import find_case
     from fedbrats.shared.data.transforms import preprocess
     from fedbrats.shared.data.volumes import load_case
 
-    model, meta = load_checkpoint(checkpoint_path)
-    if "patch_size" not in meta:
-        raise ValueError(f"checkpoint {checkpoint_path} has no patch_size in its metadata; cannot run inference")
     case = find_case(Path(case_dir))
     volume = load_case(case, with_labels=False)
     image, _, box = preprocess(volume)
-    probs = predict_probabilities(
-        model, torch.as_tensor(image), patch_size=meta["patch_size"], overlap=overlap, tta=tta, device=device
-    )
+    probs, std = mean_probabilities(predictors, torch.as_tensor(image), overlap=overlap, tta=tta, device=device)
     regions = postprocess(probs.numpy() >= 0.5, min_et_voxels(volume.spacing, min_et_mm3), brain=(image != 0).any(0))
     label_set = getattr(volume, "label_set", None) or label_sets_for(case.layout)[0]
     labels = box.uncrop(regions_to_labels(regions, label_set))
-    unc = box.uncrop(np.rint(uncertainty(probs)).astype(np.uint8))
+    maps = {"uncertainty": (box.uncrop(np.rint(uncertainty(probs)).astype(np.uint8)), "unc")}
+    if std is not None:
+        maps["spread"] = (box.uncrop(spread_map(std)), "spread")
 
     import nibabel as nib
 
@@ -217,10 +285,11 @@ def predict_case(
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {"labels": out_dir / f"{case.case_id}_pred.nii.gz"}
     nib.save(_nifti(labels, volume.affine, volume.header), written["labels"])
-    for i, region in enumerate(REGIONS):
-        written[f"uncertainty_{region}"] = out_dir / f"{case.case_id}_unc_{region}.nii.gz"
-        nib.save(_nifti(unc[i], volume.affine, volume.header), written[f"uncertainty_{region}"])
-    written["overlay"] = save_overlay(
-        volume.image[3], labels, label_set, out_dir / f"{case.case_id}_overlay.png", case.case_id
-    )
+    for kind, (values, suffix) in maps.items():
+        for i, region in enumerate(REGIONS):
+            written[f"{kind}_{region}"] = out_dir / f"{case.case_id}_{suffix}_{region}.nii.gz"
+            nib.save(_nifti(values[i], volume.affine, volume.header), written[f"{kind}_{region}"])
+    title = case.case_id if len(predictors) == 1 else f"{case.case_id}, ensemble of {len(predictors)}"
+    overlay = out_dir / f"{case.case_id}_overlay.png"
+    written["overlay"] = save_overlay(volume.image[3], labels, label_set, overlay, title)
     return written

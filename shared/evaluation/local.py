@@ -35,6 +35,7 @@ def evaluate_local(
     device: torch.device | str | None = None,
     overlap: float = 0.5,
     tta: bool = False,
+    hd95_definition: str = "pooled",
 ) -> dict[str, Any]:
     """Sliding-window predict every case of `dataset` (its `.volume(i)`), threshold 0.5, score per region.
 
@@ -53,7 +54,7 @@ def evaluate_local(
         )
         pred = probs.numpy() >= 0.5
         truth = np.asarray(regions).astype(bool)
-        metrics = region_metrics(pred, truth, spacing)
+        metrics = region_metrics(pred, truth, spacing, hd95_definition)
         rows.append({"case_id": _case_id(dataset, i), **{r: dict(metrics[r]) for r in REGIONS}})
     if not rows:
         raise ValueError("no case to evaluate; the site has no usable validation case")

@@ -20,31 +20,35 @@ The image diagonal is sqrt(sum((shape_i * spacing_i)^2)): 373.13 mm for 240x240x
 Specificity counts every voxel of the array, so score predictions padded back to the original
 volume (not on the cropped brain) to compare with BraTS numbers.
 
-HD95 is symmetric as MONAI computes it: the larger of the two directed 95th percentiles
-(pred surface -> truth surface, truth surface -> pred surface), not the 95th percentile of the
-pooled distances (MedPy's `hd95`). Surfaces are mask voxels with a background 6-neighbour; both
-masks are cropped to their union bounding box first, and distances use the voxel spacing.
+HD95 has two definitions in use (`shared.evaluation.surface`): `pooled`, the default, is the 95th
+percentile of both directions' surface distances pooled (MedPy's `hd95`, as the BraTS evaluators
+compute it); `max` is MONAI's larger of the two directed 95th percentiles. The RunConfig key
+`hd95-definition` chooses; reports and CSVs name the one they used.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.metrics import compute_hausdorff_distance
 
 from fedbrats.shared.constants import REGIONS
+from fedbrats.shared.evaluation.surface import DEFAULT_HD95, HD95_DESCRIPTIONS, check_definition, hd95_of
 
 METRICS = ("dice", "hd95", "sensitivity", "specificity")
 
-#: Which empty-mask convention the numbers use; reports print it.
+#: Which empty-mask convention the numbers use; reports print it (and the HD95 definition, `hd95_note`).
 CONVENTION = (
     "CaPTk/FeTS: both empty -> Dice 1, HD95 0; one empty -> Dice 0, HD95 = image diagonal (mm); "
-    "sensitivity on empty truth = 1 if prediction empty else 0; HD95 = max of directed 95th percentiles"
+    "sensitivity on empty truth = 1 if prediction empty else 0"
 )
+
+
+def hd95_note(definition: str = DEFAULT_HD95) -> str:
+    """The HD95 definition as a report names it: "HD95 pooled: 95th percentile of ..."."""
+    return f"HD95 {check_definition(definition)}: {HD95_DESCRIPTIONS[definition]}"
 
 Mask = np.ndarray | torch.Tensor
 
@@ -75,37 +79,22 @@ def _check_spacing(spacing: Sequence[float], ndim: int) -> tuple[float, ...]:
     return spacing
 
 
-def _union_box(a: np.ndarray, b: np.ndarray) -> tuple[slice, ...]:
-    """Bounding box of a | b (both non-empty)."""
-    union = a | b
-    box = []
-    for axis in range(union.ndim):
-        other = tuple(i for i in range(union.ndim) if i != axis)
-        hits = np.flatnonzero(union.any(axis=other))
-        box.append(slice(hits[0], hits[-1] + 1))
-    return tuple(box)
-
-
-def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> float:
-    """Symmetric 95th-percentile Hausdorff distance in mm, with the empty-mask convention."""
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], definition: str = DEFAULT_HD95) -> float:
+    """Symmetric 95th-percentile Hausdorff distance in mm (`definition`: pooled or max), empty masks by convention."""
     spacing = _check_spacing(spacing, pred.ndim)
+    check_definition(definition)
     pred_any, truth_any = bool(pred.any()), bool(truth.any())
     if not pred_any and not truth_any:
         return 0.0
     if pred_any != truth_any:
         return image_diagonal(pred.shape, spacing)
-    # Cropping to the union box keeps every surface voxel: outside the box both masks are 0.
-    box = _union_box(pred, truth)
-    p = torch.from_numpy(np.ascontiguousarray(pred[box]))[None, None]
-    t = torch.from_numpy(np.ascontiguousarray(truth[box]))[None, None]
-    with warnings.catch_warnings():  # MONAI 1.6 warns about its own internal use of a deprecated argument
-        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
-        distance = compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=spacing)
-    return float(distance.item())
+    return hd95_of(pred, truth, spacing, definition)
 
 
-def binary_metrics(pred: Mask, truth: Mask, spacing: Sequence[float]) -> dict[str, float]:
-    """Dice, HD95 (mm), sensitivity and specificity of one binary mask against its truth."""
+def binary_metrics(
+    pred: Mask, truth: Mask, spacing: Sequence[float], hd95_definition: str = DEFAULT_HD95
+) -> dict[str, float]:
+    """Dice, HD95 (mm, `hd95_definition`), sensitivity and specificity of one binary mask against its truth."""
     pred, truth = _as_bool(pred, "pred"), _as_bool(truth, "truth")
     if pred.shape != truth.shape:
         raise ValueError(f"pred shape {pred.shape} differs from truth shape {truth.shape}")
@@ -121,14 +110,14 @@ def binary_metrics(pred: Mask, truth: Mask, spacing: Sequence[float]) -> dict[st
     specificity = tn / (tn + fp) if tn + fp else 1.0
     return {
         "dice": dice,
-        "hd95": hd95(pred, truth, spacing),
+        "hd95": hd95(pred, truth, spacing, hd95_definition),
         "sensitivity": sensitivity,
         "specificity": specificity,
     }
 
 
 def region_metrics(
-    pred: Mask, truth: Mask, spacing: Sequence[float] = (1.0, 1.0, 1.0)
+    pred: Mask, truth: Mask, spacing: Sequence[float] = (1.0, 1.0, 1.0), hd95_definition: str = DEFAULT_HD95
 ) -> dict[str, dict[str, float]]:
     """Metrics per region for masks [3, X, Y, Z] in REGIONS order: {"ET": {"dice": ..., ...}, ...}."""
     pred, truth = _as_bool(pred, "pred"), _as_bool(truth, "truth")
@@ -140,7 +129,8 @@ def region_metrics(
             f"truth shape {truth.shape} differs from pred shape {pred.shape}; expected {expected}"
         )
     spacing = _check_spacing(spacing, 3)
-    return {region: binary_metrics(pred[i], truth[i], spacing) for i, region in enumerate(REGIONS)}
+    check_definition(hd95_definition)
+    return {region: binary_metrics(pred[i], truth[i], spacing, hd95_definition) for i, region in enumerate(REGIONS)}
 
 
 def mean_over_cases(cases: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:

@@ -11,6 +11,9 @@ same architecture and a checkpoint can store both.
 """
 
 from fedbrats.shared.models import classifier, resunet  # noqa: F401  (register their models)
+from fedbrats.shared.models import selfensemble, tunet  # noqa: F401  (seed papers: TuNet, bag-of-tricks U-Net)
+from fedbrats.shared.models import bifpn, unetpp  # noqa: F401  (seed paper: UNet++ and BiFPN with slice branch)
+from fedbrats.shared.models import resfcn2d  # noqa: F401  (seed paper: residual 2D FCN, hierarchical Dice)
 from fedbrats.shared.models.registry import (
     DEFAULT_MODEL,
     MODELS,

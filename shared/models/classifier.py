@@ -129,6 +129,9 @@ def dp_problem(model: nn.Module) -> str | None:
     batch, so a per-sample gradient does not exist), or None when it can."""
     from opacus.validators import ModuleValidator
 
+    from fedbrats.shared.models.slicewise import register_dp_check
+
+    register_dp_check()  # what Opacus cannot see in slice-wise 2D models (dropout under vmap)
     errors = [  # eval mode is a state, not a reason: training switches it
         e
         for e in ModuleValidator.validate(model, strict=False)

@@ -32,7 +32,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceFocalLoss, DiceLoss
 from torch import nn
 
 from fedbrats.shared.constants import REGIONS
@@ -121,6 +120,8 @@ class RegionLoss(_DeepSupervised):
         ds_target: str = "nearest",
     ):
         super().__init__(ds_decay, ds_target)
+        from monai.losses import DiceFocalLoss  # MONAI is paid when a loss is built, not when models register
+
         self.loss = DiceFocalLoss(
             sigmoid=True,
             smooth_nr=DICE_SMOOTH,
@@ -152,6 +153,8 @@ class HierarchicalDiceLoss(_DeepSupervised):
 
     def __init__(self, *, ds_decay: float = 0.5, ds_target: str = "nearest"):
         super().__init__(ds_decay, ds_target)
+        from monai.losses import DiceLoss  # as in RegionLoss
+
         self.dice = DiceLoss(smooth_nr=DICE_SMOOTH, smooth_dr=DICE_SMOOTH)
 
     def single(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,19 @@ from fedbrats.shared.data.phantom.anatomy import (
     sample_anatomy,
 )
 from fedbrats.shared.data.phantom.imaging import render
-from fedbrats.shared.data.phantom.sites import GENERATOR_VERSION, SiteProfile, case_id, draw_site_profiles
+from fedbrats.shared.data.phantom.institutions import (
+    DEFAULT_MIN_CASES,
+    default_val_cases,
+    institution_sizes,
+    train_or_val,
+)
+from fedbrats.shared.data.phantom.sites import (
+    GENERATOR_VERSION,
+    SiteProfile,
+    case_id,
+    draw_site_profile,
+    draw_site_profiles,
+)
 from fedbrats.shared.data.phantom.tumor import (
     CORE,
     EDEMA,
@@ -45,6 +57,8 @@ from fedbrats.shared.data.phantom.tumor import (
 _CASE_STREAM = 0xCA5E
 _ATTEMPTS = 20
 _CASE_DIR = re.compile(r"^Phantom_\d{3}_\d{4}$")
+#: Run-key entries present only when used (`_run_key`).
+_SIZING_KEYS = ("institutions", "scale", "min_cases", "val_cases")
 
 
 @dataclasses.dataclass
@@ -153,7 +167,11 @@ def write_case(case: PhantomCase, out: Path, layout: Layout) -> Path:
     return folder
 
 
-def _run_key(sites: int, cases_per_site: int | None, voxel_size: float, seed: int, layout: str) -> dict:
+def _run_key(
+    sites: int, cases_per_site: int | None, voxel_size: float, seed: int, layout: str, sizing: dict | None = None
+) -> dict:
+    """The run's arguments; `sizing` (institution set, scale, minimum, validation cases) only when used, so
+    a phantom made without them keeps the key, and the files, it always had."""
     return {
         "generator": "fedbrats.phantom",
         "version": GENERATOR_VERSION,
@@ -162,6 +180,7 @@ def _run_key(sites: int, cases_per_site: int | None, voxel_size: float, seed: in
         "cases_per_site": cases_per_site,
         "voxel_size": voxel_size,
         "layout": layout,
+        **(sizing or {}),
     }
 
 
@@ -180,7 +199,9 @@ def _prepare_out(out: Path, key: dict, case_ids: list[str], layout: Layout) -> b
             previous = json.loads(manifest.read_text())
         except ValueError:
             previous = {}
-        same = all(previous.get(k) == v for k, v in key.items())
+        same = all(previous.get(k) == v for k, v in key.items()) and not any(
+            k in previous and k not in key for k in _SIZING_KEYS
+        )
         if same and all(
             (out / c / layout.filename(c, m)).exists() for c in case_ids for m in (*MODALITIES, "seg")
         ):
@@ -197,19 +218,26 @@ def _prepare_out(out: Path, key: dict, case_ids: list[str], layout: Layout) -> b
 def generate_phantom(
     out: Path,
     *,
-    sites: int = 4,
+    sites: int | None = None,
     cases_per_site: int | None = None,
     voxel_size: float = 3.0,
     seed: int = 0,
     layout: str = "brats2021",
     progress: bool = True,
+    institutions: str | None = None,
+    scale: float = 1.0,
+    min_cases: int = DEFAULT_MIN_CASES,
+    val_cases: int | None = None,
 ) -> Path:
     """Generate a BraTS-like multi-site dataset under `out` and return `out`.
 
     Writes out/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz (or the brats2023 names, ET = 3),
     out/partitioning_1.csv (one partition per site), out/labels.csv (Subject_ID, Partition_ID,
     Grade) and out/sites.json (run arguments and the site profiles, simulated compute included).
-    `cases_per_site=None` draws heavy-tailed site sizes like FeTS (median 9, at least 3).
+    `cases_per_site=None` draws heavy-tailed site sizes like FeTS (median 9, at least 3); `sites` defaults to 4.
+    `institutions` ("fets2022", "fets2021") instead sizes the sites like that challenge's institutions, times
+    `scale`, at least `min_cases` (`shared.data.phantom.institutions`). With `institutions` or `val_cases`,
+    partitioning_1.csv gets a TrainOrVal column holding out `val_cases` cases (default: 20 %, at least 40).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
@@ -219,10 +247,27 @@ def generate_phantom(
     out = Path(out)
     voxel_size = float(voxel_size)
     grid = make_grid(voxel_size)
-    profiles = draw_site_profiles(sites, seed=seed, cases_per_site=cases_per_site)
+    sizing = None
+    if institutions is not None:
+        if sites is not None or cases_per_site is not None:
+            raise ValueError(
+                f"institutions={institutions!r} sets the sites and their sizes; leave sites and cases_per_site out"
+            )
+        sizes = institution_sizes(institutions, scale=scale, min_cases=min_cases)
+        profiles = [draw_site_profile(seed, s, n) for s, n in enumerate(sizes, start=1)]
+        sizing = {"institutions": institutions, "scale": float(scale), "min_cases": int(min_cases)}
+    else:
+        profiles = draw_site_profiles(4 if sites is None else sites, seed=seed, cases_per_site=cases_per_site)
+    sites = len(profiles)
+    split = None
+    if institutions is not None or val_cases is not None:
+        sizes = [p.n_cases for p in profiles]
+        val_cases = default_val_cases(sum(sizes)) if val_cases is None else int(val_cases)
+        split = {case_id(s, c): part for (s, c), part in train_or_val(seed, sizes, val_cases).items()}
+        sizing = {**(sizing or {}), "val_cases": val_cases}
     jobs = [(p, c) for p in profiles for c in range(1, p.n_cases + 1)]
     ids = [case_id(p.site, c) for p, c in jobs]
-    key = _run_key(sites, cases_per_site, voxel_size, seed, layout)
+    key = _run_key(sites, cases_per_site, voxel_size, seed, layout, sizing)
     if _prepare_out(out, key, ids, lay):
         return out
     template = load_template(voxel_size)
@@ -238,8 +283,8 @@ def generate_phantom(
 
     with open(out / "partitioning_1.csv", "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(["Partition_ID", "Subject_ID"])
-        w.writerows([site, cid] for cid, site, _ in grades)
+        w.writerow(["Partition_ID", "Subject_ID", *(["TrainOrVal"] if split else [])])
+        w.writerows([site, cid, *([split[cid]] if split else [])] for cid, site, _ in grades)
     with open(out / "labels.csv", "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["Subject_ID", "Partition_ID", "Grade"])
