@@ -43,7 +43,11 @@ _ROUND_FILE = re.compile(r"^(?:global|strategy)\.safetensors\.r(\d+)$")
 #: already completed; the learning-rate schedule then follows the new total), `out-dir` (the same
 #: folder reached by another path), `timeout` and `min-sites` (how long to wait, how many replies a
 #: round needs), and `resume-override` itself. Any other difference needs `resume-override = true`.
-RESUMABLE_CHANGES = frozenset({"rounds", "out-dir", "timeout", "min-sites", "resume-override"})
+RESUMABLE_CHANGES = frozenset({"rounds", "out-dir", "timeout", "min-sites", "resume-override", "tracking",
+                               "tracking-uri"})  # fmt: skip
+#: What a run started before a key existed did, where that is not the key's default today; any other
+#: key missing from a stored configuration ran as its default does (a new key keeps old behaviour).
+LEGACY_VALUES = {"hd95-definition": "max"}
 
 
 class ResumeError(RuntimeError):
@@ -219,6 +223,8 @@ def read_run_config(run_dir: Path) -> dict[str, Any] | None:
 def config_changes(stored: dict[str, Any], config: RunConfig) -> dict[str, list[Any]]:
     """Keys whose value differs from the stored configuration, as {key: [stored, now]}, minus the resumable ones."""
     now = config.to_flower()
+    defaults = type(config)().to_flower()
+    stored = {**defaults, **LEGACY_VALUES, **stored}
     return {
         key: [stored.get(key), now.get(key)]
         for key in sorted(set(stored) | set(now))

@@ -237,3 +237,57 @@ def test_an_export_that_fails_its_check_writes_nothing(tmp_path, monkeypatch):
         with pytest.raises(ExportError, match="differs from PyTorch.*nothing written"):
             export_checkpoint(ckpt, fmt, tmp_path / name)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.safetensors"]
+
+
+class _SliceLoop(torch.nn.Module):
+    """A model whose forward loops over the axial slices: a trace freezes the loop at the trace's depth."""
+
+    size_multiple = 4
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(4, 3, 1)
+
+    def forward(self, x):
+        return torch.stack([self.conv(x[..., z : z + 1])[..., 0] for z in range(x.shape[-1])], dim=-1)
+
+
+def test_a_shape_dependent_forward_is_exported_with_fixed_spatial_axes(tmp_path):
+    import onnx
+
+    from fedbrats.shared.models.export import export_onnx, export_torchscript
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 16, 16, 16)
+    em = export_model.ExportModel(_SliceLoop().eval(), {"model_name": "slice_loop", "model_config": {}},
+                                  tmp_path / "loop.safetensors", (x, torch.randn(2, 4, 8, 12, 8)), ("logits",))  # fmt: skip
+    used, diff, notes = export_onnx(em, tmp_path / "loop.onnx")
+    assert not used.spatial_dynamic and diff < 1e-4 and "spatial axes fixed to 16x16x16" in notes[0]
+    dims = onnx.load(str(tmp_path / "loop.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 4, 16, 16, 16]
+    used, diff, _ = export_torchscript(em, tmp_path / "loop.ts")
+    assert not used.spatial_dynamic and diff == 0.0
+    assert torch.jit.load(str(tmp_path / "loop.ts"))(torch.randn(3, 4, 16, 16, 16)).shape == (3, 3, 16, 16, 16)
+
+
+def test_the_onnx_graph_keeps_groupnorm_and_pooling_at_pytorch_accuracy():
+    import io
+
+    import onnxruntime as ort
+
+    from fedbrats.shared.models.export import onnx_friendly
+
+    torch.manual_seed(0)
+    model = create_model("resunet", width=8, depth=2, se=True).eval()
+    friendly = onnx_friendly(model)
+    x = torch.randn(2, 4, 16, 8, 24)
+    with torch.no_grad():
+        assert (friendly(x) - model(x)).abs().max() < 1e-5  # the same function, its means staged
+    norm = torch.nn.GroupNorm(2, 8).eval()
+    big = torch.randn(1, 8, 64, 64, 64) * 3 + 2  # 1 M voxels a group, off-centre: where one-pass fp32 sums drift
+    buffer = io.BytesIO()
+    torch.onnx.export(onnx_friendly(norm), (big,), buffer, dynamo=False, input_names=["x"], opset_version=17)
+    (got,) = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"x": big.numpy()})
+    with torch.no_grad():
+        exact = norm.double()(big.double()).numpy()
+    assert np.abs(got - exact).max() < 2e-5

@@ -11,7 +11,7 @@ from opacus.grad_sample import wrap_model
 from opacus.validators import ModuleValidator
 
 from fedbrats.shared.checkpoint import load_checkpoint, save_checkpoint
-from fedbrats.shared.models import create_model
+from fedbrats.shared.models import count_parameters, create_model
 from fedbrats.shared.models.bifpn import FUSION_EPS, BiFPNNet, FastFusion
 from fedbrats.shared.models.classifier import dp_problem
 from fedbrats.shared.models.losses import region_loss
@@ -83,6 +83,12 @@ def test_input_or_configuration_that_does_not_fit_is_refused():
         create_model("bifpn", depth=2)
     with pytest.raises(ValueError, match="bifpn_layers must be at least 1"):
         create_model("bifpn", bifpn_layers=0)
+
+
+def test_parameter_counts_the_docstring_states():
+    assert count_parameters(create_model("bifpn", width=16, depth=4)) == 2_508_545
+    assert count_parameters(create_model("bifpn", width=16, depth=4, slice_branch=False)) == 1_998_974
+    assert count_parameters(create_model("bifpn", width=16, depth=5)) == 4_296_656
 
 
 def test_fast_normalised_fusion_is_a_relu_weighted_average():

@@ -181,7 +181,6 @@ def test_parameters_at_width_16_depth_4():
     assert count_parameters(create_model("selfensemble", width=16, depth=4)) == 1_350_416
 
 
-@pytest.mark.slow
 def test_one_federated_round_then_predict_a_case(tmp_path):
     root = tmp_path / "phantom"
     generate_phantom(root, sites=2, cases_per_site=3, voxel_size=5.0, seed=3, progress=False)

@@ -11,7 +11,7 @@ from opacus.grad_sample import wrap_model
 from opacus.validators import ModuleValidator
 
 from fedbrats.shared.checkpoint import load_checkpoint, save_checkpoint
-from fedbrats.shared.models import create_model
+from fedbrats.shared.models import count_parameters, create_model
 from fedbrats.shared.models.classifier import dp_problem
 from fedbrats.shared.models.slice_branch import (
     REMOVED_LOGIT,
@@ -91,6 +91,11 @@ def test_input_that_does_not_fit_is_refused_with_its_shape():
         model(torch.randn(1, 3, 16, 16, 16))
     with pytest.raises(ValueError, match="multiple of 8"):
         create_model("unetpp", width=12)
+
+
+def test_parameter_counts_the_docstring_states():
+    assert count_parameters(create_model("unetpp", width=16, depth=4)) == 1_638_748
+    assert count_parameters(create_model("unetpp", width=16, depth=4, slice_branch=False)) == 1_530_713
 
 
 # ---- slice labels, loss, false-positive removal ----------------------------------------------------------------

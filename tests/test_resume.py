@@ -17,6 +17,7 @@ from fedbrats.server.state import (
     ResumeError,
     ServerState,
     checkpoint_rounds,
+    config_changes,
     load_state,
     read_run_config,
     save_state,
@@ -250,3 +251,15 @@ def test_the_run_key_sites_see_is_kept_across_a_resume_and_new_for_a_new_run(tmp
     other = _federation(tmp_path / "b", 2)
     assert len(first.run_key) == 16 and resumed.run_key == first.run_key != other.run_key
     assert first._train_config(1)["run-key"] == first.run_key
+
+
+def test_a_key_newer_than_the_stored_run_is_no_change_unless_it_changed_behaviour():
+    """Resuming with newer code: keys the run predates ran as their default does (no change), except
+    those listed with their old behaviour (HD95 was MONAI's max before `hd95-definition` existed)."""
+    now = RunConfig(rounds=3).to_flower()
+    old = {k: v for k, v in now.items() if k not in ("tracking", "update-dtype", "patch-pool", "hd95-definition")}
+    assert config_changes(old, RunConfig(rounds=3)) == {"hd95-definition": ["max", "pooled"]}
+    assert config_changes(old, RunConfig(rounds=3, hd95_definition="max")) == {}
+    assert config_changes(old, RunConfig(rounds=3, hd95_definition="max", update_dtype="float16")) == {
+        "update-dtype": ["float32", "float16"]}
+    assert config_changes(now, RunConfig(rounds=5, tracking="mlflow")) == {}  # resumable: changes no result

@@ -285,10 +285,11 @@ def test_mlflow_ui_run_page_shows_the_round_metrics(tmp_path):
         ) as reply:
             points = json.load(reply)["metrics"]
         assert [(p["step"], p["value"]) for p in points] == [(1, 0.7), (2, 1.4), (3, 2.1)]
-    finally:
-        ui.terminate()
+    finally:  # the server's own session: `mlflow ui` and its uvicorn worker (it may ignore SIGTERM for long)
+        os.killpg(ui.pid, signal.SIGTERM)
         try:
-            ui.wait(timeout=30)
+            ui.wait(timeout=15)
         except subprocess.TimeoutExpired:
             os.killpg(ui.pid, signal.SIGKILL)
+            ui.wait(timeout=30)
     assert list(cwd.iterdir()) == []  # the server wrote nothing beside the run folder's store
