@@ -188,10 +188,8 @@ def test_the_task_uses_the_models_loss_and_one_adam_step_lowers_it():
     optimizer.zero_grad()
     with torch.no_grad():
         after = UNetPlusPlus.training_loss(model(x), regions)
-    assert float(after) < float(before.detach())
-    assert (
-        float(UNetPlusPlus.training_loss(model.eval()(x), regions)) > 0
-    )  # eval output: segmentation loss only
+        scored = UNetPlusPlus.training_loss(model.eval()(x), regions)  # eval output: segmentation loss only
+    assert float(after) < float(before.detach()) and float(scored) > 0
 
 
 # ---- differential privacy -------------------------------------------------------------------------------------

@@ -127,11 +127,16 @@ def onnx_friendly(model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.GroupNorm):
-                setattr(parent, name, StagedGroupNorm(child))
-            elif isinstance(child, nn.AdaptiveAvgPool3d) and child.output_size in (1, (1, 1, 1)):
-                setattr(parent, name, StagedGlobalPool())
-    return model.eval()
+            setattr(parent, name, _staged(child))
+    return _staged(model).eval()
+
+
+def _staged(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.GroupNorm):
+        return StagedGroupNorm(module)
+    if isinstance(module, nn.AdaptiveAvgPool3d) and module.output_size in (1, (1, 1, 1)):
+        return StagedGlobalPool()
+    return module
 
 
 def _onnx_bytes(em: ExportModel, opset: int) -> bytes:
@@ -142,9 +147,9 @@ def _onnx_bytes(em: ExportModel, opset: int) -> bytes:
     for name in em.output_names:
         axes[name] = {0: "batch"} if name == "class_logits" else axes_of
     buffer = io.BytesIO()
-    with quiet_tracing():
+    with quiet_tracing(), torch.no_grad():
         torch.onnx.export(
-            onnx_friendly(em.model), (em.inputs[0],), buffer, dynamo=False, input_names=["image"],
+            onnx_friendly(em.model), (em.trace_input,), buffer, dynamo=False, input_names=["image"],
             output_names=list(em.output_names), dynamic_axes=axes, opset_version=opset, do_constant_folding=True,
         )  # fmt: skip
     return buffer.getvalue()

@@ -44,6 +44,7 @@ from fedbrats.shared.models.export_model import (
     as_outputs,
     max_abs_diff,
     quiet_tracing,
+    reference_outputs,
     require_match,
     torchscript_bytes,
 )
@@ -261,9 +262,9 @@ def _check_network(em: ExportModel, staging: Path, config: dict[str, Any], trace
         scripted = torch.jit.load(str(staging / "models" / "model.ts"), map_location="cpu")
     worst = 0.0
     with torch.no_grad(), quiet_tracing():
-        for inputs, runner in ((em.inputs, network.eval()), (traced_on.inputs, scripted)):
-            expected = [[as_outputs(em.model(x))[0]] for x in inputs]
-            worst = max(worst, max_abs_diff(expected, [[as_outputs(runner(x))[0]] for x in inputs]))
+        for checked, runner in ((em, network.eval()), (traced_on, scripted)):
+            expected = [outputs[:1] for outputs in reference_outputs(checked)]  # the segmentation logits
+            worst = max(worst, max_abs_diff(expected, [as_outputs(runner(x))[:1] for x in checked.inputs]))
     return worst
 
 

@@ -17,7 +17,7 @@ import io
 import json
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +42,20 @@ class ExportModel:
     model: nn.Module
     meta: dict[str, Any]
     source: Path
-    inputs: tuple[torch.Tensor, ...]  # check inputs; the first is also the trace example
+    inputs: tuple[torch.Tensor, ...]  # check inputs: the training patch first, then another batch and shape
     output_names: tuple[str, ...]
     spatial_dynamic: bool = True  # False: the export runs on the first input's spatial shape only
+    references: dict[int, list[torch.Tensor]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def classifies_only(self) -> bool:
         return self.output_names == ("class_logits",)
+
+    @property
+    def trace_input(self) -> torch.Tensor:
+        """The example a trace records: the smaller input (less time and memory than a 128^3 patch) when the
+        axes are dynamic, since the check runs the result on both; the patch itself when they are fixed."""
+        return self.inputs[-1] if self.spatial_dynamic else self.inputs[0]
 
     def fixed(self) -> ExportModel:
         """The same export with the spatial axes fixed: the second check input is a batch of 2 of the first's shape."""
@@ -124,7 +131,10 @@ def as_outputs(out: Any) -> list[torch.Tensor]:
 def reference_outputs(em: ExportModel) -> list[list[torch.Tensor]]:
     """The PyTorch model's outputs on each check input: what every export is compared with."""
     with torch.no_grad():
-        return [as_outputs(em.model(x)) for x in em.inputs]
+        for x in em.inputs:  # computed once per input: at a 128^3 patch each forward takes seconds
+            if id(x) not in em.references:
+                em.references[id(x)] = as_outputs(em.model(x))
+    return [em.references[id(x)] for x in em.inputs]
 
 
 def max_abs_diff(expected: list[list[torch.Tensor]], actual: list[list[Any]]) -> float:
@@ -189,7 +199,7 @@ def torchscript_bytes(em: ExportModel) -> tuple[ExportModel, bytes, float]:
 
     def build(candidate: ExportModel) -> tuple[bytes, Callable[[torch.Tensor], Any]]:
         with quiet_tracing(), torch.no_grad():
-            traced = torch.jit.trace(candidate.model, candidate.inputs[0], check_trace=False)
+            traced = torch.jit.trace(candidate.model, candidate.trace_input, check_trace=False)
             buffer = io.BytesIO()
             torch.jit.save(traced, buffer, _extra_files={"fedbrats.json": json.dumps(candidate.summary())})
             loaded = torch.jit.load(io.BytesIO(buffer.getvalue()), map_location="cpu")
