@@ -47,8 +47,9 @@ def add_prepare_parser(data_sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--mask-fit",
         choices=["rigid", "affine"],
-        default="rigid",
-        help="brain mask carried rigidly, or also fitted in size by an affine registration (images stay rigid)",
+        default="affine",
+        help="brain mask fitted in size by an affine registration (default), or carried rigidly; the images "
+        "are aligned rigidly either way",
     )
     p.add_argument(
         "--id-prefix",

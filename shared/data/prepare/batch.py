@@ -180,6 +180,8 @@ class _Progress:
         if outcome.status == "failed":
             self._bar.console.print(f"[red]failed[/red] {outcome.case_id}: {outcome.error}", highlight=False)
         self._bar.update(self._task, advance=1)
+        if self._bar.tasks[0].finished:
+            self._bar.update(self._task, description="prepared")
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:

@@ -46,7 +46,7 @@ class PrepareSettings:
 
     layout: str = "brats2021"
     registration: RegistrationSettings = field(default_factory=RegistrationSettings)
-    mask_fit: str = "rigid"  # "affine": the atlas mask also fitted in size (images stay rigid)
+    mask_fit: str = "affine"  # the atlas mask also fitted in size (images stay rigid); "rigid": not
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -128,7 +128,7 @@ def prepare_case(
     start = time.perf_counter()
     layout = LAYOUTS[settings.layout]
     stage("reading headers")
-    chosen = match_series(find_series(Path(source)), rules, case_id)
+    chosen = match_series(find_series(Path(source)), rules)  # errors name the series; callers name the case
     volumes = {}
     for modality in MODALITIES:
         stage(f"reading {modality}")
@@ -150,7 +150,7 @@ def prepare_case(
             data = _output_array(strip(moved, output), volume.integer)
             if not data.any():
                 raise PrepareError(
-                    f"{case_id}: {chosen[modality].label} lands outside the atlas brain after registration "
+                    f"{chosen[modality].label} lands outside the atlas brain after registration "
                     "(all zero); expected a head image that overlaps the atlas (check the series and the atlas)"
                 )
             name = layout.filename(case_id, modality)

@@ -26,10 +26,12 @@ class RegistrationSettings:
     learning_rate_mm: float = 2.0  # first step: how far a point may move (mm)
     min_step_mm: float = 0.01
     mask_margin_mm: float = 10.0  # the fixed brain mask is dilated by this before it limits sampling
-    fit_margin_mm: float = (
-        0.0  # the same for the affine mask fit: with the skull in view the mask grows into it
-    )
-    seed: int = 1  # fixed sampling; 0 would mean "seed from the clock" to SimpleITK
+    fit_margin_mm: float = 0.0  # the same, affine mask fit: with the skull in view the mask grows into it
+    seed: int = 1  # of the sampling; SimpleITK would take 0 as "seed from the clock"
+
+    def __post_init__(self) -> None:
+        if self.seed == 0:
+            raise ValueError("registration seed must not be 0 (SimpleITK reads 0 as 'seed from the clock')")
 
     def to_dict(self) -> dict:
         return asdict(self)
