@@ -30,7 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedbrats.shared.constants import MODALITIES, REGIONS
-from fedbrats.shared.models.blocks import NORM_GROUPS, ResidualBlock, conv3, make_activation, make_norm
+from fedbrats.shared.models.blocks import (
+    ResidualBlock,
+    check_architecture,
+    conv3,
+    make_activation,
+    make_norm,
+)
 from fedbrats.shared.models.registry import register_model
 from fedbrats.shared.models.slice_branch import (
     SliceBranch,
@@ -137,19 +143,10 @@ class BiFPNNet(nn.Module):
         bifpn_layers: int = 3,
     ):
         super().__init__()
-        if width < NORM_GROUPS or width % NORM_GROUPS:
-            raise ValueError(
-                f"width must be a positive multiple of {NORM_GROUPS} (GroupNorm groups), got {width}"
-            )
-        if depth < 3:
-            raise ValueError(
-                f"depth must be at least 3 (two encoder scales for a feature pyramid), got {depth}"
-            )
+        check_architecture(width, depth, dropout, act, min_depth=3,
+                           depth_reason="two encoder scales for a feature pyramid")  # fmt: skip
         if bifpn_layers < 1:
             raise ValueError(f"bifpn_layers must be at least 1, got {bifpn_layers}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        make_activation(act)  # fail early on an unknown name
         self.config = {
             "in_channels": in_channels, "out_channels": out_channels, "width": width, "depth": depth,
             "dropout": dropout, "act": act, "se": se, "slice_branch": slice_branch, "fp_removal": fp_removal,

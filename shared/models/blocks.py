@@ -133,3 +133,15 @@ class UpBlock(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(self.reduce(x), size=skip.shape[2:], mode="trilinear", align_corners=False)
         return self.block(torch.cat([skip, x], dim=1))
+
+
+def check_architecture(width: int, depth: int, dropout: float, act: str, *, min_depth: int = 2,
+                       depth_reason: str = "one downsampling") -> None:  # fmt: skip
+    """Refuse a network size the blocks cannot build, naming the argument: one check for every model."""
+    if width < NORM_GROUPS or width % NORM_GROUPS:
+        raise ValueError(f"width must be a positive multiple of {NORM_GROUPS} (GroupNorm groups), got {width}")
+    if depth < min_depth:
+        raise ValueError(f"depth must be at least {min_depth} ({depth_reason}), got {depth}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    make_activation(act)  # fail early on an unknown name

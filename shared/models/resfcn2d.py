@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedbrats.shared.constants import MODALITIES, REGIONS
-from fedbrats.shared.models.blocks import NORM_GROUPS, make_activation, make_norm
+from fedbrats.shared.models.blocks import check_architecture, make_activation, make_norm
 from fedbrats.shared.models.losses import DICE_SMOOTH, HierarchicalDiceLoss, hierarchical_probabilities
 from fedbrats.shared.models.registry import register_model
 from fedbrats.shared.models.slicewise import Slicewise
@@ -157,18 +157,10 @@ class ResFCN2d(Slicewise):
         act: str = "leakyrelu",
         se: bool = False,
     ):
-        if width < NORM_GROUPS or width % NORM_GROUPS:
-            raise ValueError(
-                f"width must be a positive multiple of {NORM_GROUPS} (GroupNorm groups), got {width}"
-            )
-        if depth < 2:
-            raise ValueError(f"depth must be at least 2 (one downsampling), got {depth}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_architecture(width, depth, dropout, act)
         if out_channels != len(REGIONS):
             raise ValueError(f"out_channels must be {len(REGIONS)} (ET, TC, WT from the hierarchical "
                              f"probabilities), got {out_channels}")  # fmt: skip
-        make_activation(act)  # fail early on an unknown name
         net = ResidualFCN2d(in_channels, width, depth, dropout=dropout, act=act, se=se)
         super().__init__(net, in_channels, size_multiple=2 ** (depth - 1))
 

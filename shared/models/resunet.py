@@ -26,7 +26,11 @@ import torch
 from torch import nn
 
 from fedbrats.shared.constants import MODALITIES, REGIONS
-from fedbrats.shared.models.blocks import NORM_GROUPS, ResidualBlock, UpBlock, make_activation
+from fedbrats.shared.models.blocks import (
+    ResidualBlock,
+    UpBlock,
+    check_architecture,
+)
 from fedbrats.shared.models.classifier import ClassificationHead
 from fedbrats.shared.models.registry import register_model
 
@@ -60,17 +64,9 @@ class ResUNet(nn.Module):
         n_classes: int = 0,
     ):
         super().__init__()
-        if width < NORM_GROUPS or width % NORM_GROUPS:
-            raise ValueError(
-                f"width must be a positive multiple of {NORM_GROUPS} (GroupNorm groups), got {width}"
-            )
-        if depth < 2:
-            raise ValueError(f"depth must be at least 2 (one downsampling), got {depth}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_architecture(width, depth, dropout, act)
         if n_classes < 0 or n_classes == 1:
             raise ValueError(f"n_classes must be 0 (no classification head) or >= 2, got {n_classes}")
-        make_activation(act)  # fail early on an unknown name
         self.config = {
             "in_channels": in_channels, "out_channels": out_channels, "width": width, "depth": depth,
             "deep_supervision": deep_supervision, "dropout": dropout, "act": act, "se": se, "n_classes": n_classes,

@@ -35,7 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedbrats.shared.constants import MODALITIES, REGIONS
-from fedbrats.shared.models.blocks import NORM_GROUPS, ResidualBlock, UpBlock, make_activation
+from fedbrats.shared.models.blocks import (
+    ResidualBlock,
+    UpBlock,
+    check_architecture,
+)
 from fedbrats.shared.models.losses import deep_supervision_weights, resize_target
 from fedbrats.shared.models.registry import register_model
 
@@ -127,18 +131,10 @@ class SelfEnsembleUNet(nn.Module):
         se: bool = False,
     ):
         super().__init__()
-        if width < NORM_GROUPS or width % NORM_GROUPS:
-            raise ValueError(
-                f"width must be a positive multiple of {NORM_GROUPS} (GroupNorm groups), got {width}"
-            )
-        if depth < 2:
-            raise ValueError(f"depth must be at least 2 (one downsampling), got {depth}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_architecture(width, depth, dropout, act)
         if out_channels != len(REGIONS):
             raise ValueError(f"the self-ensemble U-Net's regions are {REGIONS}: out_channels must be 3, "
                              f"got {out_channels}")  # fmt: skip
-        make_activation(act)  # fail early on an unknown name
         self.config = {
             "in_channels": in_channels, "out_channels": out_channels, "width": width, "depth": depth,
             "deep_supervision": deep_supervision, "dropout": dropout, "act": act, "se": se,

@@ -30,7 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedbrats.shared.constants import MODALITIES, REGIONS
-from fedbrats.shared.models.blocks import NORM_GROUPS, ResidualBlock, UpBlock, make_activation
+from fedbrats.shared.models.blocks import (
+    ResidualBlock,
+    UpBlock,
+    check_architecture,
+)
 from fedbrats.shared.models.losses import DICE_SMOOTH
 from fedbrats.shared.models.registry import register_model
 
@@ -89,19 +93,11 @@ class TuNet(nn.Module):
         act: str = "leakyrelu",
     ):
         super().__init__()
-        if width < NORM_GROUPS or width % NORM_GROUPS:
-            raise ValueError(
-                f"width must be a positive multiple of {NORM_GROUPS} (GroupNorm groups), got {width}"
-            )
-        if depth < 2:
-            raise ValueError(f"depth must be at least 2 (one downsampling), got {depth}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_architecture(width, depth, dropout, act)
         if out_channels != len(REGIONS):
             raise ValueError(
                 f"TuNet gives one logit per region {REGIONS}: out_channels must be 3, got {out_channels}"
             )
-        make_activation(act)  # fail early on an unknown name
         self.config = {"in_channels": in_channels, "out_channels": out_channels, "width": width, "depth": depth,
                        "dropout": dropout, "act": act}  # fmt: skip
         self.depth = depth

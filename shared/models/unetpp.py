@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedbrats.shared.constants import MODALITIES, REGIONS
-from fedbrats.shared.models.blocks import NORM_GROUPS, ResidualBlock, make_activation
+from fedbrats.shared.models.blocks import ResidualBlock, check_architecture
 from fedbrats.shared.models.registry import register_model
 from fedbrats.shared.models.slice_branch import (
     SliceBranch,
@@ -99,15 +99,7 @@ class UNetPlusPlus(nn.Module):
         fp_removal: bool = True,
     ):
         super().__init__()
-        if width < NORM_GROUPS or width % NORM_GROUPS:
-            raise ValueError(
-                f"width must be a positive multiple of {NORM_GROUPS} (GroupNorm groups), got {width}"
-            )
-        if depth < 2:
-            raise ValueError(f"depth must be at least 2 (one downsampling), got {depth}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        make_activation(act)  # fail early on an unknown name
+        check_architecture(width, depth, dropout, act)
         self.config = {
             "in_channels": in_channels, "out_channels": out_channels, "width": width, "depth": depth,
             "deep_supervision": deep_supervision, "dropout": dropout, "act": act, "se": se,
