@@ -23,7 +23,15 @@ from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
 
 from fedbrats.server.history import RunHistory, scan_history
-from fedbrats.server.replies import EVALUATE, TRAIN, ReplyValidator, clean_text, reply_arrays
+from fedbrats.server.replies import (
+    EVALUATE,
+    TRAIN,
+    ReplyValidator,
+    clean_text,
+    reply_arrays,
+    split_evaluation,
+)
+from fedbrats.server.round_record import LATE, evaluation_fields, mean_dice, progress_line
 from fedbrats.server.screening import attack_marks, screen_replies
 from fedbrats.server.state import (
     ResumeError,
@@ -32,15 +40,15 @@ from fedbrats.server.state import (
     checkpoint_rounds,
     load_state,
     save_state,
+    weights_digest,
     write_run_config,
 )
 from fedbrats.server.tracking import start_tracker
 from fedbrats.server.update_checks import conform_aggregate, from_wire, update_problem
 from fedbrats.shared.atomic import atomic_write_json
 from fedbrats.shared.config import RunConfig
-from fedbrats.shared.constants import REGIONS
-from fedbrats.shared.records import record_digest, record_nbytes
-from fedbrats.shared.tasks import histogram_shape, round_summary, task_for
+from fedbrats.shared.records import record_nbytes
+from fedbrats.shared.tasks import histogram_shape, task_for
 from fedbrats.shared.wallclock import SiteTiming, timing_for
 from fedbrats.strategies.arithmetic import ordered
 from fedbrats.strategies.hooks import hooks_of
@@ -56,8 +64,7 @@ from fedbrats.strategies.selection import (
 )
 
 log = logging.getLogger("fedbrats.server")
-#: the drop reason of a selected site whose reply never came ("late" in the progress line)
-LATE = "no reply before timeout"
+__all__ = ["LATE", "Federation", "SiteResult", "mean_dice", "progress_line"]  # round_record's, named here as before
 
 
 class SelectedSites:
@@ -81,6 +88,8 @@ class SiteResult:
     metrics: dict[str, float] = field(default_factory=dict)
     dropped: str | None = None
     histograms: Any = None  # evaluation of a task that classifies: the site's score histograms (np.int64)
+    down_bytes: int | None = None  # the model as sent to the site, and the update as it came back (simulated clock)
+    up_bytes: int | None = None
 
 
 def new_run_key() -> str:
@@ -130,6 +139,8 @@ class Federation:
         self.start_round = 0
         self.simulated_seconds = 0.0
         self.run_key = ""  # the run's identity at every site, kept across resumes (set by _resume)
+        self.incoming_evaluation: list[SiteResult] | None = None
+        self._names_written: dict[int, str] = {}
         self._resume()
         # Replies are validated as data before anything reads them (server.replies); the validator
         # owns the node -> site-name map (sanitised, unique) and each site's first reported sizes.
@@ -168,7 +179,7 @@ class Federation:
         write_run_config(self.out_dir, self.config)
         if state.round > 0:
             self.hooks.load_state_dict(state.strategy_arrays, state.strategy_meta)
-        log.info("resuming after round %d (weights %s)", state.round, record_digest(state.arrays)[:12])
+        log.info("resuming after round %d (weights %s)", state.round, weights_digest(state.arrays)[:12])
 
     def _refuse_orphaned_history(self, server_dir: Path) -> None:
         """History or round files without server_state.json: resuming would restart at round 0 and lose them."""
@@ -190,7 +201,7 @@ class Federation:
         meta = {
             "simulated_seconds": self.simulated_seconds,
             "history_rounds": rnd,
-            "digest": record_digest(self.arrays),
+            "digest": weights_digest(self.arrays),
             "run_key": self.run_key,
         }
         save_state(self.out_dir / "server", ServerState(rnd, self.arrays, meta, strategy_arrays, strategy_meta))
@@ -214,7 +225,8 @@ class Federation:
             return select_all(nodes)
         if c.selection == "fraction":
             return select_fraction(nodes, c.fraction_train, min_sites=c.min_sites, seed=c.seed, server_round=rnd)
-        predicted = predict_round_seconds(nodes, self.node_names, self.sizes, self.timings, self._epochs(rnd))
+        predicted = predict_round_seconds(nodes, self.node_names, self.sizes, self.timings, self._epochs(rnd),
+                                          payload_bytes=record_nbytes(self.arrays))  # fmt: skip
         if c.selection == "fastest":
             return select_fastest(nodes, predicted, max(c.min_sites, c.select_k or (len(nodes) + 1) // 2))
         return select_by_deadline(nodes, predicted, c.deadline_seconds, min_sites=c.min_sites)
@@ -231,7 +243,18 @@ class Federation:
                 "local-steps": c.local_steps,
             }
         )
+        if self._evaluates_incoming(rnd):
+            config["evaluate-incoming"] = True
         return self.hooks.train_config(rnd, config)
+
+    def _evaluated(self, rnd: int) -> bool:
+        """Whether round `rnd`'s global model is evaluated (every `eval-every` rounds, and the last one)."""
+        return rnd % self.config.eval_every == 0 or rnd == self.config.rounds
+
+    def _evaluates_incoming(self, rnd: int) -> bool:
+        """evaluate-in-train: round `rnd`'s training messages also evaluate round rnd - 1's model
+        (one message per site and round); the last round's model still gets an evaluate message."""
+        return self.config.evaluate_in_train and rnd > 1 and self._evaluated(rnd - 1)
 
     def train_round(self, rnd: int, selected: list[int]) -> tuple[list[SiteResult], dict[str, Any]]:
         view = SelectedSites(self.grid, selected)
@@ -240,12 +263,18 @@ class Federation:
         destinations = _destinations(messages)
         answered = {_reply_node(r, destinations) for r in replies}
         pairs = [(r, _reply_node(r, destinations)) for r in replies]
+        if self._evaluates_incoming(rnd):  # what the replies say of the incoming model: round rnd - 1's evaluation
+            self.incoming_evaluation = self._check_evaluations(
+                rnd - 1, [(split_evaluation(r), node) for r, node in pairs], {m.metadata.dst_node_id for m in messages}
+            )
         results, usable = [], []
         sent, wire_bytes = {m.metadata.dst_node_id: m.content["arrays"] for m in messages}, {}
         for checked in self.replies.check_round(TRAIN, pairs, reply_arrays(messages)):
             result = SiteResult(checked.node, checked.site, checked.metrics, checked.problem)
+            if checked.node in sent:
+                result.down_bytes = record_nbytes(sent[checked.node])
             if result.dropped is None:  # the bytes as they travelled, then float32 weights (update-dtype)
-                wire_bytes[checked.node] = record_nbytes(checked.reply.content.array_records["arrays"])
+                wire_bytes[checked.node] = result.up_bytes = record_nbytes(checked.reply.content.array_records["arrays"])
                 result.dropped = from_wire(checked.reply, sent.get(checked.node), self.config.update_dtype)
             if result.dropped is None:
                 result.dropped = update_problem(checked.reply, self.arrays) or self._strategy_problem(checked.reply)
@@ -314,6 +343,10 @@ class Federation:
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.timeout))
         destinations = _destinations(messages)
         pairs = [(r, _reply_node(r, destinations)) for r in replies]
+        return self._check_evaluations(rnd, pairs, {m.metadata.dst_node_id for m in messages})
+
+    def _check_evaluations(self, rnd: int, pairs: list[tuple[Any, int]], asked: set[int]) -> list[SiteResult]:
+        """Validated evaluations of round `rnd`'s model (evaluate replies, or what training replies carried)."""
         results = []
         for c in self.replies.check_round(EVALUATE, pairs):
             histograms = self._histograms(c)  # may drop the reply: read before c.problem
@@ -322,7 +355,7 @@ class Federation:
             if result.dropped:
                 log.warning("round %d: dropped evaluation of %s: %s", rnd, result.site, result.dropped)
         answered = {r.node_id for r in results}
-        for node in sorted({m.metadata.dst_node_id for m in messages} - answered):
+        for node in sorted(asked - answered):
             results.append(SiteResult(node, self.replies.site(node), dropped=LATE))
         return results
 
@@ -348,21 +381,26 @@ class Federation:
             if r.dropped:
                 continue
             timing = timing_for(self.timings, r.site)
-            epochs = self._epochs(rnd) if self.config.local_steps <= 0 else 1.0
-            times.append(timing.round_seconds(int(r.metrics.get("num-examples", 0)), int(r.metrics.get("num-val", 0)), epochs))
+            steps = r.metrics.get("local-steps")  # the steps the site says it ran, when it runs a fixed number
+            cases = float(steps) * self.config.batch_size if self.config.local_steps > 0 and steps else None
+            times.append(timing.round_seconds(int(r.metrics.get("num-examples", 0)), int(r.metrics.get("num-val", 0)),
+                                              self._epochs(rnd), down_bytes=r.down_bytes, up_bytes=r.up_bytes,
+                                              train_cases=cases))  # fmt: skip
         return max(times, default=0.0)
 
     def run(self) -> ArrayRecord:
         tracker = start_tracker(self.config, self.out_dir, self.history.records())  # TensorBoard/MLflow, if asked
         for rnd in range(self.start_round + 1, self.config.rounds + 1):
             started = time.monotonic()
+            self.incoming_evaluation = None  # evaluate-in-train: round rnd - 1's evaluation, set by train_round
             nodes = self._wait_for_sites()
             selected = self._select(rnd, nodes)
             train_results, info = self.train_round(rnd, selected)
             round_seconds = self._round_seconds(rnd, train_results) if self.simulated else 0.0
             self.simulated_seconds += round_seconds
             evaluated = []
-            if rnd % self.config.eval_every == 0 or rnd == self.config.rounds:
+            pending = self.config.evaluate_in_train and self._evaluated(rnd) and rnd < self.config.rounds
+            if self._evaluated(rnd) and not pending:
                 evaluated = self.evaluate_round(rnd, sorted(self.grid.get_node_ids()))
                 info["bytes_sent"] += record_nbytes(self.arrays) * len(evaluated)
             record = {
@@ -375,58 +413,35 @@ class Federation:
                 **({"simulated_round_seconds": round_seconds, "simulated_seconds": self.simulated_seconds}
                    if self.simulated else {}),
                 "train": [{"site": r.site, "dropped": r.dropped, **r.metrics} | self._attack_mark(r.site) for r in train_results],
-                "evaluate": [{"site": r.site, "dropped": r.dropped, **r.metrics}
-                             | ({"histograms": r.histograms.tolist()} if r.histograms is not None else {})
-                             for r in evaluated],  # fmt: skip
-                "mean_dice": mean_dice(evaluated),
-                # the task's headline (what reports and compare rank on), and the pooled AUC of classifiers
-                **round_summary(self.config, [r.metrics for r in evaluated if not r.dropped],
-                                [r.histograms for r in evaluated if not r.dropped and r.histograms is not None]),
+                **evaluation_fields(self.config, evaluated),
             }
+            if pending:
+                record["evaluation_pending"] = f"in round {rnd + 1}'s training replies (evaluate-in-train)"
+            # Report work, after the round's clock: the previous round's evaluation, history, checkpoint.
+            if self.incoming_evaluation is not None:
+                self._record_incoming(rnd - 1, self.incoming_evaluation, rnd, tracker)
             self.history.append(record)
-            tracker.log_round(record)  # the same record: one source of metrics
-            # which Flower node id is which hospital (`flwr supernode list` shows ids only), from the replies' names
-            atomic_write_json(self.out_dir / "node_sites.json", {str(n): name for n, name in sorted(self.node_names.items())})
+            if not pending:
+                tracker.log_round(record)  # the same record: one source of metrics
+            if self.node_names != self._names_written:
+                # which Flower node id is which hospital (`flwr supernode list` shows ids only), from the replies' names
+                atomic_write_json(self.out_dir / "node_sites.json", {str(n): name for n, name in sorted(self.node_names.items())})
+                self._names_written = dict(self.node_names)
             self._checkpoint(rnd)
             log.info(progress_line(record, self.config.rounds))
         tracker.close()
         return self.arrays
 
-
-def mean_dice(results: list[SiteResult]) -> dict[str, float]:
-    """Unweighted mean over sites (each hospital counts once, as FeTS scores), per region.
-
-    A site that released no Dice (e.g. under DP with `dp-eval-metrics = suppress`) is left out, never
-    counted as 0; a region no site reported is absent."""
-    out = {}
-    for region in REGIONS:
-        values = [r.metrics[f"dice-{region}"] for r in results if not r.dropped and f"dice-{region}" in r.metrics]
-        if values:
-            out[region] = sum(values) / len(values)
-    return out
-
-
-def progress_line(record: dict[str, Any], rounds: int) -> str:
-    """One line per round: which sites delivered, which were late, which were dropped and why."""
-    dice = record["mean_dice"]
-    dice_text = " ".join(f"{k} {v:.3f}" for k, v in dice.items()) if dice else "not evaluated"
-    sites = " ".join(
-        f"{e['site']}:{e.get('dice-WT', float('nan')):.2f}" for e in record["evaluate"] if not e.get("dropped")
-    )
-    delivered = sorted(t["site"] for t in record["train"] if not t.get("dropped"))
-    late = sorted(t["site"] for t in record["train"] if t.get("dropped") == LATE)
-    dropped = [f"{t['site']} ({t['dropped']})" for t in record["train"] if t.get("dropped") not in (None, LATE)]
-    line = (
-        f"round {record['round']}/{rounds} [{record['status']}] delivered {len(delivered)}/{record['selected']} "
-        f"({', '.join(delivered) or '-'}; {record['available']} connected)"
-        + (f" | late: {', '.join(late)}" if late else "")
-        + (f" | dropped: {', '.join(dropped)}" if dropped else "")
-    )
-    if "pooled_auc" in record:  # a task that classifies
-        auc = record["pooled_auc"]
-        line += f" | pooled AUC {'undefined' if auc is None else f'{auc:.3f}'}"
-        if not dice:  # classification only: each site's AUC, not a column of NaN Dice
-            aucs = " ".join(f"{e['site']}:{e['auc']:.2f}" if "auc" in e else f"{e['site']}:-"
-                            for e in record["evaluate"] if not e.get("dropped"))  # fmt: skip
-            return line + f" | AUC per site {aucs or '-'} | {record['wall_seconds']:.1f} s"
-    return line + f" | mean Dice {dice_text} | WT per site {sites or '-'} | {record['wall_seconds']:.1f} s"
+    def _record_incoming(self, evaluated_round: int, results: list[SiteResult], rnd: int, tracker: Any) -> None:
+        """evaluate-in-train: write round `evaluated_round`'s evaluation, carried by round `rnd`'s training
+        replies, into that round's own history record (reports read each round's evaluation there)."""
+        earlier = [r for r in self.history.records() if r.get("round") == evaluated_round]
+        if not earlier:
+            log.warning("round %d's evaluation arrived in round %d but its history record is missing", evaluated_round, rnd)
+            return
+        record = {k: v for k, v in earlier[-1].items() if k != "evaluation_pending"}
+        record.update(evaluation_fields(self.config, results), evaluated_in_round=rnd)
+        self.history.replace_round(record)
+        tracker.log_round(record)
+        log.info("round %d's global model evaluated with round %d's training: %s", evaluated_round, rnd,
+                 progress_line(record, self.config.rounds).split(" | ", 1)[-1])  # fmt: skip

@@ -21,6 +21,7 @@ from fedbrats.shared.atomic import atomic_write_json, atomic_write_text  # noqa:
 from fedbrats.simulations.figures import elapsed_hours, is_simulated, save_figure, site_order  # noqa: E402
 from fedbrats.simulations.headline import AUC, evaluated_rounds, evaluated_sites, headline_value  # noqa: E402
 from fedbrats.simulations.roc import pooled_histograms, roc_curves  # noqa: E402
+from fedbrats.simulations.run_summary import final_convergence_score  # noqa: E402
 
 #: Site metrics of a classification evaluate reply, in table order (MetricRecord keys).
 SITE_METRICS = ("auc", "balanced-accuracy", "sensitivity", "specificity", "accuracy")
@@ -128,6 +129,7 @@ def classification_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
         "worst_site_auc": worst[1],
         "mean_balanced_accuracy": sum(balanced) / len(balanced) if balanced else math.nan,
         "simulated_hours": history[-1]["simulated_seconds"] / 3600 if is_simulated(history) else None,
+        "convergence_score": final_convergence_score(history) if is_simulated(history) else None,
         "wall_seconds": sum(h["wall_seconds"] for h in history),
         "bytes_sent": sum(h["bytes_sent"] for h in history),
         "bytes_received": sum(h["bytes_received"] for h in history),
@@ -183,7 +185,8 @@ def write_class_report(
         + (f"Worst site: {summary['worst_site']} (AUC {summary['worst_site_auc']:.3f}). "
            if summary["worst_site"] is not None else "")
         + (f"AUC undefined at site(s) {', '.join(summary['undefined_sites'])}. " if summary["undefined_sites"] else "")
-        + (f"Simulated time: {summary['simulated_hours']:.2f} h (FeTS timing model). "
+        + (f"Simulated time: {summary['simulated_hours']:.2f} h (FeTS timing model), convergence score "
+           f"{summary['convergence_score']:.3f} (area under best pooled AUC over one simulated week). "
            if summary["simulated_hours"] is not None else "")
         + f"Wall clock: {summary['wall_seconds']:.0f} s. Sent {summary['bytes_sent'] / 1e6:.1f} MB, "
         f"received {summary['bytes_received'] / 1e6:.1f} MB.",

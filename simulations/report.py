@@ -20,6 +20,7 @@ from fedbrats.shared.evaluation.surface import HD95_DESCRIPTIONS  # noqa: E402
 from fedbrats.simulations.class_report import write_class_report  # noqa: E402
 from fedbrats.simulations.figures import elapsed_hours, is_simulated, save_figure, site_order  # noqa: E402
 from fedbrats.simulations.headline import AUC, headline_name  # noqa: E402
+from fedbrats.simulations.run_summary import final_convergence_score  # noqa: E402
 
 __all__ = ["plot_learning_curves", "plot_site_bars", "save_figure", "site_order", "site_region_dice", "write_report"]
 
@@ -134,6 +135,7 @@ def write_report(out_dir: Path) -> Path:
         "worst_site": worst[0] if worst else None,
         "worst_site_dice": worst[1] if worst else {},
         "simulated_hours": history[-1]["simulated_seconds"] / 3600 if is_simulated(history) else None,
+        "convergence_score": final_convergence_score(history) if is_simulated(history) else None,
         "wall_seconds": sum(h["wall_seconds"] for h in history),
         "bytes_sent": sum(h["bytes_sent"] for h in history),
         "bytes_received": sum(h["bytes_received"] for h in history),
@@ -174,7 +176,9 @@ def write_report(out_dir: Path) -> Path:
         *([f"Sites marked n=K are scored on 1-{FEW_CASES} validation cases ({', '.join(few)}): their own numbers "
            "are anecdotes, not estimates; the means above carry them.", ""] if few else []),
         f"Worst site: {summary['worst_site']}. "
-        + (f"Simulated time: {summary['simulated_hours']:.2f} h (FeTS timing model). " if is_simulated(history) else "")
+        + (f"Simulated time: {summary['simulated_hours']:.2f} h (FeTS timing model; transfers priced by the bytes "
+           f"moved), convergence score {summary['convergence_score']:.3f} (FeTS: area under best mean Dice over "
+           "one simulated week). " if is_simulated(history) else "")
         + f"Wall clock: {summary['wall_seconds']:.0f} s. Sent {summary['bytes_sent'] / 1e6:.1f} MB, "
         f"received {summary['bytes_received'] / 1e6:.1f} MB.",
         "",

@@ -78,6 +78,14 @@ def convergence_scores(
     return scores
 
 
+def final_convergence_score(history: list[dict[str, Any]]) -> float:
+    """The run's FeTS convergence score on its headline over simulated time (NaN without rounds)."""
+    scores = convergence_scores(
+        [headline_value(h) for h in history], [h.get("simulated_round_seconds", 0.0) for h in history]
+    )
+    return scores[-1] if scores else math.nan
+
+
 def region_value(mean_dice: dict[str, float], region: str) -> float:
     """One region's mean Dice, or the mean over the three regions for "mean"."""
     if region == "mean":
@@ -177,10 +185,7 @@ def summarise_run(
     s["target"] = target
     s["rounds_to_target"] = reached["round"] if reached else math.nan
     s["hours_to_target"] = reached["simulated_seconds"] / 3600 if reached else math.nan
-    scores = convergence_scores(
-        [headline_value(h) for h in history], [h.get("simulated_round_seconds", 0.0) for h in history]
-    )
-    s["convergence_score"] = scores[-1] if scores else math.nan
+    s["convergence_score"] = final_convergence_score(history)
     s["simulated_hours"] = history[-1].get("simulated_seconds", 0.0) / 3600 if history else math.nan
     for key in ("bytes_sent", "bytes_received", "wall_seconds"):
         s[key] = float(sum(h.get(key, 0) for h in history))

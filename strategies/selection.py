@@ -64,17 +64,21 @@ def predict_round_seconds(
     sizes: Mapping[int, tuple[int, int]],
     timings: Mapping[str, SiteTiming],
     epochs: float,
+    payload_bytes: int | None = None,
 ) -> dict[int, float]:
     """Predicted simulated seconds of each site's next round (FeTS formula, ``fedbrats.shared.wallclock``).
 
     `sizes` maps node -> (training cases, validation cases) as last reported (``num-examples``,
-    ``num-val``); a node not yet heard from is left out (the selectors treat it as 0 s)."""
+    ``num-val``); a node not yet heard from is left out (the selectors treat it as 0 s). `payload_bytes`,
+    the global model's size, prices both transfers."""
     predicted = {}
     for node in nodes:
         if node not in sizes or node not in node_names:
             continue
         n_train, n_val = sizes[node]
-        predicted[node] = timing_for(dict(timings), node_names[node]).round_seconds(n_train, n_val, epochs)
+        predicted[node] = timing_for(dict(timings), node_names[node]).round_seconds(
+            n_train, n_val, epochs, down_bytes=payload_bytes, up_bytes=payload_bytes
+        )
     return predicted
 
 

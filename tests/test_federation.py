@@ -11,6 +11,7 @@ from fedbrats.server.history import RunHistory, read_history
 from fedbrats.server.state import load_state
 from fedbrats.shared.config import RunConfig
 from fedbrats.shared.records import record_digest, record_nbytes
+from fedbrats.shared.wallclock import MEDIAN, SiteTiming
 from fedbrats.strategies import build_strategy
 
 
@@ -71,7 +72,9 @@ def test_fedavg_rounds_are_recorded_and_checkpointed(tmp_path):
     assert history[0]["mean_dice"]["WT"] == pytest.approx(0.2)
     assert history[0]["bytes_sent"] == record_nbytes(_arrays()) * 6  # 3 train + 3 evaluate messages
     assert record_nbytes(_arrays()) >= (6 + 3) * 4
-    assert history[0]["simulated_round_seconds"] > 0
+    # the FeTS medians with the transfers priced by the bytes moved (a tiny model: the 1 s floors)
+    median = SiteTiming(**MEDIAN)
+    assert history[0]["simulated_round_seconds"] == pytest.approx(1 + 2 * 2 * median.val_seconds_per_case + 10 * median.train_seconds_per_case + 1)
     assert load_state(tmp_path / "server").round == 2
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fedbrats.shared.evaluation.classification import histogram_auc, score_histograms
+from fedbrats.simulations.headline import headline_value
 from fedbrats.simulations.report import site_order, write_report
 from fedbrats.simulations.roc import pooled_histograms, roc_curves
 from tests.test_compare import class_record, pooled_of, record, write_run
@@ -22,7 +23,12 @@ def test_report_from_a_history(tmp_path):
     assert summary["best_mean_dice"]["TC"] == pytest.approx(0.5)  # round 2
     assert (summary["bytes_sent"], summary["bytes_received"], summary["wall_seconds"]) == (3000, 1500, 6.0)
     assert summary["dropped"] == [[2, "2", "array 'w' has non-finite values"]]
+    best = np.maximum.accumulate([headline_value(h) for h in history])  # one simulated hour a round
+    week, hour = 7 * 24 * 3600, 3600
+    expected = ((week - 3 * hour) * best[-1] + hour * best.sum()) / week
+    assert summary["convergence_score"] == pytest.approx(expected)
     text = report.read_text()
+    assert f"convergence score {expected:.3f}" in text
     assert text.index("| 2 | 0.400 | 0.500 | 0.600") < text.index("| 10 | 0.300 | 0.400 | 0.500")  # site order
     assert "round 2, site 2: array 'w' has non-finite values" in text
     for picture in ("learning_curves.png", "site_dice.png"):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fedbrats.shared.wallclock import SiteTiming
+from fedbrats.shared.wallclock import REFERENCE_PAYLOAD_MB, SiteTiming
 from fedbrats.strategies.selection import (
     epochs_at,
     lr_at,
@@ -27,6 +27,19 @@ def test_selection_helpers():
     timing = SiteTiming(2.0, 3.0, 10.0, 20.0)
     predicted = predict_round_seconds([1, 2], {1: "a", 2: "b"}, {1: (4, 1)}, {"a": timing}, epochs=2)
     assert predicted == {1: pytest.approx(10 + 3 + 4 * 2 * 2 + 3 + 20)}
+    priced = predict_round_seconds([1], {1: "a"}, {1: (4, 1)}, {"a": timing}, epochs=2, payload_bytes=200_000_000)
+    assert priced == {1: pytest.approx(20 + 3 + 4 * 2 * 2 + 3 + 40)}  # twice the reference payload: twice the transfers
+
+
+def test_the_simulated_clock_follows_bytes_and_steps():
+    timing = SiteTiming(2.0, 3.0, 10.0, 20.0)  # transfers: seconds for REFERENCE_PAYLOAD_MB
+    mb = REFERENCE_PAYLOAD_MB * 1e6
+    assert timing.round_seconds(4, 1, 2) == pytest.approx(10 + 3 + 16 + 3 + 20)  # FeTS: fixed transfers
+    assert timing.round_seconds(4, 1, 2, down_bytes=mb / 2, up_bytes=mb / 4) == pytest.approx(5 + 3 + 16 + 3 + 5)
+    half_update = timing.round_seconds(4, 1, 2, down_bytes=mb, up_bytes=mb / 2)  # update-dtype float16
+    assert half_update == pytest.approx(timing.round_seconds(4, 1, 2, down_bytes=mb, up_bytes=mb) - 10)
+    assert timing.round_seconds(4, 1, 2, train_cases=6) == pytest.approx(10 + 3 + 6 * 2 + 3 + 20)  # steps x batch
+    assert timing.round_seconds(4, 1, 2, down_bytes=1000, up_bytes=1000) == pytest.approx(1 + 3 + 16 + 3 + 1)  # floors
 
 
 def test_schedules_per_round():

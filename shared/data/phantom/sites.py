@@ -15,14 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from fedbrats.shared.constants import MODALITIES
+from fedbrats.shared.wallclock import REFERENCE_PAYLOAD_MB  # `bandwidth_mbps` moves it in `download_seconds`
 
 #: Bumped whenever the same arguments would give different files.
 GENERATOR_VERSION = "1.1"  # 1.1: grade features overlap (tumor.py)
 
 #: Site case counts: 3 + lognormal, so the median is FeTS 2021's 9 and the tail is heavy (3 to ~130).
 SIZE_MIN, SIZE_EXCESS_MEDIAN, SIZE_SIGMA, SIZE_MAX = 3, 6.0, 1.3, 400
-#: Payload for which `bandwidth_mbps` reproduces `download_seconds` (rescale to your model's size).
-REFERENCE_PAYLOAD_MB = 100.0
 #: FeTS-measured ranges (DESIGN section 8): per-site means for simulated wall-clock.
 TRAIN_S = (1.8, 5.8, 20.7)  # min, median, max seconds per training case
 VAL_S = (9.7, 15.3, 40.2)  # seconds per validation case
