@@ -37,7 +37,7 @@ def missing_flower() -> str | None:
     """Why a deployment cannot run here (a Flower command not on PATH, or no nginx for the proxy), or None."""
     missing = [c for c in FLOWER_COMMANDS if shutil.which(c) is None]
     if missing:
-        return f"not on PATH: {', '.join(missing)} (install flwr 1.41)"
+        return f"not on PATH: {', '.join(missing)} (install flwr: pip install -e .)"
     if not Path(NGINX).is_file():
         return f"no {NGINX} for the documented Fleet proxy (apt-get install nginx)"
     return None
