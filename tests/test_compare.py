@@ -73,9 +73,7 @@ def class_record(rnd, site_aucs, *, seconds=HOUR, dice=None):
         metrics.pop("reasons")
         histograms.append(metrics.pop("histograms"))
         base = entry if dice else {"site": site, "dropped": None}
-        evaluate.append(
-            {**base, **metrics, "num-examples": float(len(labels)), "histograms": histograms[-1].tolist()}
-        )
+        evaluate.append({**base, **metrics, "num-examples": float(len(labels)), "histograms": histograms[-1].tolist()})
     pooled = pooled_auc(histograms)
     rec.update(evaluate=evaluate, headline={"name": "auc", "value": pooled.auc}, pooled_auc=pooled.auc,
                pooled_auc_bound=pooled.error_bound)  # fmt: skip
@@ -218,9 +216,7 @@ def test_runs_name_the_code_of_each_start(runs_out):
     (runs_out / "runs/fedavg-seed1/sources.jsonl").write_text(start("bbbbbbb"))
     text = write_comparison(runs_out, target_dice=0.45).read_text()
     assert "Not every run ran the same FedBraTS code" in text
-    assert (
-        "| aaaaaaa -> bbbbbbb | `runs/fedavg-seed0` |" in text and "| bbbbbbb | `runs/fedavg-seed1` |" in text
-    )
+    assert "| aaaaaaa -> bbbbbbb | `runs/fedavg-seed0` |" in text and "| bbbbbbb | `runs/fedavg-seed1` |" in text
 
 
 def test_parse_and_plan():
@@ -312,13 +308,7 @@ def class_history(strategy, seed):
 @pytest.fixture
 def class_out(tmp_path):
     for strategy, seed in CLASS_RUNS:
-        config = {
-            "rounds": 3,
-            "strategy": strategy,
-            "seed": seed,
-            "model": "resclassifier",
-            "task": "classification",
-        }
+        config = {"rounds": 3, "strategy": strategy, "seed": seed, "model": "resclassifier", "task": "classification"}
         write_run(tmp_path / "runs" / f"{strategy}-seed{seed}", class_history(strategy, seed), config)
     return tmp_path
 
@@ -326,9 +316,7 @@ def class_out(tmp_path):
 def test_classification_run_summary_uses_the_pooled_auc():
     history = class_history("fedavg", 0)
     final_sites = {"1": 0.75, "2": 0.75, "3": None}
-    assert history[-1]["headline"]["value"] == pytest.approx(
-        pooled_of(final_sites)
-    )  # the histograms are exact here
+    assert history[-1]["headline"]["value"] == pytest.approx(pooled_of(final_sites))  # the histograms are exact here
     s = summarise_run(history, target=0.6)
     assert s["headline"] == "auc" and s["final_auc"] == pytest.approx(pooled_of(final_sites))
     pooled = [pooled_of({k: v[i] for k, v in CLASS_RUNS[("fedavg", 0)].items()}) for i in range(3)]
@@ -346,9 +334,7 @@ def test_classification_run_summary_uses_the_pooled_auc():
         best = max(best, p)
         area += best * HOUR
     assert s["convergence_score"] == pytest.approx(((ONE_WEEK - 3 * HOUR) * best + area) / ONE_WEEK)
-    assert s["curve"] == [
-        (r, pytest.approx(r), pytest.approx(p)) for r, p in zip((1, 2, 3), pooled, strict=True)
-    ]
+    assert s["curve"] == [(r, pytest.approx(r), pytest.approx(p)) for r, p in zip((1, 2, 3), pooled, strict=True)]
     assert summarise_run(history)["target"] == 0.8  # the AUC's default target
     with pytest.raises(ValueError, match="--target-dice applies to segmentation"):
         summarise_run(history, target_dice=0.7)
@@ -361,9 +347,7 @@ def test_classification_comparison_ranks_by_auc(class_out):
     ranked = [(r["strategy"], r["rank"], r["headline"]) for r in rows]
     assert ranked == [("fedprox", 1, "auc"), ("fedavg", 2, "auc")]
     prox, avg = rows
-    finals = {
-        (k, s): pooled_of({site: v[2] for site, v in runs.items()}) for (k, s), runs in CLASS_RUNS.items()
-    }
+    finals = {(k, s): pooled_of({site: v[2] for site, v in runs.items()}) for (k, s), runs in CLASS_RUNS.items()}
     assert prox["final_auc_mean"] == pytest.approx((finals[("fedprox", 0)] + finals[("fedprox", 1)]) / 2)
     assert avg["worst_site_auc_mean"] == pytest.approx((0.75 + 0.5) / 2)
     assert avg["worst_site"] == "1"  # seed 0: sites 1 and 2 tie at 0.75 (the first counts); seed 1: site 2
@@ -425,12 +409,7 @@ def test_a_comparison_under_attack_counts_the_attackers_updates(tmp_path, runs_o
                             Run("fedavg", 1, out, {"attack": "noise", "attack-sites": "2", "attack-scale": 5.0})]) == [
         "`scale` by site(s) 2,3 (attack-scale 0: its default)", "`noise` by site(s) 2 (attack-scale 5)"]  # fmt: skip
     s = summarise_run(attacked_history("fedmedian", 1), target_dice=0.45)
-    assert (s["attacker_updates"], s["attacker_dropped"], s["honest_updates"], s["honest_dropped"]) == (
-        3,
-        3,
-        3,
-        1,
-    )
+    assert (s["attacker_updates"], s["attacker_dropped"], s["honest_updates"], s["honest_dropped"]) == (3, 3, 3, 1)
     rows = {r["strategy"]: r for r in summarise_runs(out, target_dice=0.45)}
     assert rows["fedavg"]["attack"] == rows["fedmedian"]["attack"] == "labelflip"
     assert (rows["fedavg"]["attacker_dropped"], rows["fedavg"]["attacker_updates"]) == (0, 6)
@@ -441,14 +420,9 @@ def test_a_comparison_under_attack_counts_the_attackers_updates(tmp_path, runs_o
     assert "| labelflip | 5 / 6 | 1 / 6 |" in text and "| labelflip | 0 / 6 | 0 / 6 |" in text
     assert "| `runs/fedmedian-seed0` | labelflip | 2 / 3 |" in text
     per_run = {(r["strategy"], r["seed"]): r for r in csv.DictReader(open(out / "comparison_runs.csv"))}
-    assert (per_run[("fedmedian", "1")]["attack"], per_run[("fedmedian", "1")]["attacker_dropped"]) == (
-        "labelflip",
-        "3",
-    )
+    assert (per_run[("fedmedian", "1")]["attack"], per_run[("fedmedian", "1")]["attacker_dropped"]) == ("labelflip", "3")
     assert next(csv.DictReader(open(out / "comparison.csv")))["attack"] == "labelflip"
     # a comparison without an attack says nothing about one
     honest = write_comparison(runs_out, target_dice=0.45).read_text()
-    assert (
-        "Simulated attack" not in honest and "| attack |" not in honest and "attacker updates" not in honest
-    )
+    assert "Simulated attack" not in honest and "| attack |" not in honest and "attacker updates" not in honest
     assert summarise_runs(runs_out, target_dice=0.45)[0]["attack"] == "none"

@@ -16,6 +16,11 @@ def test_report_from_a_history(tmp_path):
     history = [record(1, {"2": 0.3, "10": 0.5}), record(2, {"2": 0.6, "10": 0.4}), record(3, {"2": 0.5, "10": 0.4})]
     history[1]["train"][0]["dropped"] = "array 'w' has non-finite values"
     write_run(tmp_path, history, {"strategy": "fedavg", "model": "resunet", "model-width": 16})
+    final = {"task": "segmentation", "pipeline": "fedbrats evaluate --split val", "hd95_definition": "pooled",
+             "cases": 3, "sites": {"2": 2, "10": 1}, "skipped": [],
+             "intervals": [{"metric": "dice_ET", "case_weighted": 0.61, "case_low": 0.5, "case_high": 0.7,
+                            "site_weighted": 0.6, "site_low": 0.4, "site_high": 0.8}]}  # fmt: skip
+    (tmp_path / "final_evaluation.json").write_text(json.dumps(final))
     report = write_report(tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["worst_site"] == "10"
@@ -29,6 +34,7 @@ def test_report_from_a_history(tmp_path):
     assert summary["convergence_score"] == pytest.approx(expected)
     text = report.read_text()
     assert f"convergence score {expected:.3f}" in text
+    assert "## Final evaluation" in text and "| dice_ET | 0.610 (0.500-0.700) | 0.600 (0.400-0.800) |" in text
     assert text.index("| 2 | 0.400 | 0.500 | 0.600") < text.index("| 10 | 0.300 | 0.400 | 0.500")  # site order
     assert "round 2, site 2: array 'w' has non-finite values" in text
     for picture in ("learning_curves.png", "site_dice.png"):

@@ -54,11 +54,8 @@ def test_bad_strategy_or_set_fails_before_anything_starts():
 
 
 def test_a_federation_that_never_aggregated_did_not_train():
-    failed = {
-        "round": 1,
-        "status": "failed: 0 usable updates, fewer than min_sites=2",
-        "train": [{"site": "3", "dropped": "site error: site 3 has no usable training case"}, {"site": "4"}],
-    }
+    failed = {"round": 1, "status": "failed: 0 usable updates, fewer than min_sites=2",
+              "train": [{"site": "3", "dropped": "site error: site 3 has no usable training case"}, {"site": "4"}]}
     reason = simulate.untrained([failed, {**failed, "round": 2}])
     assert reason.startswith("all 2 round(s) failed, round 1: failed: 0 usable updates")
     assert "3: site error: site 3 has no usable training case" in reason
@@ -99,12 +96,7 @@ def test_each_run_gets_its_own_local_superlink_ports(tmp_path, monkeypatch):
     monkeypatch.setattr(simulate, "start_local_superlink", lambda env, cwd: "")
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        assert (
-            simulate.run_flower(
-                tmp_path, tmp_path / name, 2, cpus_per_site=1, engine=simulate.LOCAL, rounds=1
-            )
-            == 0
-        )
+        assert simulate.run_flower(tmp_path, tmp_path / name, 2, cpus_per_site=1, engine=simulate.LOCAL, rounds=1) == 0
     ports = {(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"], env["FLWR_LOCAL_CONTROL_API_PORT"]) for env in seen}
     assert len(ports) == 2 and all(env["FLWR_TELEMETRY_ENABLED"] == "0" for env in seen)
     assert seen[0]["FLWR_HOME"] != seen[1]["FLWR_HOME"]
