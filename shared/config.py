@@ -120,6 +120,12 @@ class RunConfig:
     deadline_seconds: float = 0.0  # simulated seconds for "deadline"
     min_sites: int = 2
     eval_every: int = 1
+    # after the last round, `fedbrats simulate` scores the global model as `fedbrats evaluate --split val`
+    final_evaluation: bool = True
+    # leave one institution out: train without this partition site, then score the model on all its cases
+    holdout_site: str = ""
+    # a train message also evaluates the incoming (previous round's) model: one message per site and round
+    evaluate_in_train: bool = False
     timeout: float = 3600.0
     # precision of a site's update on the wire (shared.wire): float32 | float16 | bfloat16; weights stay float32
     update_dtype: str = "float32"
@@ -144,6 +150,7 @@ class RunConfig:
     label_classes: str = ""  # class names in index order, comma-separated ("": sorted from the labels file)
     class_input_size: int = 64  # edge of a classifier's cubic input (brain cropped, resampled)
     multitask_weight: float = 0.5  # multitask loss = segmentation loss + weight x classification loss
+    class_balance: bool = False  # classification loss weights a site's cases by inverse class frequency
     # model (every constructor argument, see MODEL_ARGUMENTS) and data
     model: str = "resunet"
     model_width: int = 32

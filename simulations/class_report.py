@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedbrats.shared.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from fedbrats.simulations.figures import elapsed_hours, is_simulated, save_figure, site_order  # noqa: E402
-from fedbrats.simulations.final_evaluation import final_evaluation_lines, read_final_evaluation  # noqa: E402
+from fedbrats.simulations.final_evaluation import EXTERNAL, final_evaluation_lines, read_final_evaluation  # noqa: E402
 from fedbrats.simulations.headline import AUC, evaluated_rounds, evaluated_sites, headline_value  # noqa: E402
 from fedbrats.simulations.roc import pooled_histograms, roc_curves  # noqa: E402
 from fedbrats.simulations.run_summary import final_convergence_score  # noqa: E402
@@ -194,6 +194,7 @@ def write_class_report(
         "",
         "## AUC over rounds", "", f"![AUC over rounds]({curves.name})", "",
         *final_evaluation_lines(read_final_evaluation(out_dir)),
+        *final_evaluation_lines(read_final_evaluation(out_dir, EXTERNAL)),
     ]  # fmt: skip
     if roc is not None:
         lines += ["## ROC curves per site", "", f"![ROC curves per site]({roc.name})", ""]

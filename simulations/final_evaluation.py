@@ -21,15 +21,20 @@ from fedbrats.shared.config import RunConfig
 
 log = logging.getLogger(__name__)
 
-#: What `final_evaluation` writes into the run folder (per-case rows beside it as CSV files).
+#: What `final_evaluation` writes into the run folder by default (per-case rows beside it as CSV files).
 RESULT_FILE = "final_evaluation.json"
 CSV_FILE = "final_evaluation.csv"
+#: The name of a left-out institution's evaluation (`simulations.holdout`).
+EXTERNAL = "external_evaluation"
 
 
-def final_evaluation(run_dir: Path, config: RunConfig) -> dict[str, Any] | None:
-    """Score the run's `global_model.safetensors` on the validation split of every site; write and return
-    the result (None, with a warning, when there is no model or no validation case; a failure here never
-    fails the finished federation)."""
+def final_evaluation(
+    run_dir: Path, config: RunConfig, *, split: str = "val", name: str = "final_evaluation", title: str = ""
+) -> dict[str, Any] | None:
+    """Score the run's `global_model.safetensors` on the `split` of every site of `config.partition`; write
+    `<name>.json` and `<name>.csv` and return the result (None, with a warning, when there is no model or
+    no case to score; a failure here never fails the finished federation). An external site
+    (`simulations.holdout`) is scored with split "all" under its own name and `title`."""
     from fedbrats.shared.checkpoint import read_metadata
     from fedbrats.shared.evaluation.predict_class import is_case_classifier
 
@@ -39,27 +44,25 @@ def final_evaluation(run_dir: Path, config: RunConfig) -> dict[str, Any] | None:
         log.warning("final evaluation skipped: %s does not exist", checkpoint)
         return None
     try:
-        if is_case_classifier(read_metadata(checkpoint)):
-            result = _classification(checkpoint, run_dir, config)
-        else:
-            result = _segmentation(checkpoint, run_dir, config)
+        score = _classification if is_case_classifier(read_metadata(checkpoint)) else _segmentation
+        result = {"title": title or "Final evaluation", **score(checkpoint, run_dir / f"{name}.csv", config, split)}
     except (ValueError, OSError) as err:  # e.g. no validation case at any site
-        log.warning("final evaluation skipped: %s", err)
+        log.warning("%s skipped: %s", name.replace("_", " "), err)
         return None
-    atomic_write_json(run_dir / RESULT_FILE, result)
+    atomic_write_json(run_dir / f"{name}.json", result)
     return result
 
 
-def _segmentation(checkpoint: Path, run_dir: Path, config: RunConfig) -> dict[str, Any]:
+def _segmentation(checkpoint: Path, out_csv: Path, config: RunConfig, split: str) -> dict[str, Any]:
     from fedbrats.shared.evaluation.evaluate import evaluate_checkpoint
 
     found = evaluate_checkpoint(
-        checkpoint, config.data_dir, config.partition or None, out_csv=run_dir / CSV_FILE, split="val",
+        checkpoint, config.data_dir, config.partition or None, out_csv=out_csv, split=split,
         seed=config.seed, val_fraction=config.val_fraction, hd95_definition=config.hd95_definition,
     )  # fmt: skip
     return {
         "task": "segmentation",
-        "pipeline": "fedbrats evaluate --split val: full volume, post-processing, original grid",
+        "pipeline": f"fedbrats evaluate --split {split}: full volume, post-processing, original grid",
         "hd95_definition": found.hd95_definition,
         "cases": len(found.rows),
         "sites": {site: s.get("cases", 0) for site, s in found.summary.items() if site != "all"},
@@ -68,16 +71,16 @@ def _segmentation(checkpoint: Path, run_dir: Path, config: RunConfig) -> dict[st
     }
 
 
-def _classification(checkpoint: Path, run_dir: Path, config: RunConfig) -> dict[str, Any]:
+def _classification(checkpoint: Path, out_csv: Path, config: RunConfig, split: str) -> dict[str, Any]:
     from fedbrats.shared.evaluation.predict_class import evaluate_class_checkpoint
 
     found = evaluate_class_checkpoint(
-        checkpoint, config.data_dir, config.partition or None, config=config, out_csv=run_dir / CSV_FILE, split="val"
+        checkpoint, config.data_dir, config.partition or None, config=config, out_csv=out_csv, split=split
     )
     interval = found.interval
     return {
         "task": "classification",
-        "pipeline": "fedbrats evaluate --split val: the classifier's preprocessing, exact per-case AUC",
+        "pipeline": f"fedbrats evaluate --split {split}: the classifier's preprocessing, exact per-case AUC",
         "cases": len(found.rows),
         "sites": {site: s.get("cases", 0) for site, s in found.summary.items() if site != "all"},
         "skipped": found.skipped,
@@ -86,9 +89,10 @@ def _classification(checkpoint: Path, run_dir: Path, config: RunConfig) -> dict[
     }
 
 
-def read_final_evaluation(run_dir: Path) -> dict[str, Any] | None:
-    """The run's final evaluation, if it ran (an unreadable file is reported as absent, with a warning)."""
-    path = Path(run_dir) / RESULT_FILE
+def read_final_evaluation(run_dir: Path, name: str = "final_evaluation") -> dict[str, Any] | None:
+    """The run's final evaluation (or another `name`d one), if it ran (an unreadable file is reported as
+    absent, with a warning)."""
+    path = Path(run_dir) / f"{name}.json"
     if not path.is_file():
         return None
     try:
@@ -108,8 +112,8 @@ def final_evaluation_lines(result: dict[str, Any] | None) -> list[str]:
     if not result:
         return []
     sites = result["sites"]
-    lines = ["## Final evaluation", "", f"The global model through `{result['pipeline']}`: {result['cases']} "
-             f"validation case(s) at {len(sites)} site(s). Case-weighted means count each case once, "
+    lines = [f"## {result.get('title', 'Final evaluation')}", "", f"The global model through `{result['pipeline']}`: "
+             f"{result['cases']} case(s) at {len(sites)} site(s). Case-weighted means count each case once, "
              "site-weighted means each site once; bootstrap 95% intervals resample the cases.", ""]  # fmt: skip
     if result["task"] == "classification":
         auc = result["auc"]

@@ -19,7 +19,7 @@ from fedbrats.shared.evaluation.intervals import FEW_CASES, case_weighted, few_c
 from fedbrats.shared.evaluation.surface import HD95_DESCRIPTIONS  # noqa: E402
 from fedbrats.simulations.class_report import write_class_report  # noqa: E402
 from fedbrats.simulations.figures import elapsed_hours, is_simulated, save_figure, site_order  # noqa: E402
-from fedbrats.simulations.final_evaluation import final_evaluation_lines, read_final_evaluation  # noqa: E402
+from fedbrats.simulations.final_evaluation import EXTERNAL, final_evaluation_lines, read_final_evaluation  # noqa: E402
 from fedbrats.simulations.headline import AUC, headline_name  # noqa: E402
 from fedbrats.simulations.run_summary import final_convergence_score  # noqa: E402
 
@@ -191,6 +191,7 @@ def write_report(out_dir: Path) -> Path:
     if bars:
         lines += ["## Final Dice per site", "", f"![per-site Dice]({bars.name})", ""]
     lines += final_evaluation_lines(read_final_evaluation(out_dir))
+    lines += final_evaluation_lines(read_final_evaluation(out_dir, EXTERNAL))
     lines += site_participation(history)
     if summary["dropped"]:
         lines += ["## Dropped updates", ""] + [f"- round {r}, site {s}: {why}" for r, s, why in summary["dropped"]] + [""]

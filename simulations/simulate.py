@@ -349,11 +349,26 @@ def untrained(history: list[dict]) -> str | None:
 
 
 def run_simulate(config: RunConfig, data: Path, partition: Path, out: Path, *, engine: Engine = LOCAL) -> int:
-    """Run (or resume) the federation, then its report; exit status 0, or 1 when it did not run or train."""
+    """Run (or resume) the federation, then its final evaluation and report; exit status 0, or 1 when it
+    did not run or train. `holdout-site` trains without that site and scores the model there."""
+    from fedbrats.simulations.final_evaluation import EXTERNAL, final_evaluation
+    from fedbrats.simulations.holdout import split_holdout
+
+    site = config.holdout_site
+    if site:
+        partition, external = split_holdout(partition, site, out.resolve())
     if not simulate(config, data, partition, out, engine=engine):
         return 1
     from fedbrats.simulations.report import write_report
 
+    scored = config.replace(data_dir=str(data.resolve()), partition=str(partition.resolve()))
+    if config.final_evaluation:
+        console.print("final evaluation: the global model on every site's validation cases (fedbrats evaluate)")
+        final_evaluation(out, scored)
+    if site:
+        console.print(f"external site {site}: the global model on every one of its cases (left out of training)")
+        final_evaluation(out, scored.replace(partition=str(external)), split="all", name=EXTERNAL,
+                         title=f"External site {site} (left out of training)")  # fmt: skip
     report = write_report(out)
     console.print(f"report: {report}\nglobal model: {out / 'global_model.safetensors'}")
     return 0
