@@ -135,7 +135,9 @@ def _add_federation_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="compare strategies (and seeds) on the same partition; one report")
     p.add_argument("--strategies", required=True, metavar="LIST",
                    help="comma-separated, with optional parameters: "
-                        "fedavg,fedprox:proximal_mu=0.01,fedadam:eta=0.01 (fedprox without proximal_mu gets 0.01)")
+                        "fedavg,fedprox:proximal_mu=0.01,fedadam:eta=0.01 (fedprox without proximal_mu gets 0.01); "
+                        "a run-configuration key makes a recipe variant: fedavg:update-dtype=float16, "
+                        "fedavg:local-epochs=2")
     p.add_argument("--seeds", default=None, metavar="LIST",
                    help="comma-separated seeds, e.g. 0,1,2 (default: the config's seed)")
     _add_federation_options(p, set_help=SET_HELP + ", for every run: --set local-steps=2, --set strategy-eta=0.01")

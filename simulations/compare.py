@@ -13,7 +13,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedbrats.server.state import config_changes, read_run_config
@@ -33,6 +33,8 @@ class StrategySpec:
     label: str  # the run folder's name and the report's row: name, plus the parameters given
     name: str
     params: dict[str, float]  # given in --strategies (name:key=value:key=value)
+    # run-configuration keys given the same way (fedavg:update-dtype=float16): a variant of the recipe
+    settings: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -46,10 +48,21 @@ class PlannedRun:
         return f"{self.label}-seed{self.seed}"
 
 
+#: Run-configuration keys an entry of --strategies may not set: the entry's name and --seeds say them.
+_FIXED_BY_COMPARE = ("strategy", "seed", "out-dir")
+#: Run-configuration keys that are also strategy parameters: given in --strategies they stay the latter.
+_STRATEGY_PARAMETERS = ("proximal-mu",)
+
+
 def parse_strategies(text: str) -> list[StrategySpec]:
-    """'fedavg,fedprox:proximal_mu=0.1,fedadam:eta=0.001:tau=0.001' -> specs, checked against the registry."""
+    """'fedavg,fedprox:proximal_mu=0.1,fedadam:eta=0.001:tau=0.001' -> specs, checked against the registry.
+
+    A key that names a run-configuration field ('fedavg:update-dtype=float16', 'fedavg:local-epochs=2')
+    sets that field for the entry's runs, so one comparison holds recipe variants (ablations) beside
+    strategies; any other key is a numeric strategy parameter."""
     from fedbrats.strategies import available_strategies
 
+    run_keys = set(RunConfig().to_flower())
     specs = []
     for item in (p.strip() for p in text.split(",")):
         if not item:
@@ -61,18 +74,26 @@ def parse_strategies(text: str) -> list[StrategySpec]:
                 f"unknown strategy {name!r} in --strategies; available: {', '.join(available_strategies())}"
             )
         params: dict[str, float] = {}
+        settings: dict[str, str] = {}
         for assignment in assignments:
             key, sep, value = assignment.partition("=")
+            hyphenated = key.strip().replace("_", "-")
+            if sep and hyphenated in run_keys and hyphenated not in _STRATEGY_PARAMETERS:
+                if hyphenated in _FIXED_BY_COMPARE:
+                    raise ValueError(f"{assignment!r} in {item!r}: {hyphenated} is set by compare itself")
+                settings[hyphenated] = value.strip()
+                continue
             try:
                 if not sep or not key.strip():
                     raise ValueError
                 params[key.strip().replace("-", "_")] = float(value)
             except ValueError:
                 raise ValueError(
-                    f"strategy parameter {assignment!r} in {item!r}: expected KEY=NUMBER, e.g. fedprox:proximal_mu=0.01"
+                    f"strategy parameter {assignment!r} in {item!r}: expected KEY=NUMBER, e.g. fedprox:proximal_mu=0.01, "
+                    "or a run-configuration key, e.g. fedavg:local-epochs=2"
                 ) from None
-        label = name + "".join(f"-{k}{v:g}" for k, v in params.items())
-        specs.append(StrategySpec(label, name, params))
+        label = name + "".join(f"-{k}{v:g}" for k, v in params.items()) + "".join(f"-{k}-{v}" for k, v in settings.items())
+        specs.append(StrategySpec(label, name, params, settings))
     if not specs:
         raise ValueError("--strategies is empty; give a comma-separated list, e.g. fedavg,fedprox")
     labels = [s.label for s in specs]
@@ -119,6 +140,8 @@ def plan_runs(
             )
         strategy_config = config.replace(strategy=spec.name, strategy_params=params)
         try:
+            if spec.settings:  # coerced and checked as --set values are
+                strategy_config = RunConfig.from_flower({**strategy_config.to_flower(), **spec.settings})
             make_strategy(strategy_config)
         except ValueError as err:
             raise ValueError(

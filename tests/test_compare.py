@@ -236,6 +236,14 @@ def test_parse_and_plan():
         parse_strategies("fedprox:mu")
     with pytest.raises(ValueError, match="twice"):
         parse_strategies("fedavg,fedavg")
+    variants = parse_strategies("fedavg,fedavg:update-dtype=float16,fedavg:local_epochs=2:eta=0.5")
+    assert [v.label for v in variants] == ["fedavg", "fedavg-update-dtype-float16", "fedavg-eta0.5-local-epochs-2"]
+    runs, _ = plan_runs(RunConfig(), variants[:2], [0])
+    assert [(r.config.update_dtype, r.config.strategy) for r in runs] == [("float32", "fedavg"), ("float16", "fedavg")]
+    with pytest.raises(ValueError, match="update-dtype"):
+        plan_runs(RunConfig(), parse_strategies("fedavg:update-dtype=float8"), [0])
+    with pytest.raises(ValueError, match="seed is set by compare itself"):
+        parse_strategies("fedavg:seed=3")
     assert parse_seeds("0,1,2") == [0, 1, 2]
     with pytest.raises(ValueError, match="distinct"):
         parse_seeds("1,1")
