@@ -5,8 +5,9 @@ as the server receives them (Flower ArrayRecords in reply Messages). The bound i
 over the same updates already stacked in one preallocated array (``np.mean(stack, axis=0)``): no
 aggregation that reads every update can be faster. Everything runs in this one process; each
 strategy gets fresh reply Messages that share the received bytes (FedMedian empties its inputs).
-The bound is timed again between strategies (a loaded machine drifts); each ratio uses the best
-bound time. Peak extra memory is tracemalloc's peak during the aggregation (numpy reports its
+The bound is timed again between strategies and right before every timed aggregation (a loaded
+machine drifts); "best/median / best bound" divide by the best bound time of the whole run, "paired"
+divides each aggregation by the bound run just before it. Peak extra memory is tracemalloc's peak during the aggregation (numpy reports its
 buffers to it), in units of one model's size. Prints a Markdown table.
 
     python benchmarks/bench_aggregation.py [--sites 17] [--params 20e6] [--repeats 3] [--flower]
@@ -73,30 +74,38 @@ def make_round(n_sites: int, n_params: int, seed: int = 0) -> tuple[ArrayRecord,
     return ArrayRecord({k: Array(v) for k, v in start.items()}), replies
 
 
-def fresh(replies: list[Message]) -> list[Message]:
-    """New Messages over the same received bytes (no copy), so a strategy may empty its records."""
+def fresh(replies: list[Message], control: bool = False) -> list[Message]:
+    """New Messages over the same received bytes (no copy), so a strategy may empty its records.
+    `control`: SCAFFOLD's control-variate change too (the same bytes as the update: timing only)."""
     out = []
     for r in replies:
         sent = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=r.metadata.src_node_id,
                        message_type=MessageType.TRAIN)
         content = RecordDict({"arrays": ArrayRecord(dict(r.content["arrays"].items())),
                               "metrics": r.content["metrics"], "site": r.content["site"]})
+        if control:
+            content["control-delta"] = ArrayRecord(dict(r.content["arrays"].items()))
         out.append(Message(content=content, reply_to=sent))
     return out
 
 
-def timed(fn: Callable[[object], object], repeats: int, prepare: Callable[[], object] = lambda: None
-          ) -> tuple[list[float], int]:
+def timed(fn: Callable[[object], object], repeats: int, prepare: Callable[[], object] = lambda: None,
+          before: Callable[[], float] | None = None) -> tuple[list[float], int, list[float]]:
     """Seconds of each of `repeats` calls of ``fn(prepare())`` (preparing is not timed), and, from one
     more call traced by tracemalloc (which slows allocation, so it is not timed), the peak memory
-    allocated above the start of the call, in bytes."""
-    times = []
+    allocated above the start of the call, in bytes. With `before` (the bound), each call is preceded by
+    one bound run, and each time is also returned divided by that run's (paired ratios: on a machine
+    whose load changes by the second, a ratio of neighbours drifts less than one to the best bound)."""
+    times, ratios = [], []
     for _ in range(repeats):
+        reference = before() if before else None
         argument = prepare()
         gc.collect()
         t0 = time.perf_counter()
         result = fn(argument)
         times.append(time.perf_counter() - t0)
+        if reference:
+            ratios.append(times[-1] / reference)
         del result, argument
     argument = prepare()
     gc.collect()
@@ -106,7 +115,7 @@ def timed(fn: Callable[[object], object], repeats: int, prepare: Callable[[], ob
     peak = tracemalloc.get_traced_memory()[1] - base
     tracemalloc.stop()
     del result, argument
-    return times, peak
+    return times, peak, ratios
 
 
 def main() -> None:
@@ -133,6 +142,13 @@ def main() -> None:
     def bound() -> None:
         bounds.extend(timed(lambda _: np.mean(stack, axis=0), 2)[0])  # (its memory is ignored)
 
+    def one_bound() -> float:
+        gc.collect()
+        t0 = time.perf_counter()
+        np.mean(stack, axis=0)
+        bounds.append(time.perf_counter() - t0)
+        return bounds[-1]
+
     rows: list[tuple[str, list[float], int]] = []
     if args.chunks:
         flat = list(stack)
@@ -141,16 +157,19 @@ def main() -> None:
                               ("trimmed mean 0.2", lambda c=chunk: robust.trimmed_mean(flat, 0.2, c)),
                               ("distances", lambda c=chunk: robust.squared_distances([{"w": f} for f in flat], c))]:
                 bound()
-                rows.append((f"{label}, chunk {chunk}", *timed(lambda _, fn=fn: fn(), args.repeats)))
+                rows.append((f"{label}, chunk {chunk}", *timed(lambda _, fn=fn: fn(), args.repeats, before=one_bound)))
     else:
         f = max(0, (args.sites - 3) // 4)
         candidates: list[tuple[str, object, int]] = [
             ("FedAvg (Flower's class)", FedAvg(**common), args.repeats),
             ("FedAvg (registered as fedavg and fedprox: ours)", build_strategy("fedavg"), args.repeats),
-            ("FedAvgM (registered)", build_strategy("fedavgm", {"server_momentum": 0.9}), args.repeats),
+            ("FedAvgM momentum 0.9 (ours, step fused into the mean)",
+             build_strategy("fedavgm", {"server_momentum": 0.9}), args.repeats),
             ("FedPIDAvg (ours)", build_strategy("fedpidavg"), args.repeats),
             ("FedCostWAvg (ours)", build_strategy("fedcostwavg"), args.repeats),
             ("FedNova (ours)", build_strategy("fednova"), args.repeats),
+            ("SCAFFOLD server step (ours; reads updates and control changes: 2x the bound's bytes)",
+             build_strategy("scaffold"), args.repeats),
             ("FeTS clipped (ours, median of per-site percentiles)", build_strategy("fets_clipped"), args.repeats),
             ("FeTS clipped (pooled=1, FeTS's rule)", build_strategy("fets_clipped", {"pooled": 1}), args.repeats),
             ("FedMedian (registered)", build_strategy("fedmedian"), args.repeats),
@@ -166,8 +185,9 @@ def main() -> None:
         for label, strategy, repeats in candidates:
             bound()
             list(strategy.configure_train(1, start, ConfigRecord({}), grid))
+            control = label.startswith("SCAFFOLD")
             rows.append((label, *timed(lambda batch, s=strategy: s.aggregate_train(1, batch), repeats,
-                                       lambda: fresh(replies))))
+                                       lambda c=control: fresh(replies, c), one_bound)))
     bound()
 
     best_bound = min(bounds)
@@ -175,10 +195,12 @@ def main() -> None:
     gb = args.sites * model / 1e9
     print(f"\n{args.sites} updates x {n_params / 1e6:.0f}M float32 parameters ({gb:.2f} GB read per aggregation); "
           f"bound best {best_bound:.3f} s, median {statistics.median(bounds):.3f} s over {len(bounds)} runs\n")
-    print("| aggregation | best / bound | median / bound | repeats | peak extra memory (models) |")
-    print("|---|---:|---:|---:|---:|")
-    for label, times, peak in rows:
-        print(f"| {label} | {min(times) / best_bound:.2f} | {statistics.median(times) / best_bound:.2f} | "
+    print("| aggregation | best / best bound | median / best bound | paired ratio: best | paired: median | repeats "
+          "| peak extra memory (models) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, times, peak, ratios in rows:
+        paired = f"{min(ratios):.2f} | {statistics.median(ratios):.2f}" if ratios else "- | -"
+        print(f"| {label} | {min(times) / best_bound:.2f} | {statistics.median(times) / best_bound:.2f} | {paired} | "
               f"{len(times)} | {peak / model:.2f} |")
 
 

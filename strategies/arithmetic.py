@@ -7,12 +7,19 @@ nothing). Results are computed in the global model's dtype and keep its array or
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
+
+try:  # installed with scikit-learn (nilearn's dependency); without it BLAS keeps its own threads
+    from threadpoolctl import threadpool_limits
+except ImportError:  # pragma: no cover
+    threadpool_limits = None
 
 _CHUNK = 1 << 16  # elements per block in weighted_average: the block and its scratch stay in cache
 
@@ -139,36 +146,103 @@ def cast_like(value: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return value.astype(reference.dtype)
 
 
-def weighted_average(
-    arrays: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
-) -> dict[str, np.ndarray]:
-    """``sum_j w_j x_j`` with ``w`` normalised, in the arrays' own dtype and key order.
+def single_blas_thread() -> contextlib.AbstractContextManager:
+    """BLAS limited to one thread while aggregating: a product or axpy of one block is too small to
+    share, and on a busy server OpenBLAS's spinning threads made each call 100x slower
+    (benchmarks/RESULTS.md)."""
+    return threadpool_limits(1, user_api="blas") if threadpool_limits else contextlib.nullcontext()
 
-    Element for element the same operations as Flower's ``aggregate_arrayrecords`` (``x_j * w_j``
-    added in order), so both give identical bits; done block by block so each update is read
-    from memory once.
-    """
+
+@functools.cache
+def _axpy() -> dict[np.dtype, Callable]:
+    # imported on first use: site processes import this module but never aggregate (scipy.linalg ~1 s)
+    from scipy.linalg.blas import daxpy, saxpy
+
+    return {np.dtype(np.float32): saxpy, np.dtype(np.float64): daxpy}
+
+
+#: ``finish(name, where, block)``: called on each block of a floating-point array once it holds the
+#: weighted mean (``where`` is its slice of the flattened array); it may rewrite the block in place
+#: while it is still in cache (a server optimiser's step fused into the same pass).
+BlockFinish = Callable[[str, slice, np.ndarray], None]
+#: ``term(name, where, values)``: what of an update's block enters the mean instead of its values
+#: (e.g. its change from the global model, clipped); may return a scratch array it reuses.
+BlockTerm = Callable[[str, slice, np.ndarray], np.ndarray]
+
+
+def weighted_average(
+    arrays: Sequence[Mapping[str, np.ndarray]],
+    weights: Sequence[float],
+    finish: BlockFinish | None = None,
+    term: BlockTerm | None = None,
+) -> dict[str, np.ndarray]:
+    """``sum_j w_j x_j`` with ``w`` normalised, in the arrays' own dtype and key order: the one
+    weighted-mean kernel of every averaging strategy (``weighted_sum`` with weights summing to one)."""
     if len(arrays) != len(weights) or not arrays:
         raise ValueError(f"need one weight per update, got {len(weights)} weights for {len(arrays)} updates")
-    shares = normalise(weights)
+    return weighted_sum(arrays, normalise(weights), finish, term)
+
+
+def weighted_sum(
+    arrays: Sequence[Mapping[str, np.ndarray]],
+    shares: Sequence[float],
+    finish: BlockFinish | None = None,
+    term: BlockTerm | None = None,
+) -> dict[str, np.ndarray]:
+    """``sum_j shares_j x_j`` as given (a server step such as ``x + s (avg - x)`` is such a sum with the
+    global model as one more term), in the arrays' own dtype and key order.
+
+    Block by block, each update read from memory once: the block starts as ``shares_0 x_0`` and every
+    further update is added by BLAS ``axpy`` (one fused pass in cache). `term` and `finish` (floating-point
+    arrays only) fuse a strategy's own arithmetic into the same pass. The result differs from Flower's
+    ``aggregate_arrayrecords`` (``x_j * w_j`` rounded, then added) by float32 rounding only (axpy may
+    round ``w_j x_j + s`` once); it is deterministic for a fixed order of updates.
+    """
+    if len(arrays) != len(shares) or not arrays:
+        raise ValueError(f"need one coefficient per update, got {len(shares)} for {len(arrays)} updates")
+    if any(not math.isfinite(c) for c in shares):
+        raise ValueError(f"coefficients must be finite, got {list(shares)}")
     result: dict[str, np.ndarray] = {}
-    for name, first in arrays[0].items():
-        if first.dtype.kind != "f":
-            total = sum(np.asarray(a[name], np.float64) * w for a, w in zip(arrays, shares, strict=True))
-            result[name] = cast_like(np.asarray(total), first)
-            continue
-        flat = [np.ravel(a[name]) for a in arrays]  # views, except for the rare Fortran-ordered array
-        out = np.empty(first.size, first.dtype)
-        scratch = np.empty(min(_CHUNK, first.size), first.dtype)
-        for lo in range(0, first.size, _CHUNK):
-            hi = min(lo + _CHUNK, first.size)
-            block, tmp = out[lo:hi], scratch[: hi - lo]
-            np.multiply(flat[0][lo:hi], shares[0], out=block)
-            for values, share in zip(flat[1:], shares[1:], strict=True):
-                np.multiply(values[lo:hi], share, out=tmp)
-                block += tmp
-        result[name] = out.reshape(first.shape)
+    with single_blas_thread():
+        for name, first in arrays[0].items():
+            if first.dtype.kind != "f":
+                total = sum(np.asarray(a[name], np.float64) * w for a, w in zip(arrays, shares, strict=True))
+                result[name] = cast_like(np.asarray(total), first)
+                continue
+            flat = [np.ravel(a[name]) for a in arrays]  # views, except for the rare Fortran-ordered array
+            out = np.empty(first.size, first.dtype)
+            terms = None if term is None else functools.partial(term, name)
+            for where in _weighted_blocks(flat, shares, out, terms):
+                if finish is not None:
+                    finish(name, where, out[where])
+            result[name] = out.reshape(first.shape)
     return result
+
+
+def _weighted_blocks(
+    flat: Sequence[np.ndarray],
+    shares: Sequence[float],
+    out: np.ndarray,
+    term: Callable[[slice, np.ndarray], np.ndarray] | None = None,
+) -> Iterator[slice]:
+    """Fill `out` with ``sum_j shares_j term(flat_j)`` block by block, yielding each block's slice when done."""
+    axpy = _axpy().get(out.dtype)
+    scratch = None if axpy else np.empty(min(_CHUNK, out.size), out.dtype)
+    for lo in range(0, out.size, _CHUNK):
+        where = slice(lo, min(lo + _CHUNK, out.size))
+        block = out[where]
+        for j, (values, share) in enumerate(zip(flat, shares, strict=True)):
+            values = values[where] if term is None else term(where, values[where])
+            if j == 0:
+                np.multiply(values, share, out=block)
+            elif axpy:
+                if axpy(values, block, a=share) is not block:  # pragma: no cover - contiguous: in place
+                    raise RuntimeError("BLAS axpy did not update the block in place")
+            else:  # float16 and other dtypes BLAS lacks: two passes in cache
+                tmp = scratch[: block.size]
+                np.multiply(values, share, out=tmp)
+                block += tmp
+        yield where
 
 
 def deltas_from(global_arrays: Mapping[str, np.ndarray], local: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -36,7 +36,7 @@ log = logging.getLogger("fedbrats.strategies")
 class ReweightedFedAvg(StrategyHooks, FedAvg):
     """Weighted FedAvg (weights: ``num-examples``) computed with our shared arithmetic.
 
-    Identical in result to Flower's FedAvg for replies in the same order; replies are put in a
+    Equal to Flower's FedAvg to float32 rounding for replies in the same order; replies are put in a
     fixed order (by site name) first, so the result does not depend on arrival order.
     """
 

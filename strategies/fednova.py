@@ -13,12 +13,12 @@ import numpy as np
 from flwr.app import Message
 
 from fedbrats.strategies.arithmetic import (
-    apply_update,
     metric,
     missing_metrics,
     normalise,
     record_views,
     weighted_average,
+    weighted_sum,
 )
 from fedbrats.strategies.base import ReweightedFedAvg
 from fedbrats.strategies.registry import register_strategy
@@ -53,10 +53,13 @@ class FedNova(ReweightedFedAvg):
         shares = normalise(weights)
         steps = [metric(r, "local-steps") for r in replies]
         tau_eff = sum(p * tau for p, tau in zip(shares, steps, strict=True))
-        # x - tau_eff * sum_j p_j (x - x_j) / tau_j  ==  x + tau_eff * Q * (avg_q(x_j) - x)
-        # with q_j = p_j / tau_j, Q = sum_j q_j and avg_q the q-weighted average: one pass over the updates
+        # x - tau_eff * sum_j p_j (x - x_j) / tau_j  ==  (1 - tau_eff Q) x + sum_j tau_eff q_j x_j
+        # with q_j = p_j / tau_j and Q = sum_j q_j: one weighted sum, the global model one more term
         q = [p / tau for p, tau in zip(shares, steps, strict=True)]
-        average = weighted_average([record_views(r.content[self.arrayrecord_key]) for r in replies], q)
-        floats = {name: x for name, x in start.items() if x.dtype.kind == "f"}
-        result = apply_update(floats, {name: average[name] - x for name, x in floats.items()}, tau_eff * sum(q))
-        return {name: result.get(name, average[name]) for name in start}  # integer buffers: averaged
+        updates = [record_views(r.content[self.arrayrecord_key]) for r in replies]
+        floats = [name for name, x in start.items() if x.dtype.kind == "f"]
+        stepped = weighted_sum([{n: start[n] for n in floats}] + [{n: u[n] for n in floats} for u in updates],
+                               [1.0 - tau_eff * sum(q)] + [tau_eff * qj for qj in q])
+        others = [name for name in start if name not in stepped]
+        averaged = weighted_average([{n: u[n] for n in others} for u in updates], q) if others else {}
+        return {name: stepped[name] if name in stepped else averaged[name] for name in start}  # integers: averaged

@@ -13,9 +13,9 @@ site and clips to the median of those per-site percentiles, a statistic a minori
 Computed tensor by tensor without a copy of the round: each site's |change| goes into one scratch
 tensor, whose percentile is found by one in-place selection (``np.partition`` at one index, about
 five times faster than ``np.percentile``'s two; same value, ``linear_percentile``); the clipped
-weighted mean is then summed block by block from the received bytes, in the operations of
-``weighted_average``, so the result equals the stacked computation bit for bit. The pooled rule
-needs every site's |change| of one tensor at once (sites x the largest tensor of scratch).
+weighted mean is then summed block by block from the received bytes by the shared weighted-mean
+kernel, each model clipped to the band ``start +- bound`` (equal to the stacked computation to float32
+rounding). The pooled rule needs every site's |change| of one tensor at once (sites x the largest tensor of scratch).
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ import math
 import numpy as np
 from flwr.app import Message
 
-from fedbrats.strategies.arithmetic import normalise, record_views, weighted_average
+from fedbrats.strategies.arithmetic import BlockTerm, record_views, weighted_average
 from fedbrats.strategies.base import ReweightedFedAvg
 from fedbrats.strategies.registry import register_strategy
 
 log = logging.getLogger("fedbrats.strategies")
 
-_CHUNK = 1 << 16  # parameters per block of the clipped sum: the block and its scratch stay in cache
+_CHUNK = 1 << 16  # parameters per block of |change|: a block's subtraction and magnitude stay in cache
 
 
 def linear_percentile(values: np.ndarray, percentile: float) -> np.floating:
@@ -53,23 +53,35 @@ def linear_percentile(values: np.ndarray, percentile: float) -> np.floating:
 def clipped_weighted_mean(
     start: np.ndarray, models: list[np.ndarray], shares: list[float], bound: np.floating
 ) -> np.ndarray:
-    """``start + sum_j shares_j clip(models_j - start, -bound, bound)`` block by block, in
-    `start`'s dtype, with ``weighted_average``'s operations (so the same bits as stacking)."""
-    out = np.empty(start.size, start.dtype)
-    scratch = np.empty(min(_CHUNK, start.size), start.dtype)
-    for lo in range(0, start.size, _CHUNK):
-        hi = min(lo + _CHUNK, start.size)
-        total, change = out[lo:hi], scratch[: hi - lo]
-        for j, (model, share) in enumerate(zip(models, shares, strict=True)):
-            np.subtract(model[lo:hi], start[lo:hi], out=change, casting="same_kind")
-            np.clip(change, -bound, bound, out=change)
-            if j == 0:
-                np.multiply(change, share, out=total)
-            else:
-                np.multiply(change, share, out=change)
-                total += change
-        total += start[lo:hi]
-    return out
+    """``start + sum_j shares_j clip(models_j - start, -bound, bound)`` of flat arrays, in `start`'s dtype,
+    by the shared weighted-mean kernel in one pass (see ``_clipped``)."""
+    return weighted_average([{"w": m} for m in models], shares, term=_clipped({"w": start}, {"w": bound}))["w"]
+
+
+def _clipped(start: dict[str, np.ndarray], bounds: dict[str, np.floating]) -> BlockTerm:
+    """The weighted mean's block term: each model clipped to ``[start - bound, start + bound]``.
+
+    With shares summing to one, ``start + sum_j w_j clip(m_j - start, -b, b) = sum_j w_j clip(m_j, start - b,
+    start + b)``: the band is computed once per block, and each model costs a min, a max and the axpy
+    (equal to clipping the changes up to float32 rounding of ``start +- b``)."""
+    buffers: dict[np.dtype, tuple[np.ndarray, ...]] = {}  # lower edge, upper edge, clipped model; reused
+    held: list[tuple[str, int] | None] = [None]  # the block whose band the buffers hold
+
+    def term(name: str, where: slice, values: np.ndarray) -> np.ndarray:
+        size, dtype = values.size, values.dtype
+        if dtype not in buffers or buffers[dtype][0].size < size:
+            buffers[dtype] = tuple(np.empty(size, dtype) for _ in range(3))
+            held[0] = None
+        low, high, clipped = (buffer[:size] for buffer in buffers[dtype])
+        if held[0] != (name, where.start):
+            x, b = start[name][where], bounds[name]
+            np.subtract(x, b, out=low, casting="same_kind")
+            np.add(x, b, out=high, casting="same_kind")
+            held[0] = (name, where.start)
+        np.minimum(values, high, out=clipped)
+        return np.maximum(clipped, low, out=clipped)
+
+    return term
 
 
 @register_strategy("fets_clipped")
@@ -109,27 +121,25 @@ class FetsClippedAvg(ReweightedFedAvg):
         scratch = np.empty(size * n if self.pooled else size, start.dtype)
         if self.pooled:
             for j, model in enumerate(models):
-                np.subtract(model, start, out=scratch[j * size : (j + 1) * size], casting="same_kind")
-            np.abs(scratch, out=scratch)
+                _magnitudes(model, start, scratch[j * size : (j + 1) * size])
             return linear_percentile(scratch, self.percentile)
         per_site = np.empty(n, start.dtype)
         for j, model in enumerate(models):
-            np.subtract(model, start, out=scratch, casting="same_kind")
-            np.abs(scratch, out=scratch)
-            per_site[j] = linear_percentile(scratch, self.percentile)
+            per_site[j] = linear_percentile(_magnitudes(model, start, scratch), self.percentile)
         return np.median(per_site)
 
     def combine(self, server_round: int, replies: list[Message], weights: list[float]) -> dict[str, np.ndarray]:
         reference = self.global_views()
         updates = [record_views(r.content[self.arrayrecord_key]) for r in replies]
-        shares = normalise(weights)
-        result: dict[str, np.ndarray] = {}
-        for name, start in reference.items():
-            if start.dtype.kind != "f" or start.size == 0:
-                result[name] = weighted_average([{name: u[name]} for u in updates], shares)[name]
-                continue
-            flat_start = np.ravel(start)
-            models = [np.ravel(u[name]) for u in updates]  # views, except for a Fortran-ordered array
-            bound = start.dtype.type(self.bound(flat_start, models))
-            result[name] = clipped_weighted_mean(flat_start, models, shares, bound).reshape(start.shape)
-        return result
+        floats = {name: np.ravel(x) for name, x in reference.items() if x.dtype.kind == "f" and x.size}
+        bounds = {name: x.dtype.type(self.bound(x, [np.ravel(u[name]) for u in updates])) for name, x in floats.items()}
+        return weighted_average(updates, weights, term=_clipped(floats, bounds))  # integers: averaged, not clipped
+
+
+def _magnitudes(model: np.ndarray, start: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``|model - start|`` into `out`, block by block (each block written once, its magnitude taken in cache)."""
+    for lo in range(0, out.size, _CHUNK):
+        block = out[lo : lo + _CHUNK]
+        np.subtract(model[lo : lo + _CHUNK], start[lo : lo + _CHUNK], out=block, casting="same_kind")
+        np.abs(block, out=block)
+    return out

@@ -9,7 +9,7 @@ are converted here. Defaults are Flower 1.41's unless noted:
 =============  ============================================================================
 fedavg         (registered in ``strategies/fedavg.py`` on our aggregation) no parameters
 fedprox        (registered in ``strategies/fedavg.py``) proximal_mu=0.0 (sent to sites as "proximal-mu")
-fedavgm        server_learning_rate=1.0, server_momentum=0.0                     [state: momentum]
+fedavgm        (on our weighted mean, ``fedavgm.py``) server_learning_rate=1.0, server_momentum=0.0 [state: momentum]
 fets_fedavgm   FeTS FedAvgM: server_learning_rate=1.0, server_momentum=0.9       [state: momentum]
 fedadam        eta=0.1, eta_l=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3             [state: m_t, v_t]
 fedyogi        eta=0.01, eta_l=0.0316, beta_1=0.9, beta_2=0.99, tau=1e-3         [state: m_t, v_t]
@@ -38,8 +38,6 @@ from flwr.serverapp.strategy import (
     Bulyan,
     FedAdagrad,
     FedAdam,
-    FedAvg,
-    FedAvgM,
     FedMedian,
     FedTrimmedAvg,
     FedYogi,
@@ -51,6 +49,7 @@ from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.supercore import log as flwr_log
 
 from fedbrats.strategies.arithmetic import metric, ordered, record_views, to_record, weighted_average
+from fedbrats.strategies.fedavgm import BlockwiseFedAvgM, FetsFedAvgM
 from fedbrats.strategies.hooks import StrategyHooks
 from fedbrats.strategies.registry import register_strategy
 from fedbrats.strategies.robust import (
@@ -69,89 +68,10 @@ def _whole(name: str, value: float) -> int:
     return int(value)
 
 
-# --- server momentum ---------------------------------------------------------------------
-def _reply_names(replies: list[Message], key: str) -> list[str]:
-    """Array names in the order the sites sent them (Flower aggregates in this order)."""
-    for reply in replies:
-        if not reply.has_error() and key in reply.content.array_records:
-            return list(reply.content.array_records[key].keys())
-    return []
-
-
-def _in_order(record: ArrayRecord, names: list[str]) -> ArrayRecord:
-    """`record` with its arrays in `names` order. Flower's FedAvgM and QFedAvg pair the global
-    model's arrays with the sites' by position; a model read back from a checkpoint may list its
-    arrays in another order (safetensors sorts names), which would pair the wrong arrays."""
-    if list(record.keys()) == names or set(record.keys()) != set(names):
-        return record
-    return ArrayRecord({name: record[name] for name in names})
-
-
-class StatefulFedAvgM(StrategyHooks, FedAvgM):
-    """Flower's FedAvgM whose momentum is checkpointed, pairing arrays by name.
-
-    The model the momentum applies to (``current_arrays``) is not saved: after a restart it is
-    taken from the resumed global model at the next ``configure_train``, which is the same array.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.momentum_names: list[str] = []  # the array name of each entry of momentum_vector
-
-    def _align(self, replies: list[Message]) -> list[str]:
-        names = _reply_names(replies, self.arrayrecord_key)
-        if names and self.current_arrays is not None:
-            self.current_arrays = _in_order(self.current_arrays, names)
-        if names and self.momentum_vector is not None and self.momentum_names not in ([], names):
-            by_name = dict(zip(self.momentum_names, self.momentum_vector, strict=True))
-            self.momentum_vector = [by_name[name] for name in names]
-        return names
-
-    def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        names = self._align(replies)
-        result = super().aggregate_train(server_round, replies)
-        if self.momentum_vector is not None:
-            self.momentum_names = names
-        return result
-
-    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        if self.momentum_vector is None:
-            return {}, {"momentum_names": []}
-        names = self.momentum_names
-        arrays = {f"momentum/{k}": np.ascontiguousarray(v) for k, v in zip(names, self.momentum_vector, strict=True)}
-        return arrays, {"momentum_names": names}
-
-    def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        self.momentum_names = list(meta.get("momentum_names", []))
-        self.momentum_vector = [np.array(arrays[f"momentum/{k}"]) for k in self.momentum_names] or None
-        self.current_arrays = None
-
-
-class FetsFedAvgM(StatefulFedAvgM):
-    """FedAvgM as shipped in the FeTS challenge (``FedAvgM_Selection``, Isik-Polat et al., FeTS 2021).
-
-    Not identical to Flower's FedAvgM with the same momentum: FeTS's first round is plain FedAvg and
-    starts the velocity at zero, while Flower's first round already seeds the velocity with that
-    round's pseudo-gradient. From round 2 both apply ``v = mu v + (x - avg)``, ``x -= lr v``.
-    """
-
-    def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        if self.momentum_vector is not None or not self.server_opt:
-            return super().aggregate_train(server_round, replies)
-        replies = list(replies)
-        names = self._align(replies)
-        arrays, metrics = FedAvg.aggregate_train(self, server_round, replies)
-        if arrays is not None:
-            self.momentum_vector = [np.zeros_like(a) for a in arrays.to_numpy_ndarrays()]
-            self.momentum_names = names
-            self.current_arrays = arrays
-        return arrays, metrics
-
-
+# --- server momentum (strategies/fedavgm.py: on our weighted mean) -------------------------
 @register_strategy("fedavgm")
-def fedavgm(*, server_learning_rate: float = 1.0, server_momentum: float = 0.0, **common: Any) -> StatefulFedAvgM:
-    return StatefulFedAvgM(server_learning_rate=server_learning_rate, server_momentum=server_momentum, **common)
+def fedavgm(*, server_learning_rate: float = 1.0, server_momentum: float = 0.0, **common: Any) -> BlockwiseFedAvgM:
+    return BlockwiseFedAvgM(server_learning_rate=server_learning_rate, server_momentum=server_momentum, **common)
 
 
 @register_strategy("fets_fedavgm")
@@ -310,6 +230,23 @@ def bulyan(*, num_malicious_nodes: float = 0, **common: Any) -> Bulyan:
 
 
 # --- fairness ------------------------------------------------------------------------------
+def _reply_names(replies: list[Message], key: str) -> list[str]:
+    """Array names in the order the sites sent them (Flower aggregates in this order)."""
+    for reply in replies:
+        if not reply.has_error() and key in reply.content.array_records:
+            return list(reply.content.array_records[key].keys())
+    return []
+
+
+def _in_order(record: ArrayRecord, names: list[str]) -> ArrayRecord:
+    """`record` with its arrays in `names` order. Flower's QFedAvg pairs the global
+    model's arrays with the sites' by position; a model read back from a checkpoint may list its
+    arrays in another order (safetensors sorts names), which would pair the wrong arrays."""
+    if list(record.keys()) == names or set(record.keys()) != set(names):
+        return record
+    return ArrayRecord({name: record[name] for name in names})
+
+
 class NamedQFedAvg(StrategyHooks, QFedAvg):
     """Flower's QFedAvg pairing the global arrays with the sites' by name, not position.
 

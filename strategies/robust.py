@@ -10,11 +10,10 @@ memory is a few blocks, not a copy of the round.
 
 The values are the same as Flower's: an order statistic does not depend on how it is found, the
 median of an even count is the mean of the two middle values as ``np.median`` computes it, and
-kept values are summed in ascending order (Bulyan: ascending distance to the median), the order
-numpy's ``argpartition`` returns for these sizes. Bulyan's second step packs each candidate's
-distance, side of the median and value into one uint64 key, so the same min/max network merges
-the two sides (twice as fast as merging with gathers, which float32 only needs no longer). Flower's trimmed mean sums its kept values in
-``np.partition``'s order, so from five kept values on the last bit may differ.
+kept values are summed in ascending order, the order numpy's ``argpartition`` returns for these
+sizes. Bulyan's second step keeps the same values as Flower's (a window of the sorted values, see
+``closest_to_median_mean``) but sums them in ascending order, and Flower's trimmed mean sums its kept
+values in ``np.partition``'s order: there the last bits may differ (float32 rounding).
 
 Non-finite values: a NaN spreads to every order statistic of its column (the server drops
 non-finite updates before aggregation). Arrays that are not floating point (step counters) take
@@ -23,7 +22,6 @@ Flower's own functions: they are tiny and Flower returns them as float64.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -31,14 +29,12 @@ import numpy as np
 from flwr.serverapp.strategy.bulyan import aggregate_n_closest_weights
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
-try:  # installed with scikit-learn (nilearn's dependency); without it BLAS keeps its own threads
-    from threadpoolctl import threadpool_limits
-except ImportError:  # pragma: no cover
-    threadpool_limits = None
+from fedbrats.strategies.arithmetic import single_blas_thread
 
-#: Parameters per block. Chosen by measurement (benchmarks/bench_aggregation.py --chunks): a block of
-#: every site's values and its scratch rows stays in the core's L2 cache for 12-17 sites.
-DEFAULT_CHUNK = 1 << 13
+#: Parameters per block. Chosen by measurement (benchmarks/bench_aggregation.py --chunks): larger blocks
+#: spread numpy's per-call cost over more values; 32768 (a row 128 KB, the rows a comparator touches in
+#: the 512 KB L2 cache of this machine's cores) was fastest for the sorts and the distances alike.
+DEFAULT_CHUNK = 1 << 15
 
 Comparator = tuple[int, int, bool, bool]  # positions i < j; whether the min (to i) / max (to j) is used
 
@@ -194,9 +190,15 @@ def closest_to_median_mean(arrays: Sequence[np.ndarray], beta: int, chunk: int =
     """Bulyan's second step (Flower's ``aggregate_n_closest_weights`` against the coordinate-wise
     median): per parameter, the mean of the `beta` values closest to the median of all values.
 
-    Within a block the candidates are the sorted values below the median (closest first) and above
-    it: two ascending lists of keys (`_closeness_key`); the `beta` smallest of both, in order, are a
-    bitonic merge (one ``np.minimum`` a pair, then a bitonic sorter), all whole-block min/max."""
+    In sorted order the `beta` closest values are a window ``[a, a + beta)``, and moving the window
+    one step right (dropping ``s_j`` below the median, taking ``s_{j+beta}`` above it) is right
+    exactly while ``s_{j+beta}`` is strictly closer: so each value of the window is either always in
+    it or one of a pair ``(s_j, s_{j+beta})`` of which the closer is taken (the one below on a tie, as
+    Flower's merge outwards takes it). Per block: a sort of the window's rows (a comparator network),
+    then per pair two distances and a branch-free select of the bits; no gathers, no Python loop over
+    parameters. Distances are Flower's (``|v - m|`` rounded as numpy rounds it), so the same values
+    are kept; they are summed in ascending order, not Flower's ascending distance (float32 rounding).
+    """
     flat = _flat(arrays)
     n = len(flat)
     if not 1 <= beta <= n:
@@ -204,127 +206,40 @@ def closest_to_median_mean(arrays: Sequence[np.ndarray], beta: int, chunk: int =
     if arrays[0].dtype.kind != "f":
         stack = np.stack(arrays)
         return aggregate_n_closest_weights([np.median(stack, axis=0)], [[a] for a in arrays], beta)[0]
-    if arrays[0].dtype != np.float32:  # the keys below pack float32 bits
-        return _closest_to_median_mean_merge(flat, beta, chunk).reshape(arrays[0].shape)
-    out = np.empty(flat[0].size, np.float32)
+    dtype = arrays[0].dtype
+    out = np.empty(flat[0].size, dtype)
     mid = n // 2
-    lo, hi = max(0, mid - beta), min(n, mid + beta)  # the beta closest lie within this window
-    width = 1 << max(0, (beta - 1).bit_length())  # each side padded to a power of two
-    half = np.float32(2)
-    keys = [np.empty(min(chunk, out.size), np.uint64) for _ in range(2 * width + 1)]
-    bits = np.empty(min(chunk, out.size), np.uint32)
-    mask = np.empty_like(bits)
+    first, last = max(0, mid - beta), min(mid, n - beta)  # the window starts at one of first..last
+    words = np.dtype(f"i{dtype.itemsize}")  # the values' bits, for the select
+    shift = 8 * dtype.itemsize - 1
+    width = min(chunk, out.size)
+    median, below, above = (np.empty(width, dtype) for _ in range(3))
     scratch: list[np.ndarray] = []
     for block in _blocks(out.size, chunk):
-        rows = _sorted_rows([f[block] for f in flat], lo, hi, scratch)
-        median = rows[mid] if n % 2 else (rows[mid - 1] + rows[mid]) / half
+        rows = _sorted_rows([f[block] for f in flat], first, last + beta, scratch)
         size = block.stop - block.start
-        below, above, spare = keys[:width], keys[width : 2 * width], keys[2 * width][:size]
-        for k in range(width):  # below: rows mid-1, mid-2, ...; above: rows mid, mid+1, ...
-            _closeness_key(rows, mid - 1 - k, lo, median, False, below[k][:size], bits[:size])
-            _closeness_key(rows, mid + k, hi - 1, median, True, above[k][:size], bits[:size])
-        # the `width` smallest keys of both (ascending) sides, as a bitonic sequence, then sorted
-        merged = [np.minimum(below[k][:size], above[width - 1 - k][:size], out=below[k][:size])
-                  for k in range(width)]
-        step = width // 2
-        while step:
-            for i in range(width):
-                if not i & step:
-                    a, b = merged[i], merged[i + step]
-                    np.maximum(a, b, out=spare)
-                    np.minimum(a, b, out=a)
-                    merged[i + step], spare = spare, b
-            step //= 2
+        m, dl, dr = median[:size], below[:size], above[:size]
+        if n % 2:
+            m = rows[mid]
+        else:
+            np.add(rows[mid - 1], rows[mid], out=m)
+            m /= dtype.type(2)
         total = out[block]
-        for k in range(beta):  # summed in ascending distance, as Flower's np.mean of the closest
-            value = _value_of(merged[k], bits[:size], mask[:size])
-            if k == 0:
-                np.copyto(total, value)
-            else:
-                total += value
-        total /= np.float32(beta)
+        total.fill(0)
+        for k in range(last, first + beta):  # in every window
+            total += rows[k]
+        for j in range(first, last):  # the closer of s_j (below) and s_{j+beta} (above)
+            low, high = rows[j], rows[j + beta]
+            np.subtract(m, low, out=dl)
+            np.subtract(high, m, out=dr)
+            np.subtract(dr, dl, out=dr)  # < 0 exactly when high is strictly closer
+            mask = np.right_shift(dr.view(words), shift, out=dr.view(words))  # all ones if so, else 0
+            bits = np.bitwise_xor(low.view(words), high.view(words), out=dl.view(words))
+            np.bitwise_and(bits, mask, out=bits)
+            np.bitwise_xor(bits, low.view(words), out=bits)
+            total += bits.view(dtype)
+        total /= dtype.type(beta)
     return out.reshape(arrays[0].shape)
-
-
-_SIDE = np.uint64(1 << 32)  # the key bit that says "above the median"
-_ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def _closeness_key(rows, index: int, limit: int, median, above: bool, key: np.ndarray, bits: np.ndarray) -> None:
-    """A uint64 per column that orders candidates as Bulyan's merge outwards from the median takes them:
-    float32 distance (its bits, sign-free, are ordered), then below before above, then within a side
-    closest first (order-preserving bits of the value, reversed below); the value is recoverable.
-    A row outside the window (``index`` beyond ``limit``) is padding: the largest key."""
-    if (index > limit) if above else (index < limit):
-        key.fill(_ALL)
-        return
-    value = rows[index]
-    # |value - median| as Flower computes it: fl(m - v) is exactly -fl(v - m), and value <= median below
-    np.subtract(*((value, median) if above else (median, value)), out=bits.view(np.float32))
-    np.left_shift(bits, 33, out=key, dtype=np.uint64)
-    raw = value.view(np.uint32)
-    np.right_shift(value.view(np.int32), 31, out=bits.view(np.int32))  # 0 or all ones: the sign
-    # order-preserving bits: positive -> raw | 1<<31, negative -> ~raw; reversed (~) below the median
-    if above:
-        np.bitwise_or(bits, np.uint32(0x80000000), out=bits)  # mask: all ones or the sign bit
-    else:
-        np.right_shift(bits, 1, out=bits)
-        np.bitwise_xor(bits, np.uint32(0x7FFFFFFF), out=bits)  # mask: none or all but the sign bit
-    np.bitwise_xor(bits, raw, out=bits)
-    np.bitwise_or(key, bits, out=key, dtype=np.uint64)
-    if above:
-        np.bitwise_or(key, _SIDE, out=key)
-
-
-def _value_of(key: np.ndarray, bits: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The float32 value packed in a key by `_closeness_key` (branch-free: numpy's ``where=`` is
-    twenty times slower on a random mask)."""
-    words = key.view(np.uint32)  # little-endian: low word, then high word (whose bit 0 is the side)
-    low, high = (words[0::2], words[1::2]) if np.little_endian else (words[1::2], words[0::2])
-    np.bitwise_and(high, np.uint32(1), out=mask)
-    np.subtract(mask, np.uint32(1), out=mask)  # above: 0; below: all ones (undo the reversal)
-    np.bitwise_xor(low, mask, out=bits)  # order-preserving bits
-    np.right_shift(bits, 31, out=mask)
-    np.subtract(mask, np.uint32(1), out=mask)
-    np.bitwise_or(mask, np.uint32(0x80000000), out=mask)  # positive: the sign bit; negative: all ones
-    np.bitwise_xor(bits, mask, out=bits)
-    return bits.view(np.float32)
-
-
-def _closest_to_median_mean_merge(flat: list[np.ndarray], beta: int, chunk: int) -> np.ndarray:
-    """`closest_to_median_mean` for float dtypes other than float32: merge outwards with gathers."""
-    n = len(flat)
-    out = np.empty(flat[0].size, flat[0].dtype)
-    mid = n // 2
-    lo, hi = max(0, mid - beta), min(n, mid + beta)  # the beta closest lie within this window
-    half = out.dtype.type(2)
-    scratch: list[np.ndarray] = []
-    for block in _blocks(out.size, chunk):
-        rows = _sorted_rows([f[block] for f in flat], lo, hi, scratch)
-        window = np.stack(rows[lo:hi])  # (hi - lo, columns), each column ascending
-        median = window[mid - lo] if n % 2 else (window[mid - 1 - lo] + window[mid - lo]) / half
-        width = window.shape[1]
-        distance = np.abs(window - median).ravel()
-        values = window.ravel()
-        columns = np.arange(width)
-        # merge outwards from the median: the next closest value is the next one below or above
-        below = np.full(width, (mid - 1 - lo) * width) + columns  # flat positions in the window
-        above = np.full(width, (mid - lo) * width) + columns
-        last = values.size - 1
-        total = out[block]
-        for step in range(beta):
-            d_below = np.where(below >= 0, distance[np.maximum(below, 0)], np.inf)
-            d_above = np.where(above <= last, distance[np.minimum(above, last)], np.inf)
-            take_above = d_above < d_below
-            value = values[np.where(take_above, above, below)]
-            if step == 0:
-                np.copyto(total, value)
-            else:
-                total += value
-            above += take_above * width
-            below -= ~take_above * width
-        total /= beta
-    return out
 
 
 def squared_distances(updates: Sequence[Mapping[str, np.ndarray]], chunk: int = DEFAULT_CHUNK) -> np.ndarray:
@@ -338,9 +253,7 @@ def squared_distances(updates: Sequence[Mapping[str, np.ndarray]], chunk: int = 
     if n == 0:
         raise ValueError("no updates to compare")
     gram = np.zeros((n, n), np.float64)
-    # one BLAS thread: a 17 x chunk product is too small to share, and on a busy server OpenBLAS's
-    # spinning threads made each product 100x slower (benchmarks/RESULTS.md)
-    with threadpool_limits(1, user_api="blas") if threadpool_limits else contextlib.nullcontext():
+    with single_blas_thread():  # a 17 x chunk product is too small to share
         _add_gram(gram, updates, chunk)
     norms = np.diag(gram)
     return np.maximum(norms[:, None] + norms[None, :] - 2 * gram, 0.0)

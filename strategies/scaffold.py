@@ -29,6 +29,7 @@ from fedbrats.strategies.arithmetic import (
     site_of,
     to_record,
     weighted_average,
+    weighted_sum,
 )
 from fedbrats.strategies.hooks import StrategyHooks
 from fedbrats.strategies.registry import register_strategy
@@ -71,6 +72,14 @@ def client_control_update(
 
 
 # --- server side -------------------------------------------------------------------------
+def _all_finite(array: np.ndarray) -> bool:
+    """Whether every value is finite. Up to float32, a float64 sum cannot overflow, so it is finite exactly
+    when every value is: one read and no mask the size of the array."""
+    if array.dtype.kind == "f" and array.dtype.itemsize <= 4:
+        return bool(np.isfinite(np.sum(array, dtype=np.float64)))
+    return bool(np.isfinite(array).all())
+
+
 @register_strategy("scaffold")
 class Scaffold(StrategyHooks, FedAvg):
     """SCAFFOLD server: FedAvg's messages plus the control variate.
@@ -131,7 +140,7 @@ class Scaffold(StrategyHooks, FedAvg):
         for name, array in record_views(delta).items():
             if array.shape != expected[name].shape or array.dtype != expected[name].dtype:
                 return f"{CONTROL_DELTA} {name!r} is {array.dtype}{array.shape}, expected {expected[name].dtype}{expected[name].shape}"
-            if not np.isfinite(array).all():
+            if not _all_finite(array):
                 return f"{CONTROL_DELTA} {name!r} has non-finite values"
         return None
 
@@ -150,14 +159,23 @@ class Scaffold(StrategyHooks, FedAvg):
         if not usable:
             return None, None
         usable = ordered(usable)
-        equal = [1.0] * len(usable)
+        n, lr = len(usable), self.server_lr
         x = record_views(self.global_arrays)
-        mean_y = weighted_average([record_views(r.content[self.arrayrecord_key]) for r in usable], equal)
-        new_x = apply_update(x, {k: mean_y[k] - v for k, v in x.items()}, self.server_lr)
-        mean_dc = weighted_average([record_views(r.content[CONTROL_DELTA]) for r in usable], equal)
+        models = [record_views(r.content[self.arrayrecord_key]) for r in usable]
+        # x + lr (mean_j y_j - x) = (1 - lr) x + sum_j (lr / n) y_j: one weighted sum (x left out when lr = 1)
+        floats = [name for name, value in x.items() if value.dtype.kind == "f"]
+        terms = [{k: m[k] for k in floats} for m in models] + ([{k: x[k] for k in floats}] if lr != 1.0 else [])
+        new_x = weighted_sum(terms, [lr / n] * n + ([1.0 - lr] if lr != 1.0 else []))
+        ints = [name for name in x if name not in new_x]
+        if ints:  # integer buffers (step counters): the mean, rounded, then the same step, rounded
+            mean = weighted_average([{k: m[k] for k in ints} for m in models], [1.0] * n)
+            new_x |= apply_update({k: x[k] for k in ints}, {k: mean[k] - x[k] for k in ints}, lr)
+        new_x = {name: new_x[name] for name in x}  # the global model's array order
         self.seen_sites.update(site_of(r) for r in usable)
-        total = max(self.num_sites, len(self.seen_sites))
-        self.control = apply_update(self.control, mean_dc, len(usable) / total)
+        scale = n / max(self.num_sites, len(self.seen_sites))
+        # c + (|S|/N) mean_j dc_j, one weighted sum with c as a term
+        deltas = [record_views(r.content[CONTROL_DELTA]) for r in usable]
+        self.control = weighted_sum([self.control, *deltas], [1.0] + [scale / n] * n)
         metrics = self.train_metrics_aggr_fn([r.content for r in usable], self.weighted_by_key)
         return to_record(new_x), metrics
 
