@@ -9,11 +9,16 @@ as the sites run one after another we also subtract the summed compute of all si
 plain Flower app written at run time: the ServerApp sends the same arrays (same names, shapes and
 bytes as our model's ArrayRecord) to every site for train, then for evaluate; the ClientApp replies at
 once (train: the received arrays, evaluate: one metric, like our sites). Medians over rounds 2.. (round 1
-includes warm-up: Ray actors, imports, the sites' data loading). While each run goes, a thread polls
+includes warm-up: Ray actors, imports, the sites' data loading). With ``--evaluate-in-train`` our run
+sets evaluate-in-train (each round's model is evaluated inside the next round's train messages) and
+the plain app likewise sends one message per site per round (evaluate only in the last round); a
+site's compute is then counted in the round that did it. While each run goes, a thread polls
 /proc every 0.5 s and sums RSS (and PSS) over every process the run started (descendants of this
 process, or processes whose environment names the run's FLWR_HOME, and their descendants).
 
-    python benchmarks/bench_framework.py [--sites 4 8 17] [--rounds 3] [--workdir DIR] [--keep]
+    python benchmarks/bench_framework.py [--sites 4 8 17] [--rounds 3] [--evaluate-in-train] [--workdir DIR] [--keep]
+
+A deployed site's per-message overhead (a fresh ClientApp process per message): bench_site_message.py.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ clientapp = "plainflower.client_app:app"
 [tool.flwr.app.config]
 rounds = {rounds}
 sites = {sites}
+evaluate-in-train = {in_train}
 payload = "{payload}"
 out = "{out}"
 """
@@ -106,7 +112,9 @@ def main(grid: Grid, context: Context) -> None:
         start = time.monotonic()
         train = exchange(grid, nodes, arrays, MessageType.TRAIN, rnd)
         train_seconds = time.monotonic() - start
-        evaluate = exchange(grid, nodes, arrays, MessageType.EVALUATE, rnd)
+        evaluate = (0, 0)
+        if not cfg["evaluate-in-train"] or rnd == int(cfg["rounds"]):
+            evaluate = exchange(grid, nodes, arrays, MessageType.EVALUATE, rnd)
         wall = time.monotonic() - start
         rounds.append({"round": rnd, "wall_seconds": wall, "train_seconds": train_seconds,
                        "replies": train[0] + evaluate[0], "errors": train[1] + evaluate[1]})
@@ -234,10 +242,10 @@ def check_own_superlink(out: Path) -> None:
 
 
 # --- the two runs -------------------------------------------------------------------------------------------
-def tiny_config(rounds: int) -> RunConfig:
+def tiny_config(rounds: int, evaluate_in_train: bool = False) -> RunConfig:
     return RunConfig(
         rounds=rounds, local_steps=1, model_width=8, model_depth=2, patch_size=16, eval_every=1,
-        cache="memory", phantom_voxel_size=5.0, seed=0,
+        cache="memory", phantom_voxel_size=5.0, seed=0, evaluate_in_train=evaluate_in_train,
     )  # fmt: skip
 
 
@@ -261,6 +269,11 @@ def run_ours(config: RunConfig, sites: int, work: Path) -> dict:
     if not ok:
         raise RuntimeError(f"our simulation with {sites} sites failed; see {out / 'flower.log'}")
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if line.strip()]
+    # a site's evaluation seconds count in the round that computed them (evaluate-in-train: the next one)
+    eval_seconds: dict[int, list[float]] = {}
+    for record in history:
+        done_in = record.get("evaluated_in_round", record["round"])
+        eval_seconds.setdefault(done_in, []).extend(e["eval-seconds"] for e in record["evaluate"] if not e.get("dropped"))
     rounds = []
     for record in history:
         train = [t for t in record["train"] if not t.get("dropped")]
@@ -269,20 +282,22 @@ def run_ours(config: RunConfig, sites: int, work: Path) -> dict:
             raise RuntimeError(
                 f"round {record['round']} with {sites} sites: {len(train)} trained, {len(evaluate)} evaluated"
             )
-        slowest = max(t["seconds"] for t in train) + max(e["eval-seconds"] for e in evaluate)
-        summed = sum(t["seconds"] for t in train) + sum(e["eval-seconds"] for e in evaluate)
+        evaluated = eval_seconds.get(record["round"], [])
+        slowest = max(t["seconds"] for t in train) + max(evaluated, default=0.0)
+        summed = sum(t["seconds"] for t in train) + sum(evaluated)
         rounds.append({"wall": record["wall_seconds"], "slowest": slowest, "summed": summed})
     return {"rounds": rounds, "total": total, "memory": memory, "leftover": left}
 
 
-def run_plain(spec: dict, sites: int, rounds: int, work: Path) -> dict:
+def run_plain(spec: dict, sites: int, rounds: int, work: Path, in_train: bool = False) -> dict:
     out = (work / f"plain-{sites}").resolve()
     app = out / "app"
     (app / "plainflower").mkdir(parents=True, exist_ok=True)
     (out / "payload.json").write_text(json.dumps(spec))
     result_file = out / "rounds.json"
     (app / "pyproject.toml").write_text(
-        PLAIN_PYPROJECT.format(rounds=rounds, sites=sites, payload=out / "payload.json", out=result_file)
+        PLAIN_PYPROJECT.format(rounds=rounds, sites=sites, payload=out / "payload.json", out=result_file,
+                               in_train="true" if in_train else "false")
     )
     (app / "plainflower" / "__init__.py").write_text("")
     (app / "plainflower" / "server_app.py").write_text(PLAIN_SERVER)
@@ -299,7 +314,8 @@ def run_plain(spec: dict, sites: int, rounds: int, work: Path) -> dict:
         raise RuntimeError(f"the plain Flower run with {sites} sites failed; see {out / 'flower.log'}")
     result = json.loads(result_file.read_text())
     if result["nbytes"] != spec["nbytes"] or any(
-        r["errors"] or r["replies"] != 2 * sites for r in result["rounds"]
+        r["errors"] or r["replies"] != (1 + (not in_train or i == rounds - 1)) * sites
+        for i, r in enumerate(result["rounds"])
     ):
         raise RuntimeError(f"plain Flower run with {sites} sites: unexpected result {result}")
     return {"rounds": [{"wall": r["wall_seconds"]} for r in result["rounds"]], "total": total, "memory": memory,
@@ -346,18 +362,20 @@ def main() -> None:
         "--workdir", type=Path, default=None, help="where runs go (default: a temporary folder)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the run folders")
+    parser.add_argument("--evaluate-in-train", action="store_true",
+                        help="one message per site and round (ours: evaluate-in-train; plain: evaluate in the last round)")
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be >= 2: round 1 is warm-up")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-framework-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    config = tiny_config(args.rounds)
+    config = tiny_config(args.rounds, args.evaluate_in_train)
     spec = payload_spec(config)
     results: dict[int, tuple[dict, dict]] = {}
     try:
         for sites in args.sites:
             ours = run_ours(config, sites, work)
-            plain = run_plain(spec, sites, args.rounds, work)
+            plain = run_plain(spec, sites, args.rounds, work, args.evaluate_in_train)
             results[sites] = (ours, plain)
             for name, run in (("ours", ours), ("plain", plain)):
                 print(f"{name}, {sites} sites, processes at peak RSS: {', '.join(run['memory'].peak_names)}")

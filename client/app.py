@@ -11,12 +11,14 @@ site's log.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 import traceback
 from typing import Any
 
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -28,9 +30,9 @@ from fedbrats.client.settings import model_for, start_step, train_config
 from fedbrats.client.site import Site, SiteError, cached_site, run_key
 from fedbrats.client.trainer import get_device, loss_on, lr_at, train_local
 from fedbrats.shared.config import RunConfig
-from fedbrats.shared.records import model_to_record, record_to_model
 from fedbrats.shared.tasks import task_for
 from fedbrats.shared.wire import encode_update
+from fedbrats.strategies.arithmetic import array_view, to_array
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 log = logging.getLogger("fedbrats.client")
@@ -39,6 +41,9 @@ app = ClientApp()
 
 #: The evaluate reply's record of score histograms (tasks that classify), and its one array.
 SCORES, HISTOGRAMS = "scores", "histograms"
+#: With `evaluate-in-train`, a train reply also carries the site's evaluation of the incoming global
+#: model: its metrics (and SCORES), or, when the site cannot evaluate, why (a config record "reason").
+EVALUATION, EVALUATION_ERROR = "evaluation", "evaluation-error"
 
 #: Error codes a site sends; the server records the reason next to the site's name.
 SITE_UNUSABLE = 1001
@@ -57,8 +62,38 @@ def _error(msg: Message, code: int, reason: str) -> Message:
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
-def _model(msg: Message, config: RunConfig):
-    return record_to_model(msg.content["arrays"], model_for(config))
+#: Idle models of this process, one per run configuration: building a model costs as much as a tiny
+#: model's whole round, and a simulated site's Ray worker (or a hospital's ClientApp) answers many messages.
+_IDLE_MODELS: dict[str, torch.nn.Module] = {}
+
+
+def _model(msg: Message, config: RunConfig) -> torch.nn.Module:
+    """The run's model holding the message's weights (strict names), reusing an idle one of this process.
+
+    A model in use is taken out of the pool and only a handler that finished cleanly gives it back
+    (`_release`), so a failure, a gradient hook (SCAFFOLD) or Opacus's wrapping never reaches a later message."""
+    model = _IDLE_MODELS.pop(_model_key(config), None) or model_for(config)
+    with torch.no_grad():  # the bytes' own view, one copy into the parameters (no .npy parsing per array)
+        state = {name: torch.from_numpy(array_view(array).copy()) for name, array in msg.content["arrays"].items()}
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _model_key(config: RunConfig) -> str:
+    return json.dumps([config.model, config.model_config], sort_keys=True, default=str)
+
+
+def _release(model: torch.nn.Module, config: RunConfig) -> None:
+    model.zero_grad(set_to_none=True)
+    _IDLE_MODELS[_model_key(config)] = model
+
+
+def _weights(model: torch.nn.Module) -> ArrayRecord:
+    """The model's state as fp32 (float) arrays, serialised with one copy (`strategies.arithmetic.to_array`)."""
+    return ArrayRecord({
+        name: to_array((value.detach().float() if value.is_floating_point() else value.detach()).cpu().numpy())
+        for name, value in model.state_dict().items()
+    })  # fmt: skip
 
 
 def _server_round(msg: Message) -> int:
@@ -70,7 +105,8 @@ def _server_round(msg: Message) -> int:
 
 def handle_train(msg: Message, context: Context) -> Message:
     config = RunConfig.from_flower(dict(context.run_config))
-    site = attacked_site(config, dict(context.node_config), cached_site(dict(context.node_config), config))
+    honest = cached_site(dict(context.node_config), config)
+    site = attacked_site(config, dict(context.node_config), honest)  # a simulated attack changes training only
     if len(site.train) == 0:
         return _error(msg, SITE_UNUSABLE, f"site {site.name} has no usable training case ({site.skipped_count} skipped)")
     round_config = msg.content["config"]
@@ -82,6 +118,9 @@ def handle_train(msg: Message, context: Context) -> Message:
     norms = LocalNorms(site.run_dir(run)) if round_config.get("fedbn", False) else None
     if norms:
         norms.apply(model, upto_round=server_round - 1)
+    # evaluate-in-train: the incoming model (the previous round's global one, with this site's own norms
+    # under FedBN, as an evaluate message would score it) is scored before it trains: no second message.
+    evaluation = _evaluation(model, honest, config) if round_config.get("evaluate-incoming", False) else None
     control = (
         ControlVariate(site.run_dir(run), msg.content[CONTROL], server_round)
         if CONTROL in msg.content.array_records else None
@@ -129,7 +168,7 @@ def handle_train(msg: Message, context: Context) -> Message:
             "skipped-cases": site.skipped_count,
         }
     )
-    reply = model_to_record(model)
+    reply = _weights(model)
     if norms:
         norms.keep(model, server_round)
         reply = LocalNorms.hide(model, reply, incoming)
@@ -139,7 +178,36 @@ def handle_train(msg: Message, context: Context) -> Message:
         steps = max(result.steps, 1)
         mean_lr = sum(lr_at(s, local) for s in range(first_step, first_step + steps)) / steps
         out.content[CONTROL_DELTA] = control.finish(model, incoming, steps, mean_lr)
+    if evaluation is not None:
+        _attach(out, evaluation)
+    if not (config.dp or control):  # Opacus wrapped it, SCAFFOLD hooked it: those models are not reused
+        _release(model, config)
     return out
+
+
+def _evaluation(model: torch.nn.Module, site: Site, config: RunConfig) -> tuple[dict[str, float], Any] | str:
+    """The site's evaluation of `model`: (metrics, score histograms or None), or why it has none to send."""
+    if len(site.val) == 0:
+        return f"site {site.name} has no usable validation case"
+    if config.dp and not eval_metrics_released(len(site.val), config.dp_eval_metrics, config.dp_eval_min_cases):
+        return {"num-examples": len(site.val), "eval-seconds": 0.0}, None  # nothing per patient leaves
+    metrics = task_for(config).evaluate(model, site.val, config, get_device("auto"))
+    histograms = metrics.pop(HISTOGRAMS, None)
+    for metric, reason in metrics.pop("reasons", {}).items():
+        log.info("site %s: %s (%s)", site.name, reason, metric)  # e.g. a single-class site's AUC
+    metrics["num-examples"] = len(site.val)
+    return metrics, histograms if not config.dp else None  # under DP-SGD a site releases means only (README, Privacy)
+
+
+def _attach(out: Message, evaluation: tuple[dict[str, float], Any] | str) -> None:
+    """Put an evaluation into a train reply (evaluate-in-train): EVALUATION metrics and SCORES, or the reason."""
+    if isinstance(evaluation, str):
+        out.content[EVALUATION_ERROR] = ConfigRecord({"reason": evaluation})
+        return
+    metrics, histograms = evaluation
+    out.content[EVALUATION] = MetricRecord(metrics)
+    if histograms is not None:
+        out.content[SCORES] = ArrayRecord({HISTOGRAMS: Array(histograms)})
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
@@ -147,18 +215,16 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     site = cached_site(dict(context.node_config), config)
     if len(site.val) == 0:
         return _error(msg, SITE_UNUSABLE, f"site {site.name} has no usable validation case")
-    if config.dp and not eval_metrics_released(len(site.val), config.dp_eval_metrics, config.dp_eval_min_cases):
-        return _reply(msg, site, {"num-examples": len(site.val), "eval-seconds": 0.0})  # nothing per patient leaves
     model = _model(msg, config)
     if msg.content["config"].get("fedbn", False):  # each site is scored with its own normalisation
         LocalNorms(site.run_dir(run_key(msg.metadata.run_id, config, msg.content["config"].get("run-key", "")))).apply(model, upto_round=_server_round(msg))
-    metrics = task_for(config).evaluate(model, site.val, config, get_device("auto"))
-    histograms = metrics.pop(HISTOGRAMS, None)
-    for metric, reason in metrics.pop("reasons", {}).items():
-        log.info("site %s: %s (%s)", site.name, reason, metric)  # e.g. a single-class site's AUC
-    metrics["num-examples"] = len(site.val)
+    evaluation = _evaluation(model, site, config)
+    _release(model, config)
+    if isinstance(evaluation, str):
+        return _error(msg, SITE_UNUSABLE, evaluation)
+    metrics, histograms = evaluation
     out = _reply(msg, site, metrics)
-    if histograms is not None and not config.dp:  # under DP-SGD a site releases means only (README, Privacy)
+    if histograms is not None:
         out.content[SCORES] = ArrayRecord({HISTOGRAMS: Array(histograms)})
     return out
 

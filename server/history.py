@@ -130,6 +130,17 @@ class RunHistory:
     def events(self) -> list[dict[str, Any]]:
         return read_events(self.path)
 
+    def replace_round(self, record: dict[str, Any]) -> None:
+        """Rewrite the line of round ``record["round"]`` (its last one) in place, atomically: with
+        evaluate-in-train a round's evaluation arrives with the next round's training. Other lines stay."""
+        scan = scan_history(self.path)
+        rounds = [i for i, p in enumerate(scan.parsed) if p is not None and EVENT not in p and p["round"] == record["round"]]
+        if not rounds:
+            raise ValueError(f"{self.path} holds no round {record['round']} to replace")
+        lines = list(scan.lines)
+        lines[rounds[-1]] = json.dumps(record, sort_keys=True, allow_nan=True)
+        atomic_write_text(self.path, "".join(line + "\n" for line in lines))
+
     def truncate_after(self, last_round: int) -> HistoryScan:
         """Keep what precedes the first round later than `last_round` (the checkpoint's), used on resume.
 

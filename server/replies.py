@@ -14,6 +14,7 @@ other (same metric keys), so Flower's own ``_check_and_log_replies`` never raise
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import re
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ConfigRecord, Message
+from flwr.app import Array, ConfigRecord, Message, RecordDict
 
 from fedbrats.shared.constants import REGIONS
 from fedbrats.strategies.scaffold import CONTROL, CONTROL_DELTA
@@ -64,6 +65,10 @@ EVALUATE_METRICS: dict[str, tuple[float, float]] = {
 #: The optional array record of an evaluation reply: a classifier's score histograms (counts per true
 #: class, scored class and score bin; client/app.py), never per-case scores.
 SCORES, HISTOGRAMS = "scores", "histograms"
+
+#: evaluate-in-train: a training reply's evaluation of the incoming model (metrics, or why there is none;
+#: client/app.py), taken out before the reply is checked as a training reply.
+EVALUATION, EVALUATION_ERROR = "evaluation", "evaluation-error"
 
 #: Counts: whole numbers.
 WHOLE = frozenset({"num-examples", "num-val", "examples-seen", "local-steps", "skipped-cases", "dp-steps",
@@ -111,6 +116,9 @@ def array_problem(name: str, array: Any) -> str | None:
     shape = tuple(array.shape) if isinstance(array.shape, list | tuple) else None
     if shape is None or not all(isinstance(n, int) and n >= 0 for n in shape):
         return f"{label} declares shape {shown(str(array.shape))}, expected non-negative whole numbers"
+    header = _npy_header(declared.str, shape)  # what np.save writes for it: the common case, no parsing
+    if array.data.startswith(header) and len(array.data) == len(header) + math.prod(shape) * declared.itemsize:
+        return None
     stream = io.BytesIO(array.data)
     try:
         version = np.lib.format.read_magic(stream)
@@ -130,6 +138,14 @@ def array_problem(name: str, array: Any) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
+def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
+    """The .npy 1.0 header `np.save` writes for a C-ordered array of `descr` and `shape`."""
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": descr, "fortran_order": False, "shape": shape})
+    return head.getvalue()
+
+
 def histograms_problem(record: Any, cases: float) -> str | None:
     """Why a "scores" record is not one array of non-negative whole counts [classes, 1 or classes, bins]
     that counts each of the site's `cases` (num-examples) once per scored class."""
@@ -144,6 +160,42 @@ def histograms_problem(record: Any, cases: float) -> str | None:
     if (per_scored_class != cases).any():
         return f"{HISTOGRAMS} count {per_scored_class.tolist()[:5]} cases, num-examples says {cases:.6g}"
     return None
+
+
+@dataclass
+class EmbeddedEvaluation:
+    """The evaluation a training reply carried (evaluate-in-train), shaped as an evaluate reply so that
+    `ReplyValidator.check` validates it like one; `error` holds the site's reason when it sent none."""
+
+    content: RecordDict
+    error: Any = None
+
+    def has_error(self) -> bool:
+        return self.error is not None
+
+
+@dataclass
+class _Reason:
+    reason: str
+
+
+def split_evaluation(reply: Message) -> EmbeddedEvaluation:
+    """Take the evaluation records out of a training reply (Flower's strategies accept exactly one
+    MetricRecord); what remains is checked as a training reply, what was taken as an evaluate reply."""
+    if reply.has_error():
+        return EmbeddedEvaluation(RecordDict(), _Reason(reply.error.reason))
+    content, evaluation = reply.content, RecordDict()
+    if "site" in content.config_records:
+        evaluation["site"] = ConfigRecord(dict(content.config_records["site"]))
+    if EVALUATION in content.metric_records:
+        evaluation["metrics"] = content.pop(EVALUATION)
+    if SCORES in content.array_records:
+        evaluation[SCORES] = content.pop(SCORES)
+    if EVALUATION_ERROR in content.config_records:
+        return EmbeddedEvaluation(evaluation, _Reason(str(content.pop(EVALUATION_ERROR).get("reason", ""))))
+    if "metrics" not in evaluation:
+        return EmbeddedEvaluation(evaluation, _Reason("its training reply carried no evaluation of the incoming model"))
+    return EmbeddedEvaluation(evaluation)
 
 
 @dataclass

@@ -60,6 +60,31 @@ def _floats(reference: Mapping[str, np.ndarray]) -> list[str]:
     return [name for name, value in reference.items() if value.dtype.kind == "f" and value.size]
 
 
+def _blocks(updates: Sequence[Mapping[str, np.ndarray]], reference: Mapping[str, np.ndarray]):
+    """(reference values, [each update's values]) in blocks of about `_BLOCK` values; small arrays (norms,
+    biases) share a block, so a model of many small arrays costs a few NumPy calls, not a few per array."""
+    pending: list[tuple[np.ndarray, list[np.ndarray]]] = []
+    size = 0
+    for name in _floats(reference):
+        start = np.ravel(reference[name])
+        flat = [np.ravel(u[name]) for u in updates]
+        for lo in range(0, start.size, _BLOCK):
+            hi = min(lo + _BLOCK, start.size)
+            pending.append((start[lo:hi], [f[lo:hi] for f in flat]))
+            size += hi - lo
+            if size >= _BLOCK:
+                yield _joined(pending)
+                pending, size = [], 0
+    if pending:
+        yield _joined(pending)
+
+
+def _joined(parts: list[tuple[np.ndarray, list[np.ndarray]]]) -> tuple[np.ndarray, list[np.ndarray]]:
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([r for r, _ in parts]), [np.concatenate(u) for u in zip(*(f for _, f in parts), strict=True)]
+
+
 def update_statistics(
     updates: Sequence[Mapping[str, np.ndarray]], reference: Mapping[str, np.ndarray]
 ) -> tuple[list[float], list[float | None], float]:
@@ -69,16 +94,12 @@ def update_statistics(
     k = len(updates)
     squares, dots = np.zeros(k), np.zeros(k)
     median_square = 0.0
-    for name in _floats(reference):
-        start = np.ravel(reference[name])
-        flat = [np.ravel(u[name]) for u in updates]
-        for lo in range(0, start.size, _BLOCK):
-            hi = min(lo + _BLOCK, start.size)
-            changes = np.stack([f[lo:hi] for f in flat]).astype(np.float64) - start[lo:hi]
-            median = np.median(changes, axis=0)
-            squares += np.einsum("ij,ij->i", changes, changes)
-            dots += changes @ median
-            median_square += float(median @ median)
+    for start, flat in _blocks(updates, reference):
+        changes = np.stack(flat).astype(np.float64) - start
+        median = np.median(changes, axis=0)
+        squares += np.einsum("ij,ij->i", changes, changes)
+        dots += changes @ median
+        median_square += float(median @ median)
     norms = [math.sqrt(s) for s in squares]
     median_norm = math.sqrt(median_square)
     cosines: list[float | None] = [

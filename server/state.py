@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load, save
 
 from fedbrats.shared.atomic import atomic_write, atomic_write_json
 from fedbrats.shared.config import RunConfig
-from fedbrats.shared.records import record_digest
+from fedbrats.strategies.arithmetic import record_views, to_array
 
 log = logging.getLogger("fedbrats.server")
 
@@ -44,7 +44,7 @@ _ROUND_FILE = re.compile(r"^(?:global|strategy)\.safetensors\.r(\d+)$")
 #: folder reached by another path), `timeout` and `min-sites` (how long to wait, how many replies a
 #: round needs), and `resume-override` itself. Any other difference needs `resume-override = true`.
 RESUMABLE_CHANGES = frozenset({"rounds", "out-dir", "timeout", "min-sites", "resume-override", "tracking",
-                               "tracking-uri"})  # fmt: skip
+                               "tracking-uri", "final-evaluation"})  # fmt: skip
 #: What a run started before a key existed did, where that is not the key's default today; any other
 #: key missing from a stored configuration ran as its default does (a new key keeps old behaviour).
 LEGACY_VALUES = {"hd95-definition": "max"}
@@ -65,6 +65,18 @@ class ServerState:
     skipped: list[str] = field(default_factory=list)
 
 
+def weights_digest(arrays: ArrayRecord | dict[str, np.ndarray]) -> str:
+    """`shared.records.record_digest` (same SHA-256) read from the arrays' bytes without parsing each .npy."""
+    views = record_views(arrays) if isinstance(arrays, ArrayRecord) else arrays
+    digest = hashlib.sha256()
+    for name in sorted(views):
+        array = views[name]
+        digest.update(name.encode())
+        digest.update(str(array.dtype).encode() + str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
 def _start_over(run_dir: Path) -> str:
     return f"to start over, remove {run_dir} or choose another --out"
 
@@ -75,7 +87,8 @@ def save_state(folder: Path, state: ServerState) -> None:
     strategy_bytes = save(
         {k: np.ascontiguousarray(v) for k, v in state.strategy_arrays.items()} or {"_empty": np.zeros(0, np.float32)}
     )
-    digest = record_digest(state.arrays)
+    views = record_views(state.arrays)
+    digest = weights_digest(views)
     header = {
         "round": state.round,
         "digest": digest,
@@ -84,7 +97,7 @@ def save_state(folder: Path, state: ServerState) -> None:
         "array_order": list(state.arrays.keys()),  # safetensors sorts names; positional strategies need the order
         "meta": state.meta,
     }
-    weights = {name: np.ascontiguousarray(array.numpy()) for name, array in state.arrays.items()}
+    weights = {name: np.ascontiguousarray(array) for name, array in views.items()}
     names = {"weights": f"{WEIGHTS}.r{state.round}", "strategy": f"{STRATEGY}.r{state.round}"}
     atomic_write(folder / names["strategy"], strategy_bytes)
     atomic_write(folder / names["weights"], save(weights, metadata={k: json.dumps(v) for k, v in header.items()}))
@@ -134,9 +147,9 @@ def _load_round(folder: Path, rnd: int) -> ServerState:
     order = header.get("array_order") or sorted(weights)
     if sorted(order) != sorted(weights):
         raise ValueError(f"{weights_path.name} holds arrays {sorted(weights)}, its header names {sorted(order)}")
-    arrays = ArrayRecord({k: Array(weights[k]) for k in order})
+    arrays = ArrayRecord({k: to_array(weights[k]) for k in order})
     stored = header["digest"]
-    if record_digest(arrays) != stored:
+    if weights_digest({k: weights[k] for k in order}) != stored:
         raise ValueError(f"{weights_path.name} does not match its stored digest {stored[:12]}")
     if hashlib.sha256(strategy_bytes).hexdigest() != header.get("strategy_sha256"):
         raise ValueError(f"{strategy_path.name} does not match its stored digest")
