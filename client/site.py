@@ -12,17 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
 
+from fedbrats.shared.atomic import atomic_write_json
 from fedbrats.shared.config import RunConfig
 from fedbrats.shared.data.case_labels import CaseLabels, SiteClasses, site_classes
 from fedbrats.shared.data.cases import Case
@@ -79,21 +78,8 @@ class Site:
 
         Whole or old, never half (a rename), but not fsynced: it is the operator's record of each round,
         which training never reads back, and two fsyncs per train message were 15-20 ms of every round."""
-        _replace_json(self.run_dir(key) / STATE_FILE, state)
+        atomic_write_json(self.run_dir(key) / STATE_FILE, state, durable=False)
         _prune_runs(self.work_dir / "runs", keep=key)
-
-
-def _replace_json(path: Path, obj: Any) -> None:
-    """`shared.atomic.atomic_write_json` without its fsyncs: a crash leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run_key(run_id: int | str, config: RunConfig, server_key: object = "") -> str:

@@ -33,11 +33,12 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | os.PathLike, data: bytes, *, mode: int | None = None) -> Path:
+def atomic_write(path: str | os.PathLike, data: bytes, *, mode: int | None = None, durable: bool = True) -> Path:
     """Replace `path` by `data` atomically and durably; the folder is created if missing.
 
     The file gets `mode` (e.g. 0o600 for keys) or, by default, what a plain `open` would give
-    under the process umask (a temporary file alone would be private to its owner).
+    under the process umask (a temporary file alone would be private to its owner). `durable=False`
+    skips the fsyncs, for records nothing reads back (a crash still leaves the old file or the new one).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,18 +48,22 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, mode: int | None = Non
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_folder(path.parent)
+    if durable:
+        _fsync_folder(path.parent)
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, *, mode: int | None = None) -> Path:
-    return atomic_write(path, text.encode("utf-8"), mode=mode)
+def atomic_write_text(path: str | os.PathLike, text: str, *, mode: int | None = None, durable: bool = True) -> Path:
+    return atomic_write(path, text.encode("utf-8"), mode=mode, durable=durable)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, mode: int | None = None) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n", mode=mode)
+def atomic_write_json(
+    path: str | os.PathLike, obj: Any, *, indent: int | None = 2, mode: int | None = None, durable: bool = True
+) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n", mode=mode, durable=durable)
