@@ -8,10 +8,13 @@ machine is shared, so wall time would measure the neighbours). Then a fixed subs
 scored with the evaluation pipeline (sliding window without TTA, scored on the original grid): Dice
 and HD95 per region with and without post-processing (nesting + small-ET rule, `postprocess`), and,
 for models with the slice branch (unetpp, bifpn), with and without its false-positive removal.
-Prints a Markdown table; writes the figures as JSON (`--out`), rewritten after every model.
+Prints a Markdown table; writes the figures as JSON (`--out`), rewritten after every model, with the load
+average before and after each model and its range during training (the CPU budget is fair under load, the
+wall time is not). One torch thread by default, so two runs on a small machine cannot starve each other.
+`bench_networks_federated.py` scores federated global models with the same `score`.
 
-    python benchmarks/bench_networks.py --data /work/exp/ph4 --partition /work/exp/ph4/partitioning_1.csv \\
-        --test /work/exp/test --budget-seconds 120 --test-cases 15 --out benchmarks/bench_networks.json
+    nice -n 5 python benchmarks/bench_networks.py --data /work/exp/ph4 --partition /work/exp/ph4/partitioning_1.csv \\
+        --test /work/exp/test --budget-seconds 120 --chunk 2 --test-cases 10 --threads 1 --out benchmarks/bench_networks.json
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,8 +58,9 @@ def run_config(model: str, args: argparse.Namespace) -> RunConfig:
 def train_for_budget(config: RunConfig, net: torch.nn.Module, train_ds: Any, budget: float) -> dict[str, Any]:
     """Train `net` in chunks of `config.local_steps` until `budget` CPU seconds are spent; what was done."""
     task = task_for(config)
-    steps, losses, cpu = 0, [], 0.0
+    steps, losses, cpu, loads = 0, [], 0.0, []
     while cpu < budget:
+        loads.append(os.getloadavg()[0])
         start = time.process_time()
         result = train_local(net, train_ds, train_config(config, len(train_ds)), loss_fn=task.loss,
                              start_step=steps, device="cpu")  # fmt: skip
@@ -67,7 +72,8 @@ def train_for_budget(config: RunConfig, net: torch.nn.Module, train_ds: Any, bud
         )
     voxels = steps * config.batch_size * math.prod(config.patch)
     return {"steps": steps, "train_cpu_s": cpu, "train_voxels_per_cpu_s": voxels / cpu,
-            "first_loss": losses[0], "last_loss": losses[-1]}  # fmt: skip
+            "first_loss": losses[0], "last_loss": losses[-1],
+            "train_wall_load_1min": [min(loads), max(loads)]}  # fmt: skip
 
 
 def test_cases(test_dir: Path, n: int, seed: int) -> list[Any]:
@@ -86,8 +92,10 @@ def variants_of(net: torch.nn.Module) -> list[tuple[str, bool | None]]:
     return [("", None)]
 
 
-def score(net: torch.nn.Module, cases: list[Any], config: RunConfig, tta: bool) -> dict[str, Any]:
-    """Mean Dice/HD95 per region of every (variant, post-processing) pair, and inference CPU/wall s per case."""
+def score(net: torch.nn.Module, cases: list[Any], patch: tuple[int, ...], tta: bool) -> dict[str, Any]:
+    """Mean Dice/HD95 per region of every (variant, post-processing) pair, and inference CPU/wall s per case.
+
+    The one scoring path of the table: `bench_networks_federated.py` scores the federated checkpoints with it."""
     from fedbrats.shared.data.transforms import preprocess
     from fedbrats.shared.data.volumes import load_case
     from fedbrats.shared.evaluation.inference import predict_probabilities
@@ -107,7 +115,7 @@ def score(net: torch.nn.Module, cases: list[Any], config: RunConfig, tta: bool) 
                 net.fp_removal = fp
             c0, w0 = time.process_time(), time.perf_counter()
             probs = predict_probabilities(
-                net, torch.as_tensor(image), patch_size=config.patch, tta=tta, device="cpu"
+                net, torch.as_tensor(image), patch_size=patch, tta=tta, device="cpu"
             )
             cpu.append(time.process_time() - c0)
             wall.append(time.perf_counter() - w0)
@@ -146,7 +154,7 @@ def bench_model(model: str, args: argparse.Namespace, cases: list[Any]) -> dict[
         "train_cases": len(train_ds),
     }
     record.update(train_for_budget(config, net, train_ds, args.budget_seconds))
-    record.update(score(net, cases, config, args.tta))
+    record.update(score(net, cases, config.patch, args.tta))
     return record
 
 
@@ -193,23 +201,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: two runs cannot starve each other)"
+    )
     parser.add_argument(
         "--tta", action="store_true", help="flip test-time augmentation at inference (8x slower)"
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/bench_networks.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     cases = test_cases(Path(args.test), args.test_cases, args.seed)
     console.print(f"scoring on {len(cases)} test cases: {', '.join(c.case_id for c in cases)}")
     records: list[dict[str, Any]] = []
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     for model in models:
+        load_before = os.getloadavg()
         records.append(bench_model(model, args, cases))
+        records[-1]["load_average"] = {"before": load_before, "after": os.getloadavg()}
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"settings": settings, "test_cases": [c.case_id for c in cases],
-                                        "models": records}, indent=1))  # fmt: skip
+        args.out.write_text(json.dumps({"settings": settings, "started_utc": started, "torch": torch.__version__,
+                                        "test_cases": [c.case_id for c in cases], "models": records}, indent=1))  # fmt: skip
     print(table(records))
     return 0
 

@@ -3,36 +3,26 @@ false-positive removal, DP (Opacus validation, per-sample gradients, a DP-SGD st
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from opacus.grad_sample import wrap_model
-from opacus.validators import ModuleValidator
 
-from fedbrats.shared.checkpoint import load_checkpoint, save_checkpoint
+from fedbrats.shared.checkpoint import load_checkpoint
 from fedbrats.shared.models import count_parameters, create_model
 from fedbrats.shared.models.bifpn import FUSION_EPS, BiFPNNet, FastFusion
-from fedbrats.shared.models.classifier import dp_problem
 from fedbrats.shared.models.losses import region_loss
 from fedbrats.shared.models.slice_branch import REMOVED_LOGIT, slice_labels, slice_loss
 from fedbrats.shared.tasks import model_loss
 
+from . import model_checks as checks
+from .model_checks import one_thread  # noqa: F401 (autouse fixture)
+
 TINY = {"width": 8, "depth": 3, "bifpn_layers": 2}
 SIZE = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+loss = BiFPNNet.training_loss
 
 
 def tiny(**extra) -> BiFPNNet:
-    torch.manual_seed(0)
-    return create_model("bifpn", **{**TINY, **extra})
+    return checks.tiny_model("bifpn", TINY, **extra)
 
 
 def batch(n: int = 2, size: int = SIZE):
@@ -136,58 +126,32 @@ def test_fp_removal_clears_a_region_on_a_slice_the_branch_calls_negative():
 
 
 def test_one_adam_step_lowers_the_loss_and_reaches_fusion_weights():
-    model = tiny().train()
-    x, regions = batch()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    before = BiFPNNet.training_loss(model(x), regions)
-    before.backward()
-    assert model.bifpn[0].bottom_up_fusion[0].weight.grad.abs().sum() > 0
-    assert model.slice_branch.upsample[0].weight.grad.abs().sum() > 0
-    optimizer.step()
-    optimizer.zero_grad()
-    with torch.no_grad():
-        after = BiFPNNet.training_loss(model(x), regions)
-    assert float(after) < float(before.detach())
+    model = tiny()
+
+    def fusion_and_branch_learn():
+        assert model.bifpn[0].bottom_up_fusion[0].weight.grad.abs().sum() > 0
+        assert model.slice_branch.upsample[0].weight.grad.abs().sum() > 0
+
+    checks.one_step_lowers_loss(model, loss, *batch(), lr=3e-3, after_backward=fusion_and_branch_learn)
 
 
 # ---- differential privacy -------------------------------------------------------------------------------------
 
 
 def test_opacus_validates_it_and_it_holds_no_buffers():
-    model = tiny()
-    assert ModuleValidator.validate(model, strict=True) == [] and dp_problem(model) is None
-    assert list(model.buffers()) == []
+    checks.assert_opacus_valid(tiny())
 
 
 @pytest.mark.parametrize("mode", ["functorch", "hooks"])
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 def test_per_sample_gradients_match_single_sample_backward(mode):
     """Fusion weights, the transposed conv and the reused LSTM cells included."""
-    model = tiny(bifpn_layers=1)
-    reference = copy.deepcopy(model)
-    x, regions = batch(2, 8)
-    BiFPNNet.training_loss(wrap_model(model, mode, loss_reduction="mean")(x), regions).backward()
-    for i in range(2):
-        reference.zero_grad()
-        BiFPNNet.training_loss(reference(x[i : i + 1]), regions[i : i + 1]).backward()
-        for (name, p), ref in zip(model.named_parameters(), reference.parameters(), strict=True):
-            assert torch.allclose(p.grad_sample[i], ref.grad, atol=1e-6, rtol=1e-3), name
+    checks.assert_per_sample_gradients(tiny(bifpn_layers=1), loss, *batch(2, 8), mode=mode)
 
 
 def test_one_dp_sgd_step_through_the_sites_privacy_path(tmp_path):
-    from fedbrats.client.ledger import PrivacyLedger
-    from fedbrats.client.privacy import DPConfig, train_private
-    from fedbrats.client.trainer import TrainConfig
-
     model = tiny(bifpn_layers=1)
-    before = [p.detach().clone() for p in model.parameters()]
-    x, regions = batch(4, 8)
-    data = torch.utils.data.TensorDataset(x, regions)
-    dp = DPConfig(epsilon=100.0, noise_multiplier=1.0, max_grad_norm=1.0, planned_rounds=1)
-    result = train_private(model, data, TrainConfig(steps=1, batch_size=2, lr=1e-3), dp, PrivacyLedger.at(tmp_path),
-                           round=1, loss_fn=BiFPNNet.training_loss)  # fmt: skip
-    assert result.steps == 1 and result.epsilon > 0
-    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    checks.dp_sgd_steps(model, loss, *batch(4, 8), tmp_path)
     assert set(model.state_dict()) == set(
         tiny(bifpn_layers=1).state_dict()
     )  # same architecture, DP on or off
@@ -198,34 +162,13 @@ def test_one_dp_sgd_step_through_the_sites_privacy_path(tmp_path):
 
 def test_checkpoint_round_trip_rebuilds_the_model_from_metadata(tmp_path):
     model = tiny(se=True)
-    path = save_checkpoint(tmp_path / "bifpn.safetensors", model, extra={"round": 2})
-    loaded, meta = load_checkpoint(path)
-    assert type(loaded) is BiFPNNet and meta["model_name"] == "bifpn"
+    _, meta = checks.checkpoint_round_trip(model, tmp_path / "bifpn.safetensors", batch(1)[0], round=2)
     assert meta["model_config"]["bifpn_layers"] == 2 and meta["model_config"]["se"] is True
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, loaded.state_dict()[name]), name
-    x, _ = batch(1)
-    assert torch.equal(loaded(x), model.eval()(x))
 
 
 @pytest.mark.slow
 def test_one_federated_round_through_the_real_site_handlers(tmp_path):
-    from fedbrats.server.app import run_server
-    from fedbrats.server.history import read_history
-    from fedbrats.shared.config import RunConfig
-    from fedbrats.shared.data.phantom import generate_phantom
-
-    from .local_grid import LocalGrid
-
-    root = tmp_path / "phantom"
-    generate_phantom(root, sites=2, cases_per_site=2, voxel_size=5.0, seed=3, progress=False)
-    config = RunConfig(rounds=1, data_dir=str(root), partition=str(root / "partitioning_1.csv"),
-                       out_dir=str(tmp_path / "run"), model="bifpn", model_width=8, model_depth=3,
-                       model_bifpn_layers=1, patch_size=16, batch_size=2, local_steps=1, cache="memory",
-                       val_fraction=0.5, min_sites=1)  # fmt: skip
-    checkpoint = run_server(LocalGrid(config.to_flower(), sites=2), config)
-    record = read_history(tmp_path / "run" / "history.jsonl")[0]
-    assert record["status"] == "ok" and all(t["dropped"] is None for t in record["train"])
-    assert set(record["mean_dice"]) == {"ET", "TC", "WT"}
+    checkpoint, _, _ = checks.federated_round(tmp_path, "bifpn", cases_per_site=2, model_depth=3,
+                                              model_bifpn_layers=1, val_fraction=0.5)  # fmt: skip
     model, meta = load_checkpoint(checkpoint)
     assert type(model) is BiFPNNet and meta["model_config"]["bifpn_layers"] == 1

@@ -3,15 +3,13 @@ per patient (not per slice), checkpoints, and one federated round on a tiny phan
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from fedbrats.shared.checkpoint import load_checkpoint, save_checkpoint
+from fedbrats.shared.checkpoint import load_checkpoint
 from fedbrats.shared.models import available_models, count_parameters, create_model
 from fedbrats.shared.models.classifier import dp_problem
 from fedbrats.shared.models.losses import hierarchical_probabilities
@@ -19,29 +17,19 @@ from fedbrats.shared.models.resfcn2d import ResFCN2d
 from fedbrats.shared.models.slicewise import Slicewise, fold_slices, unfold_slices
 from fedbrats.shared.tasks import model_loss
 
+from . import model_checks as checks
+from .model_checks import one_thread  # noqa: F401 (autouse fixture)
+
 TINY = {"width": 8, "depth": 3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**extra) -> ResFCN2d:
-    torch.manual_seed(0)
-    return create_model("resfcn2d", **{**TINY, **extra})
+    return checks.tiny_model("resfcn2d", TINY, **extra)
 
 
 def _batch(b: int = 2, size: int = 16, z: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, 4, size, size, z, generator=g)
-    wt = x[:, 3:4] > 0.3  # nested regions that depend on the input
-    tc = wt & (x[:, 1:2] > 0.0)
-    et = tc & (x[:, 0:1] > 0.5)
-    return x, torch.cat([et, tc, wt], 1).float()
+    """Slabs of `z` axial slices with nested regions that depend on the input."""
+    return checks.nested_batch(b, size, seed, z=z, et_threshold=0.5)
 
 
 # ---- the slice-wise wrapper ---------------------------------------------------------------------------
@@ -132,17 +120,10 @@ def test_one_optimiser_step_lowers_the_hierarchical_loss_and_eval_outputs_score_
     model = tiny()
     x, regions = _batch()
     loss_fn = model_loss("resfcn2d")
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    loss = loss_fn(model(x), regions)
-    loss.backward()
-    before = float(loss.detach())
-    optimiser.step()
+    _, after = checks.one_step_lowers_loss(model, loss_fn, x, regions, lr=1e-2)
     with torch.no_grad():
-        after = loss_fn(model(x), regions)
         on_eval = loss_fn(model.eval()(x), regions)  # what loss_on (FedCostWAvg, FedPIDAvg) computes
-    assert float(after) < before
-    assert float(on_eval) == pytest.approx(float(after), abs=1e-4)
+    assert float(on_eval) == pytest.approx(after, abs=1e-4)
     with pytest.raises(ValueError, match="label logits"):
         loss_fn(torch.randn(2, 5, 8, 8, 2), regions[..., :8, :8, :2])
 
@@ -151,12 +132,7 @@ def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):
     model = tiny(se=True)
     with torch.no_grad():
         model.gain.mul_(1.5)
-    path = save_checkpoint(tmp_path / "c.safetensors", model, extra={"patch_size": [16, 16, 16]})
-    loaded, meta = load_checkpoint(path)
-    assert meta["model_name"] == "resfcn2d" and meta["model_config"] == model.config
-    x, _ = _batch()
-    with torch.no_grad():
-        assert torch.equal(loaded(x), model.eval()(x))
+    checks.checkpoint_round_trip(model, tmp_path / "c.safetensors", _batch()[0], patch_size=[16, 16, 16])
 
 
 # ---- DP-SGD: the patient, not the slice, is the unit ---------------------------------------------------------
@@ -167,9 +143,7 @@ def test_opacus_validation_passes_and_dropout_is_refused_with_the_reason():
     ModuleValidator.VALIDATORS.pop(ResFCN2d, None)
     reason = dp_problem(tiny(dropout=0.1).eval())
     assert reason is not None and "dropout" in reason and "model-dropout = 0" in reason
-    model = tiny()
-    assert ModuleValidator.validate(model.train(), strict=True) == [] and dp_problem(model) is None
-    assert list(model.buffers()) == []
+    checks.assert_opacus_valid(tiny().train())
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -177,20 +151,11 @@ def test_opacus_validation_passes_and_dropout_is_refused_with_the_reason():
 def test_per_sample_gradients_are_per_patient(force_functorch):
     """What DP-SGD needs: Opacus' per-sample gradient of each patient = that patient's own gradient,
     in both grad-sample modes (the wrapper's own parameter makes Opacus treat it as one unit)."""
-    model = tiny(se=True)
-    reference = copy.deepcopy(model)
-    x, regions = _batch(b=3, size=8, z=4)
-    loss_fn = model_loss("resfcn2d")
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True,
-                           force_functorch=force_functorch)  # fmt: skip
-    loss_fn(gsm(x), regions).backward()
-    for i in range(3):
-        reference.zero_grad()
-        loss_fn(reference(x[i : i + 1]), regions[i : i + 1]).backward()
-        for (name, p), ref in zip(model.named_parameters(), reference.parameters(), strict=True):
-            assert p.grad_sample.shape[0] == 3, name  # one per patient, not one per slice (3 x 4)
-            assert torch.allclose(p.grad_sample[i], ref.grad, atol=1e-6, rtol=1e-3), name
-    gsm.to_standard_module()
+    mode = "functorch" if force_functorch else "hooks"
+    # one gradient per patient (3), not one per slice (3 x 4)
+    checks.assert_per_sample_gradients(
+        tiny(se=True), model_loss("resfcn2d"), *_batch(b=3, size=8, z=4), mode=mode
+    )
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -222,12 +187,8 @@ def test_a_dp_round_trains_it_and_dropout_is_refused_before_any_step(tmp_path):
     x, regions = _batch(b=4, size=8, z=4)
     data = torch.utils.data.TensorDataset(x, regions)
     dp = DPConfig(epsilon=100.0, noise_multiplier=1.3, max_grad_norm=1.0, planned_rounds=2)
-    model = tiny()
-    before = [p.detach().clone() for p in model.parameters()]
-    result = train_private(model, data, TrainConfig(steps=2, batch_size=2, lr=1e-3), dp, PrivacyLedger.at(tmp_path),
-                           round=1, run_id="r", loss_fn=model_loss("resfcn2d"))  # fmt: skip
-    assert result.steps == 2 and result.epsilon > 0
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    checks.dp_sgd_steps(tiny(), model_loss("resfcn2d"), x, regions, tmp_path, steps=2, noise_multiplier=1.3,
+                        planned_rounds=2, run_id="r")  # fmt: skip
     ledger = PrivacyLedger.at(tmp_path / "other")
     with pytest.raises(IncompatibleModelError, match="dropout"):
         train_private(tiny(dropout=0.1), data, TrainConfig(steps=2, batch_size=2), dp, ledger, round=1, run_id="r",
@@ -240,23 +201,9 @@ def test_a_dp_round_trains_it_and_dropout_is_refused_before_any_step(tmp_path):
 
 @pytest.mark.slow
 def test_one_federated_round_on_a_tiny_phantom(tmp_path):
-    from fedbrats.server.app import run_server
-    from fedbrats.server.history import read_history
-    from fedbrats.shared.config import RunConfig
-    from fedbrats.shared.data.phantom import generate_phantom
-
-    from .local_grid import LocalGrid
-
-    data = tmp_path / "phantom"
-    generate_phantom(data, sites=2, cases_per_site=3, voxel_size=5.0, seed=3, progress=False)
-    config = RunConfig(model="resfcn2d", rounds=1, min_sites=1, data_dir=str(data),
-                       partition=str(data / "partitioning_1.csv"), out_dir=str(tmp_path / "run"), model_width=8,
-                       model_depth=2, patch_size=16, batch_size=2, local_steps=2, local_epochs=1, cache="memory")  # fmt: skip
-    checkpoint = run_server(LocalGrid(config.to_flower(), sites=2), config)
-    history = read_history(tmp_path / "run" / "history.jsonl")
-    assert [h["status"] for h in history] == ["ok"], history[0]["train"]
-    assert all(t["dropped"] is None for t in history[0]["train"])
-    assert all(0.0 <= e["dice-WT"] <= 1.0 for e in history[0]["evaluate"])
+    checkpoint, _, _ = checks.federated_round(
+        tmp_path, "resfcn2d", model_depth=2, local_steps=2, local_epochs=1
+    )
     model, meta = load_checkpoint(checkpoint)
     assert meta["model_name"] == "resfcn2d" and meta["model_config"]["width"] == 8 and meta["round"] == 1
     assert isinstance(model, ResFCN2d)

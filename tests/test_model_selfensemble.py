@@ -3,55 +3,27 @@ DP-SGD, checkpoints, a federated round."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
-from opacus.grad_sample import wrap_model
-from opacus.validators import ModuleValidator
 
-from fedbrats.client.ledger import PrivacyLedger
-from fedbrats.client.privacy import DPConfig, train_private
-from fedbrats.client.trainer import TrainConfig
-from fedbrats.server.app import run_server
-from fedbrats.server.history import read_history
-from fedbrats.shared.checkpoint import load_checkpoint, save_checkpoint
-from fedbrats.shared.config import RunConfig
-from fedbrats.shared.data.phantom import generate_phantom
+from fedbrats.shared.checkpoint import load_checkpoint
 from fedbrats.shared.evaluation.inference import predict_case
 from fedbrats.shared.models import count_parameters, create_model
 from fedbrats.shared.models.losses import hierarchical_probabilities
 from fedbrats.shared.models.selfensemble import SelfEnsembleUNet, label_targets, region_logits
 from fedbrats.shared.tasks import model_loss
 
-from .local_grid import LocalGrid
+from . import model_checks as checks
+from .model_checks import nested_batch as batch
+from .model_checks import one_thread  # noqa: F401 (autouse fixture)
 
 TINY = {"width": 8, "depth": 3}
 loss = SelfEnsembleUNet.training_loss
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(**extra) -> SelfEnsembleUNet:
-    torch.manual_seed(0)
-    return create_model("selfensemble", **{**TINY, **extra})
-
-
-def batch(n: int = 2, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images and nested region masks (ET in TC in WT) that depend on the image."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, size, size, size, generator=g)
-    wt = x[:, 3] > 0.3
-    tc = wt & (x[:, 1] > 0.0)
-    et = tc & (x[:, 0] > 0.3)
-    return x, torch.stack([et, tc, wt], dim=1).float()
+    return checks.tiny_model("selfensemble", TINY, **extra)
 
 
 def test_label_logits_in_training_region_logits_in_eval():
@@ -130,68 +102,38 @@ def test_multitask_loss_is_cross_entropy_plus_region_bce_in_both_modes():
 
 
 def test_one_optimiser_step_lowers_the_loss_on_a_fixed_batch():
-    model, (x, regions) = tiny(deep_supervision=True), batch()
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
-    first = loss(model(x), regions)
-    first.backward()
-    optimiser.step()
-    with torch.no_grad():
-        assert loss(model(x), regions).item() < first.item()
+    checks.one_step_lowers_loss(tiny(deep_supervision=True), loss, *batch())
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 def test_opacus_validation_and_per_sample_gradients():
     model = tiny(deep_supervision=True, se=True)
-    assert ModuleValidator.validate(model, strict=False) == []
-    reference = copy.deepcopy(model)
-    x, regions = batch(size=8)
-    gsm = wrap_model(model, "functorch", loss_reduction="mean")
-    loss(gsm(x), regions).backward()
-    for i in range(2):
-        reference.zero_grad()
-        loss(reference(x[i : i + 1]), regions[i : i + 1]).backward()
-        for (name, p), ref in zip(model.named_parameters(), reference.parameters(), strict=True):
-            assert torch.allclose(p.grad_sample[i], ref.grad, atol=1e-6, rtol=1e-3), name
+    checks.assert_opacus_valid(model, strict=False)
+    checks.assert_per_sample_gradients(model, loss, *batch(size=8))
 
 
 @pytest.mark.filterwarnings("ignore:Optimal order is the:UserWarning")
 def test_one_dp_sgd_round_trains_and_spends_budget(tmp_path):
-    model = tiny(depth=2)
-    before = [p.detach().clone() for p in model.parameters()]
-    x, regions = batch(n=4, size=8)
-    dp = DPConfig(epsilon=100.0, noise_multiplier=1.0, max_grad_norm=1.0, planned_rounds=1)
-    result = train_private(model, torch.utils.data.TensorDataset(x, regions), TrainConfig(steps=2, batch_size=2),
-                           dp, PrivacyLedger.at(tmp_path), round=1, loss_fn=loss)  # fmt: skip
-    assert result.steps == 2 and 0 < result.epsilon < 100.0
-    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    checks.dp_sgd_steps(tiny(depth=2), loss, *batch(n=4, size=8), tmp_path, steps=2)
 
 
 def test_checkpoint_round_trip(tmp_path):
-    model = tiny(deep_supervision=True, se=True).eval()
-    path = save_checkpoint(tmp_path / "se.safetensors", model, extra={"patch_size": [16, 16, 16]})
-    loaded, meta = load_checkpoint(path)
-    assert meta["model_name"] == "selfensemble" and meta["model_config"]["se"] is True
-    assert type(loaded) is SelfEnsembleUNet and not loaded.training
-    x, _ = batch(n=1)
-    with torch.no_grad():
-        assert torch.equal(loaded(x), model(x))
+    model = tiny(deep_supervision=True, se=True)
+    _, meta = checks.checkpoint_round_trip(
+        model, tmp_path / "se.safetensors", batch(n=1)[0], patch_size=[16, 16, 16]
+    )
+    assert meta["model_config"]["se"] is True
 
 
 def test_parameters_at_width_16_depth_4():
     assert count_parameters(create_model("selfensemble", width=16, depth=4)) == 1_350_416
 
 
+@pytest.mark.slow
 def test_one_federated_round_then_predict_a_case(tmp_path):
-    root = tmp_path / "phantom"
-    generate_phantom(root, sites=2, cases_per_site=3, voxel_size=5.0, seed=3, progress=False)
-    config = RunConfig(rounds=1, min_sites=1, data_dir=str(root), partition=str(root / "partitioning_1.csv"),
-                       out_dir=str(tmp_path / "run"), model="selfensemble", model_width=8, model_depth=2,
-                       deep_supervision=True, patch_size=16, batch_size=2, local_steps=1, cache="memory")  # fmt: skip
-    grid = LocalGrid(config.to_flower(), sites=2)
-    checkpoint = run_server(grid, config)
-    assert not any(reply.has_error() for reply in grid.replies)
-    record = read_history(tmp_path / "run" / "history.jsonl")[0]
-    assert record["status"] == "ok" and {e["site"] for e in record["evaluate"]} == {"1", "2"}
+    checkpoint, record, root = checks.federated_round(
+        tmp_path, "selfensemble", model_depth=2, deep_supervision=True
+    )
     model, meta = load_checkpoint(checkpoint)
     assert meta["model_name"] == "selfensemble" and meta["model_config"]["deep_supervision"] is True
     case = next(p for p in sorted(root.iterdir()) if p.is_dir())

@@ -3,16 +3,11 @@ removal, DP (Opacus validation, per-sample gradients, a DP-SGD step), checkpoint
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from opacus.grad_sample import wrap_model
-from opacus.validators import ModuleValidator
 
-from fedbrats.shared.checkpoint import load_checkpoint, save_checkpoint
+from fedbrats.shared.checkpoint import load_checkpoint
 from fedbrats.shared.models import count_parameters, create_model
-from fedbrats.shared.models.classifier import dp_problem
 from fedbrats.shared.models.slice_branch import (
     REMOVED_LOGIT,
     BiLSTM,
@@ -23,21 +18,16 @@ from fedbrats.shared.models.slice_branch import (
 from fedbrats.shared.models.unetpp import UNetPlusPlus
 from fedbrats.shared.tasks import model_loss
 
+from . import model_checks as checks
+from .model_checks import one_thread  # noqa: F401 (autouse fixture)
+
 TINY = {"width": 8, "depth": 3}
 SIZE = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+loss = UNetPlusPlus.training_loss
 
 
 def tiny(**extra) -> UNetPlusPlus:
-    torch.manual_seed(0)
-    return create_model("unetpp", **{**TINY, **extra})
+    return checks.tiny_model("unetpp", TINY, **extra)
 
 
 def batch(n: int = 2, size: int = SIZE):
@@ -176,60 +166,36 @@ def test_the_linear_bilstm_computes_what_torchs_lstm_computes():
 
 def test_the_task_uses_the_models_loss_and_one_adam_step_lowers_it():
     assert model_loss("unetpp") is UNetPlusPlus.training_loss
-    model = tiny(deep_supervision=True).train()
+    model = tiny(deep_supervision=True)
     x, regions = batch()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    before = UNetPlusPlus.training_loss(model(x), regions)
-    before.backward()
-    assert (
-        model.slice_branch.classify.weight.grad.abs().sum() > 0 and model.heads[1].weight.grad.abs().sum() > 0
-    )
-    optimizer.step()
-    optimizer.zero_grad()
+
+    def branch_and_every_head_learn():
+        assert model.slice_branch.classify.weight.grad.abs().sum() > 0
+        assert model.heads[1].weight.grad.abs().sum() > 0
+
+    checks.one_step_lowers_loss(model, loss, x, regions, lr=3e-3, after_backward=branch_and_every_head_learn)
     with torch.no_grad():
-        after = UNetPlusPlus.training_loss(model(x), regions)
-        scored = UNetPlusPlus.training_loss(model.eval()(x), regions)  # eval output: segmentation loss only
-    assert float(after) < float(before.detach()) and float(scored) > 0
+        scored = loss(model.eval()(x), regions)  # eval output: segmentation loss only
+    assert float(scored) > 0
 
 
 # ---- differential privacy -------------------------------------------------------------------------------------
 
 
 def test_opacus_validates_it_and_it_holds_no_buffers():
-    model = tiny()
-    assert ModuleValidator.validate(model, strict=True) == [] and dp_problem(model) is None
-    assert list(model.buffers()) == []
+    checks.assert_opacus_valid(tiny())
 
 
 @pytest.mark.parametrize("mode", ["functorch", "hooks"])
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 def test_per_sample_gradients_match_single_sample_backward(mode):
     """What DP-SGD relies on, here through the BiLSTM whose Linear cells are reused at every slice."""
-    model = tiny(depth=2, deep_supervision=True)
-    reference = copy.deepcopy(model)
-    x, regions = batch(2, 8)
-    UNetPlusPlus.training_loss(wrap_model(model, mode, loss_reduction="mean")(x), regions).backward()
-    for i in range(2):
-        reference.zero_grad()
-        UNetPlusPlus.training_loss(reference(x[i : i + 1]), regions[i : i + 1]).backward()
-        for (name, p), ref in zip(model.named_parameters(), reference.parameters(), strict=True):
-            assert torch.allclose(p.grad_sample[i], ref.grad, atol=1e-6, rtol=1e-3), name
+    checks.assert_per_sample_gradients(tiny(depth=2, deep_supervision=True), loss, *batch(2, 8), mode=mode)
 
 
 def test_one_dp_sgd_step_through_the_sites_privacy_path(tmp_path):
-    from fedbrats.client.ledger import PrivacyLedger
-    from fedbrats.client.privacy import DPConfig, train_private
-    from fedbrats.client.trainer import TrainConfig
-
     model = tiny(depth=2)
-    before = [p.detach().clone() for p in model.parameters()]
-    x, regions = batch(4, 8)
-    data = torch.utils.data.TensorDataset(x, regions)
-    dp = DPConfig(epsilon=100.0, noise_multiplier=1.0, max_grad_norm=1.0, planned_rounds=1)
-    result = train_private(model, data, TrainConfig(steps=1, batch_size=2, lr=1e-3), dp, PrivacyLedger.at(tmp_path),
-                           round=1, loss_fn=UNetPlusPlus.training_loss)  # fmt: skip
-    assert result.steps == 1 and result.epsilon > 0
-    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    checks.dp_sgd_steps(model, loss, *batch(4, 8), tmp_path)
     assert set(model.state_dict()) == set(
         tiny(depth=2).state_dict()
     )  # the same architecture with DP on or off
@@ -240,34 +206,13 @@ def test_one_dp_sgd_step_through_the_sites_privacy_path(tmp_path):
 
 def test_checkpoint_round_trip_rebuilds_the_model_from_metadata(tmp_path):
     model = tiny(deep_supervision=True, fp_removal=False)
-    path = save_checkpoint(tmp_path / "unetpp.safetensors", model, extra={"round": 1})
-    loaded, meta = load_checkpoint(path)
-    assert type(loaded) is UNetPlusPlus and meta["model_name"] == "unetpp"
+    _, meta = checks.checkpoint_round_trip(model, tmp_path / "unetpp.safetensors", batch(1)[0], round=1)
     assert meta["model_config"]["slice_branch"] is True and meta["model_config"]["fp_removal"] is False
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, loaded.state_dict()[name]), name
-    x, _ = batch(1)
-    assert torch.equal(loaded(x), model.eval()(x))
 
 
 @pytest.mark.slow
 def test_one_federated_round_through_the_real_site_handlers(tmp_path):
-    from fedbrats.server.app import run_server
-    from fedbrats.server.history import read_history
-    from fedbrats.shared.config import RunConfig
-    from fedbrats.shared.data.phantom import generate_phantom
-
-    from .local_grid import LocalGrid
-
-    root = tmp_path / "phantom"
-    generate_phantom(root, sites=2, cases_per_site=2, voxel_size=5.0, seed=3, progress=False)
-    config = RunConfig(rounds=1, data_dir=str(root), partition=str(root / "partitioning_1.csv"),
-                       out_dir=str(tmp_path / "run"), model="unetpp", model_width=8, model_depth=2,
-                       deep_supervision=True, patch_size=16, batch_size=2, local_steps=1, cache="memory",
-                       val_fraction=0.5, min_sites=1)  # fmt: skip
-    checkpoint = run_server(LocalGrid(config.to_flower(), sites=2), config)
-    record = read_history(tmp_path / "run" / "history.jsonl")[0]
-    assert record["status"] == "ok" and all(t["dropped"] is None for t in record["train"])
-    assert set(record["mean_dice"]) == {"ET", "TC", "WT"}
+    checkpoint, _, _ = checks.federated_round(tmp_path, "unetpp", cases_per_site=2, model_depth=2,
+                                              deep_supervision=True, val_fraction=0.5)  # fmt: skip
     model, meta = load_checkpoint(checkpoint)
     assert type(model) is UNetPlusPlus and meta["model_config"]["deep_supervision"] is True

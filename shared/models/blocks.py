@@ -1,4 +1,5 @@
-"""Shared 3D building blocks: residual block, squeeze-and-excitation, up block.
+"""Shared 3D building blocks: residual block, squeeze-and-excitation, up block, the residual U-Net's encoder
+and decoder and its input check.
 
 Every architecture in `shared.models` is composed from these, in the manner of MONAI's BasicUNet
 (`TwoConv`, `Down`, `UpCat`), so the choices that matter for federated and private training live
@@ -133,6 +134,58 @@ class UpBlock(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(self.reduce(x), size=skip.shape[2:], mode="trilinear", align_corners=False)
         return self.block(torch.cat([skip, x], dim=1))
+
+
+def level_channels(width: int, depth: int) -> list[int]:
+    """Channels of each resolution level of a U-Net: width, 2 width, ..., width 2^(depth-1)."""
+    return [width * 2**level for level in range(depth)]
+
+
+def residual_encoder(in_channels: int, channels: list[int], **opts) -> nn.ModuleList:
+    """A residual stem at full resolution, then one stride-2 residual block per level (`resunet`'s encoder)."""
+    encoder = nn.ModuleList([ResidualBlock(in_channels, channels[0], **opts)])
+    for level in range(1, len(channels)):
+        encoder.append(ResidualBlock(channels[level - 1], channels[level], stride=2, **opts))
+    return encoder
+
+
+def residual_decoder(channels: list[int], **opts) -> nn.ModuleList:
+    """One `UpBlock` per level, coarsest first: decoder[i] brings level depth-1-i up to level depth-2-i."""
+    return nn.ModuleList(
+        UpBlock(channels[level], channels[level - 1], channels[level - 1], **opts)
+        for level in range(len(channels) - 1, 0, -1)
+    )
+
+
+def encode(encoder: nn.ModuleList, x: torch.Tensor) -> list[torch.Tensor]:
+    """The output of every encoder level, full resolution first (the skips; the last is the bottleneck)."""
+    skips = []
+    for block in encoder:
+        x = block(x)
+        skips.append(x)
+    return skips
+
+
+class VolumeInput:
+    """The input contract of a 3D U-Net with `self.depth` levels and `self.config["in_channels"]` modalities."""
+
+    depth: int
+    config: dict
+
+    @property
+    def size_multiple(self) -> int:
+        """Every spatial input size must be a multiple of this."""
+        return 2 ** (self.depth - 1)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError naming the shape when the input cannot pass through the U-Net."""
+        in_channels = self.config["in_channels"]
+        if x.ndim != 5 or x.shape[1] != in_channels:
+            raise ValueError(f"expected input [B, {in_channels}, X, Y, Z], got shape {tuple(x.shape)}")
+        if any(s % self.size_multiple for s in x.shape[2:]):
+            raise ValueError(
+                f"spatial sizes {tuple(x.shape[2:])} must be multiples of 2^(depth-1) = {self.size_multiple}"
+            )
 
 
 def check_architecture(width: int, depth: int, dropout: float, act: str, *, min_depth: int = 2,

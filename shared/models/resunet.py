@@ -27,16 +27,19 @@ from torch import nn
 
 from fedbrats.shared.constants import MODALITIES, REGIONS
 from fedbrats.shared.models.blocks import (
-    ResidualBlock,
-    UpBlock,
+    VolumeInput,
     check_architecture,
+    encode,
+    level_channels,
+    residual_decoder,
+    residual_encoder,
 )
 from fedbrats.shared.models.classifier import ClassificationHead
 from fedbrats.shared.models.registry import register_model
 
 
 @register_model("resunet")
-class ResUNet(nn.Module):
+class ResUNet(VolumeInput, nn.Module):
     """Residual 3D U-Net with GroupNorm, trilinear upsampling and optional deep supervision.
 
     Args:
@@ -73,17 +76,10 @@ class ResUNet(nn.Module):
         }  # fmt: skip
         self.depth = depth
         self.deep_supervision = deep_supervision
-        channels = [width * 2**level for level in range(depth)]
+        channels = level_channels(width, depth)
         opts = {"act": act, "dropout": dropout, "se": se}
-
-        self.encoder = nn.ModuleList([ResidualBlock(in_channels, channels[0], **opts)])
-        for level in range(1, depth):
-            self.encoder.append(ResidualBlock(channels[level - 1], channels[level], stride=2, **opts))
-        # decoder[i] brings level depth-1-i up to level depth-2-i
-        self.decoder = nn.ModuleList(
-            UpBlock(channels[level], channels[level - 1], channels[level - 1], **opts)
-            for level in range(depth - 1, 0, -1)
-        )
+        self.encoder = residual_encoder(in_channels, channels, **opts)
+        self.decoder = residual_decoder(channels, **opts)  # decoder[i]: level depth-1-i up to depth-2-i
         self.head = nn.Conv3d(channels[0], out_channels, 1)
         # one head per coarser decoder output, finest first (levels 1 .. depth-2)
         self.ds_heads = nn.ModuleList(
@@ -91,28 +87,9 @@ class ResUNet(nn.Module):
         ) if deep_supervision else nn.ModuleList()  # fmt: skip
         self.class_head = ClassificationHead(channels[-1], n_classes) if n_classes else None
 
-    @property
-    def size_multiple(self) -> int:
-        """Every spatial input size must be a multiple of this."""
-        return 2 ** (self.depth - 1)
-
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise a ValueError naming the shape when the input cannot pass through the U-Net."""
-        in_channels = self.config["in_channels"]
-        if x.ndim != 5 or x.shape[1] != in_channels:
-            raise ValueError(f"expected input [B, {in_channels}, X, Y, Z], got shape {tuple(x.shape)}")
-        bad = [s for s in x.shape[2:] if s % self.size_multiple]
-        if bad:
-            raise ValueError(
-                f"spatial sizes {tuple(x.shape[2:])} must be multiples of 2^(depth-1) = {self.size_multiple}"
-            )
-
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor] | tuple:
         self.check_input(x)
-        skips = []
-        for block in self.encoder:
-            x = block(x)
-            skips.append(x)
+        skips = encode(self.encoder, x)
         x = skips.pop()
         segmentation = self._decode(x, skips)
         return segmentation if self.class_head is None else (segmentation, self.class_head(x))

@@ -1,6 +1,6 @@
 """The self-ensemble U-Net of the bag-of-tricks seed paper (DESIGN section 4).
 
-A residual U-Net (encoder and decoder as `resunet`) with a 1x1 head at EVERY decoder scale, the
+A residual U-Net (`resunet`'s encoder and decoder, built by the same functions of `blocks`) with a 1x1 head at EVERY decoder scale, the
 bottleneck included. The predictions are combined recursively, coarse to fine (paper eq. 4):
 
     y_S = head_S(bottleneck),   y_s = Up(y_{s+1}) + head_s(decoder_s),   y = y_1,
@@ -36,9 +36,12 @@ from torch import nn
 
 from fedbrats.shared.constants import MODALITIES, REGIONS
 from fedbrats.shared.models.blocks import (
-    ResidualBlock,
-    UpBlock,
+    VolumeInput,
     check_architecture,
+    encode,
+    level_channels,
+    residual_decoder,
+    residual_encoder,
 )
 from fedbrats.shared.models.losses import deep_supervision_weights, resize_target
 from fedbrats.shared.models.registry import register_model
@@ -105,7 +108,7 @@ def multitask_loss(output: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
 
 
 @register_model("selfensemble")
-class SelfEnsembleUNet(nn.Module):
+class SelfEnsembleUNet(VolumeInput, nn.Module):
     """Residual U-Net whose per-scale label predictions are summed coarse to fine (the self-ensemble).
 
     Args:
@@ -141,39 +144,16 @@ class SelfEnsembleUNet(nn.Module):
         }  # fmt: skip
         self.depth = depth
         self.deep_supervision = deep_supervision
-        channels = [width * 2**level for level in range(depth)]
+        channels = level_channels(width, depth)
         opts = {"act": act, "dropout": dropout, "se": se}
-        self.encoder = nn.ModuleList([ResidualBlock(in_channels, channels[0], **opts)])
-        for level in range(1, depth):
-            self.encoder.append(ResidualBlock(channels[level - 1], channels[level], stride=2, **opts))
-        self.decoder = nn.ModuleList(
-            UpBlock(channels[level], channels[level - 1], channels[level - 1], **opts)
-            for level in range(depth - 1, 0, -1)
-        )
+        self.encoder = residual_encoder(in_channels, channels, **opts)
+        self.decoder = residual_decoder(channels, **opts)
         # heads[s]: label logits at level s (0 = full resolution, depth-1 = bottleneck)
         self.heads = nn.ModuleList(nn.Conv3d(c, len(LABEL_CHANNELS), 1) for c in channels)
 
-    @property
-    def size_multiple(self) -> int:
-        """Every spatial input size must be a multiple of this."""
-        return 2 ** (self.depth - 1)
-
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise a ValueError naming the shape when the input cannot pass through the U-Net."""
-        in_channels = self.config["in_channels"]
-        if x.ndim != 5 or x.shape[1] != in_channels:
-            raise ValueError(f"expected input [B, {in_channels}, X, Y, Z], got shape {tuple(x.shape)}")
-        if any(s % self.size_multiple for s in x.shape[2:]):
-            raise ValueError(
-                f"spatial sizes {tuple(x.shape[2:])} must be multiples of 2^(depth-1) = {self.size_multiple}"
-            )
-
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         self.check_input(x)
-        skips = []
-        for block in self.encoder:
-            x = block(x)
-            skips.append(x)
+        skips = encode(self.encoder, x)
         x = skips.pop()
         y = self.heads[-1](x)  # y_S
         partial = [y]
