@@ -8,6 +8,13 @@ import torch
 # Tests use tiny tensors: one thread avoids oversubscription on small CI machines.
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts with one torch thread again, whatever the test before it set."""
+    torch.set_num_threads(1)
+    yield
+
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 from opacus.grad_sample import wrap_model
 from opacus.validators import ModuleValidator
@@ -23,14 +22,6 @@ from fedbrats.shared.models.classifier import dp_problem
 
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread (imported by each test module, where it applies to every test)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_model(name: str, tiny: dict[str, Any], **extra: Any) -> torch.nn.Module:

@@ -17,13 +17,6 @@ from fedbrats.shared.models.classifier import ClassificationHead, ResClassifier,
 TINY = {"width": 8, "depth": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny(**extra) -> torch.nn.Module:
     torch.manual_seed(0)

@@ -30,14 +30,6 @@ from fedbrats.shared.models import create_model
 from .test_inference import SHAPE, _write_case
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def two_networks(tmp_path) -> tuple[Path, Path, Path]:
     """A case, a 3D resunet checkpoint (patch 16) and a 2D resfcn2d checkpoint (patch 8)."""

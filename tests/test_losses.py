@@ -16,15 +16,6 @@ from fedbrats.shared.models.losses import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and steady when the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def regions(seed: int = 0, shape=(2, 3, 16, 16, 16), p: float = 0.3) -> torch.Tensor:
     """Random region masks with every region present in every sample."""
     g = torch.Generator().manual_seed(seed)

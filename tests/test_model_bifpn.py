@@ -14,7 +14,6 @@ from fedbrats.shared.models.slice_branch import REMOVED_LOGIT, slice_labels, sli
 from fedbrats.shared.tasks import model_loss
 
 from . import model_checks as checks
-from .model_checks import one_thread  # noqa: F401 (autouse fixture)
 
 TINY = {"width": 8, "depth": 3, "bifpn_layers": 2}
 SIZE = 16

@@ -16,7 +16,6 @@ from fedbrats.shared.tasks import model_loss
 
 from . import model_checks as checks
 from .model_checks import nested_batch as batch
-from .model_checks import one_thread  # noqa: F401 (autouse fixture)
 
 TINY = {"width": 8, "depth": 3}
 loss = TuNet.training_loss

@@ -19,7 +19,6 @@ from fedbrats.shared.models.unetpp import UNetPlusPlus
 from fedbrats.shared.tasks import model_loss
 
 from . import model_checks as checks
-from .model_checks import one_thread  # noqa: F401 (autouse fixture)
 
 TINY = {"width": 8, "depth": 3}
 SIZE = 16

@@ -22,14 +22,6 @@ from fedbrats.shared.models.losses import region_loss
 TINY = {"width": 8, "depth": 3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and steady when the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny(**extra) -> torch.nn.Module:
     torch.manual_seed(0)

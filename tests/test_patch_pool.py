@@ -21,13 +21,6 @@ from tests.data_fixtures import write_case
 WT = REGIONS.index("WT")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):

@@ -51,14 +51,6 @@ N, PATCH = 6, 16
 SIGMA = 1.3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one thread per test process is faster than two fighting ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _data(n: int = N) -> torch.utils.data.TensorDataset:
     g = torch.Generator().manual_seed(0)

@@ -32,6 +32,7 @@ from torch import nn
 from fedbrats.shared.constants import MODALITIES, REGIONS
 from fedbrats.shared.models.blocks import (
     ResidualBlock,
+    VolumeInput,
     check_architecture,
     conv3,
     make_activation,
@@ -112,7 +113,7 @@ class UpsampleStage(nn.Module):
 
 
 @register_model("bifpn")
-class BiFPNNet(nn.Module):
+class BiFPNNet(VolumeInput, nn.Module):
     """Residual encoder, BiFPN layers, Panoptic-FPN decoder to half resolution, and the slice branch.
 
     Args:
@@ -179,20 +180,6 @@ class BiFPNNet(nn.Module):
             scales * pyramid, pyramid, out_channels=out_channels, lstm_layers=LSTM_LAYERS, axial_upsample=True,
             act=act, dropout=dropout,
         ) if slice_branch else None  # fmt: skip
-
-    @property
-    def size_multiple(self) -> int:
-        """Every spatial input size must be a multiple of this."""
-        return 2 ** (self.depth - 1)
-
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise a ValueError naming the shape when the input cannot pass through the network."""
-        if x.ndim != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected input [B, {self.in_channels}, X, Y, Z], got shape {tuple(x.shape)}")
-        if any(s % self.size_multiple for s in x.shape[2:]):
-            raise ValueError(
-                f"spatial sizes {tuple(x.shape[2:])} must be multiples of 2^(depth-1) = {self.size_multiple}"
-            )
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """The concatenated decoder features at half the input's resolution."""

@@ -33,6 +33,7 @@ from fedbrats.shared.constants import MODALITIES, REGIONS
 from fedbrats.shared.models.blocks import (
     ResidualBlock,
     UpBlock,
+    VolumeInput,
     check_architecture,
 )
 from fedbrats.shared.models.losses import DICE_SMOOTH
@@ -71,7 +72,7 @@ class SubNet(nn.Module):
 
 
 @register_model("tunet")
-class TuNet(nn.Module):
+class TuNet(VolumeInput, nn.Module):
     """The TuNet cascade; region logits (ET, TC, WT) in both modes.
 
     Args:
@@ -103,21 +104,6 @@ class TuNet(nn.Module):
         self.depth = depth
         for name, _, maps in CASCADE:
             self.add_module(name, SubNet(in_channels + maps, width, depth, act=act, dropout=dropout))
-
-    @property
-    def size_multiple(self) -> int:
-        """Every spatial input size must be a multiple of this."""
-        return 2 ** (self.depth - 1)
-
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise a ValueError naming the shape when the input cannot pass through the sub-networks."""
-        in_channels = self.config["in_channels"]
-        if x.ndim != 5 or x.shape[1] != in_channels:
-            raise ValueError(f"expected input [B, {in_channels}, X, Y, Z], got shape {tuple(x.shape)}")
-        if any(s % self.size_multiple for s in x.shape[2:]):
-            raise ValueError(
-                f"spatial sizes {tuple(x.shape[2:])} must be multiples of 2^(depth-1) = {self.size_multiple}"
-            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

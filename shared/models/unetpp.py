@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedbrats.shared.constants import MODALITIES, REGIONS
-from fedbrats.shared.models.blocks import ResidualBlock, check_architecture
+from fedbrats.shared.models.blocks import ResidualBlock, VolumeInput, check_architecture
 from fedbrats.shared.models.registry import register_model
 from fedbrats.shared.models.slice_branch import (
     SliceBranch,
@@ -69,7 +69,7 @@ def _equal_weight_region_loss():
 
 
 @register_model("unetpp")
-class UNetPlusPlus(nn.Module):
+class UNetPlusPlus(VolumeInput, nn.Module):
     """UNet++ with GroupNorm, residual nodes, deep supervision and the slice-wise classification branch.
 
     Args:
@@ -128,20 +128,6 @@ class UNetPlusPlus(nn.Module):
             (depth - 1) * channels[0], 2 * width, out_channels=out_channels, lstm_layers=LSTM_LAYERS,
             act=act, dropout=dropout,
         ) if slice_branch else None  # fmt: skip
-
-    @property
-    def size_multiple(self) -> int:
-        """Every spatial input size must be a multiple of this."""
-        return 2 ** (self.depth - 1)
-
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise a ValueError naming the shape when the input cannot pass through the network."""
-        if x.ndim != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected input [B, {self.in_channels}, X, Y, Z], got shape {tuple(x.shape)}")
-        if any(s % self.size_multiple for s in x.shape[2:]):
-            raise ValueError(
-                f"spatial sizes {tuple(x.shape[2:])} must be multiples of 2^(depth-1) = {self.size_multiple}"
-            )
 
     def _top_nodes(self, x: torch.Tensor) -> list[torch.Tensor]:
         """X[0][1], ..., X[0][depth-1]."""
