@@ -20,6 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -170,6 +171,7 @@ def run_train(
                               partition=str(Path(partition).resolve()) if partition is not None else "")
     atomic_write_json(out / "run_config.json", resolved.to_flower())
 
+    torch.manual_seed(config.seed)  # the federation's initial weights (server.app.initial_model); a rerun is identical
     net = model_for(config)
     n_train = len(train_ds)
     periods = config.rounds

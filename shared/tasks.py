@@ -226,10 +226,17 @@ class ClassificationTask(Task):
     def dataset(self, cases, config, *, labels, augment, cache_dir):
         from fedbrats.shared.data.class_dataset import ClassificationDataset
 
-        return ClassificationDataset(cases, _label_of(cases, labels, self.name), config.class_input_size,
+        data = ClassificationDataset(cases, _label_of(cases, labels, self.name), config.class_input_size,
                                      augment=augment, cache=_cache(config), cache_dir=cache_dir, seed=config.seed)  # fmt: skip
+        if config.class_balance and augment:  # training cases: targets carry their class weight
+            from fedbrats.shared.data.class_balance import ClassBalanced
+
+            return ClassBalanced(data)
+        return data
 
     def loss(self, outputs, targets):
+        if targets.ndim == 2:  # [index, class weight] (class-balance): a weighted mean over the batch
+            return (F.cross_entropy(outputs, targets[:, 0].long(), reduction="none") * targets[:, 1]).mean()
         return F.cross_entropy(outputs, targets.long())
 
     def evaluate(self, model, dataset, config, device):
