@@ -69,6 +69,9 @@ def site_profiles_path(config: RunConfig) -> Path | None:
 def run_server(grid: Grid, config: RunConfig) -> Path:
     """Run (or resume) the federation described by `config`; return the final checkpoint path."""
     _setup_logging()
+    if config.holdout_site and isinstance(grid, HttpGrid):  # its partition split happens in `fedbrats simulate`
+        raise ValueError(f"holdout-site = {config.holdout_site!r} applies to simulations; in a deployment, start "
+                         "no SuperNode for that hospital and score the global model there with `fedbrats evaluate`")
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = initial_model(config)

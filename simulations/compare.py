@@ -121,6 +121,9 @@ def plan_runs(
     from fedbrats.server.app import make_strategy
 
     notes, configs = [], []
+    if config.holdout_site or any("holdout-site" in spec.settings for spec in specs):
+        raise ValueError("holdout-site applies to `fedbrats simulate` (one run, then its external site); "
+                         "compare scores every run on the sites it trained with")
     if config.proximal_mu > 0:
         notes.append(
             f"proximal-mu = {config.proximal_mu:g} is set for the whole run, so the sites of every strategy "

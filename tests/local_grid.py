@@ -6,6 +6,7 @@ from flwr.app import Context, Message, RecordDict
 
 from fedbrats.client.app import _guarded as guarded
 from fedbrats.client.app import handle_evaluate, handle_train
+from fedbrats.shared.data.phantom import generate_phantom
 
 
 class LocalGrid:
@@ -32,3 +33,9 @@ class LocalGrid:
             replies.append(reply)
         self.replies += replies
         return replies
+
+
+def tiny_phantom(root, cases_per_site: int):
+    """Two phantom sites of `cases_per_site` cases at 5 mm: enough for a real round, in seconds."""
+    generate_phantom(root, sites=2, cases_per_site=cases_per_site, voxel_size=5.0, seed=3, progress=False)
+    return root

@@ -13,19 +13,16 @@ from fedbrats.server.history import read_history
 from fedbrats.server.state import load_state
 from fedbrats.shared.checkpoint import load_checkpoint
 from fedbrats.shared.config import RunConfig
-from fedbrats.shared.data.phantom import generate_phantom
 from fedbrats.strategies import available_strategies
 
-from .local_grid import LocalGrid
+from .local_grid import LocalGrid, tiny_phantom
 
 TINY = dict(model_width=8, model_depth=2, patch_size=16, batch_size=2, local_steps=2, local_epochs=1, cache="memory")
 
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom")
-    generate_phantom(root, sites=2, cases_per_site=3, voxel_size=5.0, seed=3, progress=False)
-    return root
+    return tiny_phantom(tmp_path_factory.mktemp("phantom"), cases_per_site=3)
 
 
 def _config(phantom, out, **changes):

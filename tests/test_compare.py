@@ -242,6 +242,8 @@ def test_parse_and_plan():
     assert [(r.config.update_dtype, r.config.strategy) for r in runs] == [("float32", "fedavg"), ("float16", "fedavg")]
     with pytest.raises(ValueError, match="update-dtype"):
         plan_runs(RunConfig(), parse_strategies("fedavg:update-dtype=float8"), [0])
+    with pytest.raises(ValueError, match="holdout-site applies to `fedbrats simulate`"):
+        plan_runs(RunConfig(), parse_strategies("fedavg:holdout-site=2"), [0])
     with pytest.raises(ValueError, match="seed is set by compare itself"):
         parse_strategies("fedavg:seed=3")
     assert parse_seeds("0,1,2") == [0, 1, 2]

@@ -16,18 +16,15 @@ from fedbrats.server.history import RunHistory, read_history
 from fedbrats.server.replies import EVALUATION, EVALUATION_ERROR, EmbeddedEvaluation, split_evaluation
 from fedbrats.server.state import load_state
 from fedbrats.shared.config import RunConfig
-from fedbrats.shared.data.phantom import generate_phantom
 
-from .local_grid import LocalGrid
+from .local_grid import LocalGrid, tiny_phantom
 
 TINY = dict(model_width=8, model_depth=2, patch_size=16, batch_size=2, local_steps=1, local_epochs=1, cache="memory")
 
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom")
-    generate_phantom(root, sites=2, cases_per_site=2, voxel_size=5.0, seed=3, progress=False)
-    return root
+    return tiny_phantom(tmp_path_factory.mktemp("phantom"), cases_per_site=2)
 
 
 def _run(phantom, out, rounds=2, **changes):

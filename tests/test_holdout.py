@@ -66,3 +66,14 @@ def test_simulate_scores_the_global_model_at_the_left_out_site(tmp_path, monkeyp
     assert final["sites"] == {"1": 1, "2": 1}  # the training sites' validation halves
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## External site 3 (left out of training)" in report and "## Final evaluation" in report
+
+
+def test_a_deployed_server_refuses_holdout_site_before_any_round(tmp_path):
+    from flwr.superlink.grid import HttpGrid
+
+    from fedbrats.server.app import run_server
+
+    grid = HttpGrid.__new__(HttpGrid)  # a SuperLink's grid; never used: the refusal comes first
+    with pytest.raises(ValueError, match="holdout-site = '3' applies to simulations"):
+        run_server(grid, RunConfig(holdout_site="3", out_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
