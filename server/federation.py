@@ -381,8 +381,9 @@ class Federation:
             if r.dropped:
                 continue
             timing = timing_for(self.timings, r.site)
-            steps = r.metrics.get("local-steps")  # the steps the site says it ran, when it runs a fixed number
-            cases = float(steps) * self.config.batch_size if self.config.local_steps > 0 and steps else None
+            # the steps the site says it ran, when it runs a fixed number; never more than were asked for
+            steps = min(float(r.metrics.get("local-steps") or 0), self.config.local_steps)
+            cases = steps * self.config.batch_size if self.config.local_steps > 0 and steps > 0 else None
             times.append(timing.round_seconds(int(r.metrics.get("num-examples", 0)), int(r.metrics.get("num-val", 0)),
                                               self._epochs(rnd), down_bytes=r.down_bytes, up_bytes=r.up_bytes,
                                               train_cases=cases))  # fmt: skip

@@ -46,8 +46,8 @@ def final_evaluation(
     try:
         score = _classification if is_case_classifier(read_metadata(checkpoint)) else _segmentation
         result = {"title": title or "Final evaluation", **score(checkpoint, run_dir / f"{name}.csv", config, split)}
-    except (ValueError, OSError) as err:  # e.g. no validation case at any site
-        log.warning("%s skipped: %s", name.replace("_", " "), err)
+    except Exception as err:  # e.g. no validation case at any site; the finished federation stands
+        log.warning("%s skipped: %s: %s", name.replace("_", " "), type(err).__name__, err)
         return None
     atomic_write_json(run_dir / f"{name}.json", result)
     return result

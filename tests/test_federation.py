@@ -48,6 +48,8 @@ class FakeGrid:
             if kind == "shape":
                 new["w"] = Array(np.zeros((3, 3), np.float32))
             metrics = {"num-examples": 10, "num-val": 2}
+            if kind == "steps":  # claims far more local steps than the server asks for
+                metrics["local-steps"] = 1000
             if msg.metadata.message_type.startswith("evaluate"):
                 metrics.update({"dice-ET": 0.5, "dice-TC": 0.6, "dice-WT": 0.1 * node})
             content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": f"s{node}"})})
@@ -76,6 +78,15 @@ def test_fedavg_rounds_are_recorded_and_checkpointed(tmp_path):
     median = SiteTiming(**MEDIAN)
     assert history[0]["simulated_round_seconds"] == pytest.approx(1 + 2 * 2 * median.val_seconds_per_case + 10 * median.train_seconds_per_case + 1)
     assert load_state(tmp_path / "server").round == 2
+
+
+def test_the_simulated_clock_counts_no_more_steps_than_were_asked_for(tmp_path):
+    config = RunConfig(rounds=1, min_sites=2, local_steps=3, batch_size=2, out_dir=str(tmp_path))
+    liars = FakeGrid(behaviour=dict.fromkeys((1, 2, 3), "steps"))
+    Federation(liars, config, build_strategy("fedavg"), _arrays(), out_dir=tmp_path).run()
+    median = SiteTiming(**MEDIAN)  # every site reports 1000 steps: counted as the 3 asked for, x batch 2
+    expected = 1 + 2 * 2 * median.val_seconds_per_case + 3 * 2 * median.train_seconds_per_case + 1
+    assert read_history(tmp_path / "history.jsonl")[0]["simulated_round_seconds"] == pytest.approx(expected)
 
 
 def test_bad_updates_are_dropped_with_a_reason(tmp_path):
