@@ -160,8 +160,11 @@ class Engine:
             raise ValueError(f"--ray-address must be HOST:PORT of a Ray head (or 'auto'), got {self.ray_address!r}")
 
     def environment(self) -> dict[str, str]:
-        """Environment of `flwr run`: Flower's Ray backend calls `ray.init()`, which joins RAY_ADDRESS."""
-        return {"RAY_ADDRESS": self.ray_address} if self.ray_address else {}
+        """Environment of `flwr run`: Flower's Ray backend calls `ray.init()`, which joins RAY_ADDRESS.
+
+        Without an address Ray would join the latest cluster `ray start` left on this machine (and an
+        inherited RAY_ADDRESS): "local" keeps a simulation without `--ray-address` on its own instance."""
+        return {"RAY_ADDRESS": self.ray_address or "local"}
 
 
 #: This machine, no GPU: the default engine.
