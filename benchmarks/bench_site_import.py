@@ -9,7 +9,11 @@ the best of N of each is kept, so that other load on the machine inflates both a
 of CPU seconds (wall seconds are printed beside it). Heavy packages still present after the import
 are listed.
 
-    python benchmarks/bench_site_import.py [--runs 5] [--module fedbrats.client.app] [--tree DIR]
+    python benchmarks/bench_site_import.py [--runs 5] [--module fedbrats.client.app] [--tree DIR] [--stages]
+
+``--stages`` times, in one fresh interpreter per run, what a train message then pays on first use, one
+stage after the other: torch, the ClientApp, MONAI as a site imports it (`import_monai_light`), and
+the first optimizer step (torch.optim imports torch._dynamo on it).
 
 ``--tree DIR`` measures another checkout of the repository (e.g. ``mkdir DIR && git archive REV |
 tar -x -C DIR``) instead of the installed one: its folders are mapped onto the ``fedbrats.*`` names
@@ -41,6 +45,31 @@ print(json.dumps({{"cpu": cpu, "wall": wall, "heavy": [m for m in {heavy!r} if m
 """
 
 
+STAGES = """
+import json, time
+stages, cpu = {}, time.process_time()
+def stage(name):
+    global cpu
+    now = time.process_time(); stages[name] = now - cpu; cpu = now
+import torch; stage("import torch")
+import fedbrats.client.app; stage("import fedbrats.client.app")
+from fedbrats.client.site import import_monai_light
+import_monai_light(); import monai.inferers; stage("MONAI (import_monai_light)")
+w = torch.nn.Parameter(torch.zeros(3)); opt = torch.optim.Adam([w]); w.sum().backward(); opt.step()
+stage("first optimizer step (torch._dynamo)")
+print(json.dumps(stages))
+"""
+
+
+def measure_stages(env: dict[str, str], cwd: Path) -> dict[str, float]:
+    """CPU seconds of each first-use stage of a train message, in one fresh interpreter."""
+    done = subprocess.run([sys.executable, "-c", STAGES], capture_output=True, text=True, env=env, cwd=cwd,
+                          check=False)  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"the stages probe failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def measure(module: str, env: dict[str, str], cwd: Path) -> dict:
     """Seconds to import `module` in a fresh interpreter, and which heavy packages it brought in.
 
@@ -65,13 +94,27 @@ def overlay(tree: Path, into: Path) -> Path:
     return into
 
 
+def _environment(tree: Path | None, tmp: str) -> dict[str, str]:
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(overlay(tree, Path(tmp) / "tree")), env.get("PYTHONPATH", "")])
+    return env
+
+
+def run_stages(runs: int, tree: Path | None) -> dict[str, float]:
+    """Per stage, the best of `runs` fresh interpreters (load inflates every run; the least is the cost)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = _environment(tree, tmp)
+        seen = []
+        for i in range(runs):
+            print(f"run {i + 1}/{runs} ...", file=sys.stderr, flush=True)
+            seen.append(measure_stages(env, Path(tmp)))
+    return {name: round(min(s[name] for s in seen), 2) for name in seen[0]}
+
+
 def run(module: str, runs: int, tree: Path | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
-        if tree is not None:
-            env["PYTHONPATH"] = os.pathsep.join(
-                [str(overlay(tree, Path(tmp) / "tree")), env.get("PYTHONPATH", "")]
-            )
+        env = _environment(tree, tmp)
         site, torch = [], []
         for i in range(runs):
             print(f"run {i + 1}/{runs} ...", file=sys.stderr, flush=True)
@@ -96,9 +139,16 @@ def main() -> None:
     parser.add_argument(
         "--tree", type=Path, default=None, help="measure this checkout instead of the installed one"
     )
+    parser.add_argument("--stages", action="store_true", help="time a train message's first-use stages instead")
     args = parser.parse_args()
     if args.runs < 1:
         parser.error(f"--runs must be at least 1, got {args.runs}")
+    if args.stages:
+        stages = run_stages(args.runs, args.tree)
+        for name, seconds in stages.items():
+            print(f"{seconds:6.2f} CPU s  {name}")
+        print(f"{sum(stages.values()):6.2f} CPU s  in all (best of {args.runs} per stage)")
+        return
     result = run(args.module, args.runs, args.tree)
     print(json.dumps(result, indent=2))
     print(f"import {args.module} / import torch = {result['ratio_cpu']:.2f} (CPU, best of {args.runs}; "

@@ -101,7 +101,8 @@ from fedbrats.shared.models.losses import RegionLoss
 import torch
 x = torch.zeros(1, 3, 4, 4, 4)
 loss = float(RegionLoss()(x, (x > 0).float()))
-import pandas  # still importable by whoever needs it
+import pandas, scipy.signal  # still importable by whoever needs them
+from scipy.signal import hilbert
 print(json.dumps({"loaded": skipped, "monai": "monai.transforms" in sys.modules, "loss": loss}))
 """
 
