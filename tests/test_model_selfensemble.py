@@ -139,3 +139,20 @@ def test_one_federated_round_then_predict_a_case(tmp_path):
     written = predict_case(checkpoint, case, tmp_path / "pred", tta=False, device="cpu")
     assert written["labels"].is_file() and written["uncertainty_WT"].is_file()
     assert all(0.0 <= e["dice-WT"] <= 1.0 for e in record["evaluate"])
+
+
+def test_multitask_head_on_the_bottleneck_learns_with_the_papers_loss():
+    from fedbrats.shared.tasks import MultitaskTask
+
+    model = tiny(n_classes=2)
+    x, regions = batch(size=16)
+    segmentation, logits = model(x)
+    assert segmentation.shape[1] == 4 and logits.shape == (x.shape[0], 2)  # label logits in training
+    task = MultitaskTask(weight=1.0, model_loss_fn=model_loss("selfensemble"))
+    task.loss((segmentation, logits), (regions, torch.zeros(x.shape[0]))).backward()
+    assert model.class_head.linear.weight.grad.abs().sum() > 0 and model.heads[0].weight.grad.abs().sum() > 0
+    model.eval()
+    assert model(x)[0].shape[1] == 3  # region logits in eval, as without the head
+    assert count_parameters(model) - count_parameters(tiny()) == 2 * (model.class_head.in_channels + 1)
+    with pytest.raises(ValueError, match="n_classes must be 0"):
+        tiny(n_classes=1)

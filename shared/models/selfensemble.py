@@ -43,6 +43,7 @@ from fedbrats.shared.models.blocks import (
     residual_decoder,
     residual_encoder,
 )
+from fedbrats.shared.models.classifier import ClassificationHead
 from fedbrats.shared.models.losses import deep_supervision_weights, resize_target
 from fedbrats.shared.models.registry import register_model
 
@@ -120,6 +121,7 @@ class SelfEnsembleUNet(VolumeInput, nn.Module):
         dropout: channel dropout inside every residual block (0 disables).
         act: "leakyrelu" (slope 0.01) or "relu".
         se: squeeze-and-excitation in every residual block.
+        n_classes: case-level class logits from the bottleneck (multi-task, as resunet); 0: segmentation only.
     """
 
     def __init__(
@@ -132,15 +134,18 @@ class SelfEnsembleUNet(VolumeInput, nn.Module):
         dropout: float = 0.0,
         act: str = "leakyrelu",
         se: bool = False,
+        n_classes: int = 0,
     ):
         super().__init__()
         check_architecture(width, depth, dropout, act)
+        if n_classes < 0 or n_classes == 1:
+            raise ValueError(f"n_classes must be 0 (no classification head) or >= 2, got {n_classes}")
         if out_channels != len(REGIONS):
             raise ValueError(f"the self-ensemble U-Net's regions are {REGIONS}: out_channels must be 3, "
                              f"got {out_channels}")  # fmt: skip
         self.config = {
             "in_channels": in_channels, "out_channels": out_channels, "width": width, "depth": depth,
-            "deep_supervision": deep_supervision, "dropout": dropout, "act": act, "se": se,
+            "deep_supervision": deep_supervision, "dropout": dropout, "act": act, "se": se, "n_classes": n_classes,
         }  # fmt: skip
         self.depth = depth
         self.deep_supervision = deep_supervision
@@ -150,11 +155,16 @@ class SelfEnsembleUNet(VolumeInput, nn.Module):
         self.decoder = residual_decoder(channels, **opts)
         # heads[s]: label logits at level s (0 = full resolution, depth-1 = bottleneck)
         self.heads = nn.ModuleList(nn.Conv3d(c, len(LABEL_CHANNELS), 1) for c in channels)
+        self.class_head = ClassificationHead(channels[-1], n_classes) if n_classes else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor] | tuple:
         self.check_input(x)
         skips = encode(self.encoder, x)
-        x = skips.pop()
+        bottleneck = skips.pop()
+        segmentation = self._decode(bottleneck, skips)
+        return segmentation if self.class_head is None else (segmentation, self.class_head(bottleneck))
+
+    def _decode(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         y = self.heads[-1](x)  # y_S
         partial = [y]
         for level, up in zip(range(self.depth - 2, -1, -1), self.decoder, strict=True):
