@@ -101,7 +101,7 @@ class ControlVariate:
     def attach(self, model: torch.nn.Module) -> None:
         correction = self.correction()
         for name, param in model.named_parameters():
-            if name in correction:
+            if name in correction and param.requires_grad:  # a frozen parameter (`trainable`) has no gradient
                 delta = torch.from_numpy(np.asarray(correction[name], dtype=np.float32))
                 self._handles.append(param.register_hook(lambda g, d=delta: g + d.to(g.device)))
 

@@ -30,6 +30,7 @@ from fedbrats.client.settings import model_for, start_step, train_config
 from fedbrats.client.site import Site, SiteError, cached_site, run_key
 from fedbrats.client.trainer import get_device, loss_on, lr_at, train_local
 from fedbrats.shared.config import RunConfig
+from fedbrats.shared.models.trainable import apply_trainable
 from fedbrats.shared.tasks import task_for
 from fedbrats.shared.wire import encode_update
 from fedbrats.strategies.arithmetic import array_view, to_array
@@ -71,11 +72,13 @@ def _model(msg: Message, config: RunConfig) -> torch.nn.Module:
     """The run's model holding the message's weights (strict names), reusing an idle one of this process.
 
     A model in use is taken out of the pool and only a handler that finished cleanly gives it back
-    (`_release`), so a failure, a gradient hook (SCAFFOLD) or Opacus's wrapping never reaches a later message."""
+    (`_release`), so a failure, a gradient hook (SCAFFOLD) or Opacus's wrapping never reaches a later message.
+    `trainable` is applied to every parameter each message: a reused model keeps no earlier run's freezing."""
     model = _IDLE_MODELS.pop(_model_key(config), None) or model_for(config)
     with torch.no_grad():  # the bytes' own view, one copy into the parameters (no .npy parsing per array)
         state = {name: torch.from_numpy(array_view(array).copy()) for name, array in msg.content["arrays"].items()}
     model.load_state_dict(state, strict=True)
+    apply_trainable(model, config.trainable)  # frozen: requires_grad False before Adam and Opacus see the model
     return model
 
 

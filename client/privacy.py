@@ -167,6 +167,8 @@ def train_private(
     `grad_correction` (parameter name -> tensor, e.g. SCAFFOLD's c - c_i) is added to the noisy
     gradient at every step: it depends on the data only through earlier releases, so it is
     post-processing. Parameter hooks (`ControlVariate.attach`) would be lost: Opacus replaces p.grad.
+    Only parameters with ``requires_grad`` (run key `trainable`) are clipped, noised and updated; a
+    frozen parameter is left exactly as it came, and its correction is ignored.
 
     Raises PrivacyBudgetExhausted (nothing trained, nothing recorded) when the round would exceed
     `dp.epsilon`, PrivacyPlanExceeded for a round beyond the run's plan, IncompatibleModelError for a
@@ -209,7 +211,7 @@ def train_private(
     if unknown:
         raise ValueError(f"grad_correction names parameters the model does not have: {unknown[:5]}")
     offsets = [(named[k], torch.as_tensor(v, dtype=named[k].dtype, device=device).reshape(named[k].shape))
-               for k, v in (grad_correction or {}).items()]  # fmt: skip
+               for k, v in (grad_correction or {}).items() if named[k].requires_grad]  # fmt: skip
     optimizer = DPOptimizer(
         torch.optim.Adam(params, lr=lr_at(start_step, config), weight_decay=config.weight_decay),
         noise_multiplier=plan.noise_multiplier, max_grad_norm=dp.max_grad_norm,

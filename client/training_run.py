@@ -12,6 +12,8 @@ mean Dice, or the AUC of the validation cases; the last one when there is no val
 cases cannot define it), with `task`, `classes`, `label_column` and `class_input_size` in its
 metadata for a classifier, RUN_DIR/last.safetensors, RUN_DIR/metrics.json (rewritten after
 every period), RUN_DIR/run_config.json (the resolved configuration) and RUN_DIR/learning_curve.png.
+As at the federation's sites, `init-checkpoint` warm-starts the model and `trainable` freezes the
+parameters it does not name (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from fedbrats.shared.config import RunConfig
 from fedbrats.shared.constants import REGIONS, label_sets_for
 from fedbrats.shared.data.partition import Partition, write_partition
 from fedbrats.shared.data.site_cases import Discovered, cases_of_sites
+from fedbrats.shared.models.trainable import apply_trainable, trainable_summary
 from fedbrats.shared.tasks import Task, checkpoint_metadata, load_labels, task_for, with_label_classes
+from fedbrats.shared.warm_start import load_warm_start
 from fedbrats.strategies.selection import round_lr
 
 
@@ -173,6 +177,8 @@ def run_train(
 
     torch.manual_seed(config.seed)  # the federation's initial weights (server.app.initial_model); a rerun is identical
     net = model_for(config)
+    warm = load_warm_start(net, config) if config.init_checkpoint else None  # init-checkpoint: checked, then loaded
+    trained, total = apply_trainable(net, config.trainable)  # frozen parameters: requires_grad False before Adam
     n_train = len(train_ds)
     periods = config.rounds
     total = schedule_steps(config, n_train)
@@ -193,6 +199,12 @@ def run_train(
     }  # fmt: skip
     if task.classifies:
         summary.update(classes=extra["classes"], label_column=extra["label_column"])
+    if warm is not None:
+        summary["initial_model"] = extra["initial_model"] = {"source": "warm start", "path": warm.path, "digest": warm.digest}
+        console.print(f"initial model: {warm.describe()}")
+    if config.trainable != "*":
+        summary.update(trainable=config.trainable, trained_parameters=trained, parameters=total)
+        console.print(trainable_summary(trained, total, config.trainable))
     history: list[dict[str, Any]] = []
     best: tuple[float | None, int] = (None, 0)  # the best defined headline so far and its epoch
     step = 0

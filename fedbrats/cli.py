@@ -154,7 +154,8 @@ def _add_federation_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_privacy_parsers(sub: argparse._SubParsersAction) -> None:
-    privacy = sub.add_parser("privacy", help="privacy budgets: audit a run's ledgers, plan the noise")
+    privacy = sub.add_parser("privacy", help="privacy budgets: audit a run's ledgers, plan the noise, "
+                                              "calibrate the clipping norm")
     privacy_sub = privacy.add_subparsers(dest="privacy_command", required=True)
     p = privacy_sub.add_parser("audit", help="per-site, per-round epsilon; non-zero exit if a budget is exceeded")
     p.add_argument("path", type=Path, help="a run folder (sites/*/privacy_ledger.sqlite) or one ledger file")
@@ -173,6 +174,16 @@ def _add_privacy_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delta", type=float, default=None, help="default: min(1e-5, 0.1 / cases)")
     p.add_argument("--accountant", choices=["rdp", "prv"], default="rdp", help="privacy accountant")
     p.set_defaults(func=commands.privacy_plan)
+    p = privacy_sub.add_parser("calibrate", help="per-patient gradient norms on public/phantom data: the "
+                                                 "clipping norm dp-max-grad-norm to use (docs/privacy.md)")
+    p.add_argument("--data", type=Path, required=True, help="data root of public or phantom cases (not a site's own)")
+    add_partition_options(p, partition_help="FeTS partition CSV; without it every case is used")
+    p.add_argument("--site", default=None, help="use one site of the partition only")
+    add_run_options(p, set_help=SET_HELP + "; the run's model, loss, batch-size, init-checkpoint and trainable")
+    p.add_argument("--steps", type=int, default=20, help="batches to measure (batch-size patients each)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--out", type=Path, default=None, help="JSON file of the norms, quantiles and suggestion")
+    p.set_defaults(func=commands.privacy_calibrate)
 
 
 def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:

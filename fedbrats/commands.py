@@ -301,6 +301,31 @@ def privacy_audit(args: argparse.Namespace) -> int:
     return run_audit(args.path, budget=args.budget, out_png=args.png, history=args.history)
 
 
+def privacy_calibrate(args: argparse.Namespace) -> int:
+    from fedbrats.client.clip_calibration import calibrate
+    from fedbrats.data_checks import checked_partition
+    from fedbrats.shared.atomic import atomic_write_json
+
+    config = run_config_from_args(args)
+    sites = None if args.site is None else [args.site]
+    partition, discovered, narrowed = checked_partition(
+        args.data, args.partition, allow_missing=args.allow_missing, sites=sites
+    )
+    console = _console()
+    result = calibrate(
+        config, args.data, partition=partition if narrowed else args.partition, site=args.site, steps=args.steps,
+        device=args.device, discovered=discovered, console=console,
+    )  # fmt: skip
+    quantiles = ", ".join(f"{q} {v:.4g}" for q, v in result.quantiles.items())
+    console.print(f"{result.model}: {len(result.norms)} per-patient gradient norms over {result.trained_parameters:,} "
+                  f"trained parameters ({result.initial_model}); quantiles {quantiles}, max {max(result.norms):.4g}")  # fmt: skip
+    console.print(f"suggested dp-max-grad-norm = {result.suggested_max_grad_norm:.4g} (the median: the usual "
+                  "heuristic; measured without privacy, so on public or phantom data only)")  # fmt: skip
+    if args.out is not None:
+        console.print(f"written: {atomic_write_json(args.out, result.as_dict())}")
+    return 0
+
+
 def privacy_plan(args: argparse.Namespace) -> int:
     from fedbrats.privacy_commands import run_plan
 

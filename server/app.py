@@ -15,12 +15,15 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import HttpGrid
 
 from fedbrats.server.federation import Federation
+from fedbrats.server.history import INITIAL_MODEL
 from fedbrats.shared.checkpoint import save_checkpoint
 from fedbrats.shared.config import RunConfig
 from fedbrats.shared.models import create_model
+from fedbrats.shared.models.trainable import trainable_names
 from fedbrats.shared.records import model_to_record, record_digest, record_to_model
 from fedbrats.shared.tasks import checkpoint_metadata, task_for
 from fedbrats.shared.wallclock import load_timings
+from fedbrats.shared.warm_start import load_warm_start
 from fedbrats.strategies import build_strategy
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -30,10 +33,16 @@ app = ServerApp()
 
 
 def initial_model(config: RunConfig) -> torch.nn.Module:
-    """Seeded initial weights, so every strategy compared on a seed starts from the same model."""
+    """Seeded initial weights, so every strategy compared on a seed starts from the same model; with
+    `init-checkpoint`, that checkpoint's weights (checked: `shared.warm_start`). A resumed run loads it
+    too (same checks), but `Federation` then continues from its own latest round, never from this."""
     task_for(config).check_model(config)  # e.g. a classifier asked to segment: refused before round 1
     torch.manual_seed(config.seed)
-    return create_model(config.model, **config.model_config)
+    model = create_model(config.model, **config.model_config)
+    if config.init_checkpoint:
+        load_warm_start(model, config)
+    trainable_names(model, config.trainable)  # a pattern matching no parameter fails here, not at every site
+    return model
 
 
 def make_strategy(config: RunConfig, total_sites: int | None = None):
@@ -80,6 +89,7 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
         grid, config, strategy, model_to_record(model), timings=load_timings(site_profiles_path(config)), out_dir=out,
         simulated=not isinstance(grid, HttpGrid),  # a SuperLink's grid: real hospitals, wall time only
     )
+    _record_warm_start(federation, config)
     # run_config.json is written (and checked against on resume) by Federation, before any round runs
     arrays = federation.run()
     record_to_model(arrays, model)
@@ -93,6 +103,17 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
     )
     log.info("final global model: %s", path)
     return path
+
+
+def _record_warm_start(federation: Federation, config: RunConfig) -> None:
+    """A fresh warm-started run records its initial model (path, digest) once in the history; a resume does not."""
+    if not config.init_checkpoint or federation.start_round > 0:
+        return
+    if any(e.get("event") == INITIAL_MODEL for e in federation.history.events()):
+        return  # restarted before round 1 completed: already recorded
+    path, digest = str(Path(config.init_checkpoint).expanduser().resolve()), record_digest(federation.arrays)
+    federation.history.append_event(INITIAL_MODEL, source="warm start", path=path, digest=digest)
+    log.info("initial model: warm start from %s (digest %s)", path, digest[:12])
 
 
 def _setup_logging() -> None:

@@ -22,6 +22,8 @@ log = logging.getLogger("fedbrats.server")
 
 #: The key that marks an event line (not a round): {"event": "resume-override", ...}.
 EVENT = "event"
+#: The event of a warm-started run: where its initial model came from (path, digest; server.app).
+INITIAL_MODEL = "initial-model"
 
 
 @dataclass

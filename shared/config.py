@@ -142,6 +142,10 @@ class RunConfig:
     warmup_steps: int = 10
     batch_size: int = 2
     proximal_mu: float = 0.0
+    # warm start: the initial global model from a fedbrats checkpoint of the same model ("": seeded random init)
+    init_checkpoint: str = ""
+    # what sites train: comma-separated fnmatch patterns over parameter names; the rest is frozen (docs/privacy.md)
+    trainable: str = "*"
     # what is learnt (shared.tasks): region masks, one label per case from a labels CSV, or both
     task: str = "segmentation"  # segmentation | classification | multitask
     labels: str = ""  # labels CSV ("": found under the data folder, shared.data.case_labels.find_label_file)
@@ -253,6 +257,8 @@ class RunConfig:
             problems.append("selection 'deadline' needs deadline-seconds > 0")
         if self.local_epochs < 1 and self.local_steps < 1:
             problems.append("one of local-epochs or local-steps must be >= 1")
+        if not any(p.strip() for p in self.trainable.split(",")):
+            problems.append(f"trainable must hold parameter-name patterns ('*': all), got {self.trainable!r}")
         if self.tracking_uri and self.tracking != "mlflow":
             problems.append(f"tracking-uri applies to tracking = mlflow only, got tracking = {self.tracking!r}")
         if self.attack != "none" and not self.attack_sites.strip(", "):

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fedbrats.server.history import read_history  # noqa: E402
+from fedbrats.server.history import INITIAL_MODEL, read_events, read_history  # noqa: E402
 from fedbrats.shared.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from fedbrats.shared.constants import REGIONS  # noqa: E402
 from fedbrats.shared.evaluation.intervals import FEW_CASES, case_weighted, few_cases_label  # noqa: E402
@@ -150,6 +150,9 @@ def write_report(out_dir: Path) -> Path:
         f"Model `{config.get('model', '?')}` (width {config.get('model-width', '?')}, depth {config.get('model-depth', '?')}), "
         f"patch {config.get('patch-size', '?')}, {config.get('local-epochs', '?')} local epoch(s) per round.",
         "",
+        *[f"Initial model: warm start from `{e.get('path')}` (digest {str(e.get('digest'))[:12]})"
+          + (f"; sites train only `trainable = {config['trainable']}`." if config.get("trainable", "*") != "*" else ".")
+          + "\n" for e in read_events(out_dir / "history.jsonl") if e.get("event") == INITIAL_MODEL][-1:],
         "Metrics are computed on each site's held-out validation cases, thresholded at 0.5, without post-processing. "
         "Empty truth and empty prediction count as Dice 1 (CaPTk/FeTS convention). "
         f"{hd95_definition(config)}. The mean counts each site once (site-weighted, as FeTS ranks); the "

@@ -1,0 +1,146 @@
+"""`init-checkpoint`: the initial model from a checked fedbrats checkpoint, recorded once, never re-applied on resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from fedbrats.client.training_run import run_train
+from fedbrats.server.app import initial_model, make_strategy, run_server
+from fedbrats.server.federation import Federation
+from fedbrats.server.history import INITIAL_MODEL, read_events
+from fedbrats.server.state import load_state, weights_digest
+from fedbrats.shared.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedbrats.shared.config import RunConfig
+from fedbrats.shared.models import create_model
+from fedbrats.shared.records import model_to_record, record_digest
+from fedbrats.shared.warm_start import load_warm_start
+from fedbrats.simulations.report import write_report
+
+from .local_grid import LocalGrid, tiny_phantom
+
+TINY = dict(
+    model_width=8, model_depth=2, patch_size=16, batch_size=2, local_steps=2, local_epochs=1, cache="memory"
+)
+
+
+def _checkpoint(path, *, seed: int = 7, width: int = 8, task: str = "segmentation", **extra):
+    torch.manual_seed(seed)
+    model = create_model("resunet", width=width, depth=2)
+    return save_checkpoint(path, model, extra={"task": task, **extra}), model
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_initial_model_is_the_checkpoint_and_empty_keeps_the_seeded_init(tmp_path):
+    path, trained = _checkpoint(tmp_path / "warm.safetensors")
+    seeded = initial_model(RunConfig(**TINY))
+    torch.manual_seed(0)
+    assert _same(seeded, create_model("resunet", **RunConfig(**TINY).model_config))  # "" changes nothing
+    warm = initial_model(RunConfig(**TINY, init_checkpoint=str(path)))
+    assert _same(warm, trained) and not _same(warm, seeded)
+    source = load_warm_start(create_model("resunet", **RunConfig(**TINY).model_config),
+                             RunConfig(**TINY, init_checkpoint=str(path)))  # fmt: skip
+    assert source.digest == record_digest(model_to_record(trained)) and source.path == str(path.resolve())
+    assert f"warm start from {path.resolve()} (digest {source.digest[:12]})" == source.describe()
+
+
+def test_untrusted_checkpoints_are_refused_naming_the_file_and_the_reason(tmp_path):
+    config = RunConfig(**{**TINY, "model_width": 16, "model_se": True}, init_checkpoint=str(tmp_path / "missing.st"))
+    with pytest.raises(CheckpointError, match=r"missing\.st does not exist"):
+        initial_model(config)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"junk\.safetensors is not a safetensors checkpoint"):
+        initial_model(config.replace(init_checkpoint=str(tmp_path / "junk.safetensors")))
+    path, _ = _checkpoint(tmp_path / "narrow.safetensors")  # width 8, no SE
+    with pytest.raises(CheckpointError) as err:
+        initial_model(config.replace(init_checkpoint=str(path)))
+    assert str(path) in str(err.value)
+    assert "width (model-width): expected 16, found 8" in str(err.value)
+    assert "se (model-se): expected True, found False" in str(err.value)
+    with pytest.raises(CheckpointError, match=r"model: expected 'selfensemble', found 'resunet'"):
+        initial_model(RunConfig(**TINY, model="selfensemble", init_checkpoint=str(path)))
+    torch.manual_seed(0)
+    classifier = create_model("resclassifier", width=8, depth=2, n_classes=2)
+    save_checkpoint(tmp_path / "grade.safetensors", classifier, extra={"task": "classification"})
+    with pytest.raises(
+        CheckpointError, match=r"grade\.safetensors holds a classification model.*task is segmentation"
+    ):
+        initial_model(RunConfig(**TINY, init_checkpoint=str(tmp_path / "grade.safetensors")))
+    damaged, _ = _checkpoint(tmp_path / "damaged.safetensors", digest="0" * 64)
+    with pytest.raises(CheckpointError, match="do not match the digest"):
+        initial_model(RunConfig(**TINY, init_checkpoint=str(damaged)))
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    return tiny_phantom(tmp_path_factory.mktemp("phantom"), cases_per_site=3)
+
+
+def _config(phantom, out, **changes):
+    values = dict(rounds=1, min_sites=1, data_dir=str(phantom), partition=str(phantom / "partitioning_1.csv"),
+                  out_dir=str(out))  # fmt: skip
+    return RunConfig(**{**values, **TINY, **changes})
+
+
+@pytest.mark.slow
+def test_a_federation_records_its_warm_start_once_and_resume_keeps_its_own_rounds(phantom, tmp_path):
+    path, trained = _checkpoint(tmp_path / "warm.safetensors")
+    out = tmp_path / "run"
+    config = _config(phantom, out, init_checkpoint=str(path), trainable="decoder.*,head.*")
+    run_server(LocalGrid(config.to_flower(), sites=2), config)
+    round0 = load_state(out / "server")  # round 1 completed
+    assert round0.round == 1
+    events = [e for e in read_events(out / "history.jsonl") if e["event"] == INITIAL_MODEL]
+    digest = record_digest(model_to_record(trained))
+    assert events == [
+        {"event": INITIAL_MODEL, "source": "warm start", "path": str(path.resolve()), "digest": digest}
+    ]
+    report = (write_report(out)).read_text()
+    assert (
+        f"Initial model: warm start from `{path.resolve()}` (digest {digest[:12]}); sites train only"
+        in report
+    )
+    # Resuming: the federation continues from round 1's weights, not from the checkpoint again.
+    resumed = config.replace(rounds=2)
+    federation = Federation(LocalGrid(resumed.to_flower(), sites=2), resumed, make_strategy(resumed),
+                            model_to_record(initial_model(resumed)), out_dir=out)  # fmt: skip
+    assert (
+        federation.start_round == 1
+        and weights_digest(federation.arrays) == weights_digest(round0.arrays) != digest
+    )
+    run_server(LocalGrid(resumed.to_flower(), sites=2), resumed)
+    assert len([e for e in read_events(out / "history.jsonl") if e["event"] == INITIAL_MODEL]) == 1
+    plain = _config(phantom, tmp_path / "plain")
+    run_server(LocalGrid(plain.to_flower(), sites=2), plain)
+    assert read_events(tmp_path / "plain" / "history.jsonl") == []  # no warm start: nothing new recorded
+    assert "Initial model" not in write_report(tmp_path / "plain").read_text()
+
+
+@pytest.mark.slow
+def test_fedbrats_train_starts_from_another_seeds_checkpoint(phantom, tmp_path):
+    base = RunConfig(**{**TINY, "rounds": 1})
+    first = run_train(
+        base.replace(seed=5), phantom, out=tmp_path / "public", device="cpu", console=Console(quiet=True)
+    )
+    assert "initial_model" not in first and "trainable" not in first  # the defaults change nothing
+    warm = base.replace(
+        init_checkpoint=str(tmp_path / "public" / "checkpoint.safetensors"), trainable="head.*"
+    )
+    summary = run_train(warm, phantom, out=tmp_path / "tuned", device="cpu", console=Console(quiet=True))
+    assert summary["initial_model"]["path"] == str((tmp_path / "public" / "checkpoint.safetensors").resolve())
+    assert summary["trained_parameters"] == 8 * 3 + 3 and summary["trainable"] == "head.*"
+    metrics = json.loads((tmp_path / "tuned" / "metrics.json").read_text())
+    assert metrics["initial_model"]["digest"] == summary["initial_model"]["digest"]
+    tuned, meta = load_checkpoint(tmp_path / "tuned" / "last.safetensors")
+    start, _ = load_checkpoint(tmp_path / "public" / "checkpoint.safetensors")
+    assert meta["initial_model"]["source"] == "warm start"
+    frozen = [n for n in tuned.state_dict() if not n.startswith("head.")]
+    assert all(torch.equal(tuned.state_dict()[n], start.state_dict()[n]) for n in frozen)
+    assert not torch.equal(tuned.state_dict()["head.weight"], start.state_dict()["head.weight"])
