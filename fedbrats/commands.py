@@ -86,6 +86,8 @@ def evaluate(args: argparse.Namespace) -> int:
     partition, discovered, _ = checked_partition(args.data, args.partition, allow_missing=args.allow_missing)
     if _classifies(args.checkpoint):
         return _evaluate_classifier(args, config, partition, discovered)
+    if _multitask(args.checkpoint):
+        return _evaluate_multitask(args, config, partition, discovered)
     result = evaluate_checkpoint(
         args.checkpoint, args.data, partition, out_csv=args.out, tta=args.tta, device=args.device,
         split=args.split, seed=config.seed, val_fraction=config.val_fraction, discovered=discovered,
@@ -124,6 +126,37 @@ def _classifies(checkpoint: Path) -> bool:
     from fedbrats.shared.evaluation.predict_class import is_case_classifier
 
     return is_case_classifier(read_metadata(checkpoint))
+
+
+def _multitask(checkpoint: Path) -> bool:
+    """Whether the checkpoint segments and classifies (task multitask): evaluate scores its class head too."""
+    from fedbrats.shared.checkpoint import read_metadata
+    from fedbrats.shared.evaluation.evaluate_multitask import is_multitask
+
+    return is_multitask(read_metadata(checkpoint))
+
+
+def _evaluate_multitask(args: argparse.Namespace, config, partition, discovered) -> int:
+    """`fedbrats evaluate` of a multitask U-Net: the segmentation tables and intervals, then its class head's
+    per-site table and AUC with its bootstrap interval, on the same cases."""
+    from fedbrats.shared.evaluation.evaluate_multitask import evaluate_multitask_checkpoint
+    from fedbrats.tables import auc_line, class_evaluation_table, evaluation_table
+
+    result = evaluate_multitask_checkpoint(
+        args.checkpoint, args.data, partition, config=config, out_csv=args.out, tta=args.tta, device=args.device,
+        split=args.split, discovered=discovered,
+    )  # fmt: skip
+    console = _console()
+    console.print(evaluation_table(result.segmentation.summary, result.segmentation.title))
+    _print_intervals(console, result.segmentation)
+    console.print(class_evaluation_table(result.classes.summary, result.classes.title))
+    print(auc_line(result.classes.interval))
+    skipped = result.segmentation.skipped  # the class head scored the same cases
+    if skipped:
+        console.print(f"[yellow]skipped {len(skipped)} case(s):[/] " + "; ".join(skipped))
+    if result.written:
+        console.print("\n".join(f"written: {path}" for path in result.written))
+    return 0
 
 
 def _evaluate_classifier(args: argparse.Namespace, config, partition, discovered) -> int:

@@ -13,8 +13,9 @@ import csv
 import io
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -37,9 +38,10 @@ METRIC_COLUMNS = tuple(f"{m}_{r}" for m in METRIC_NAMES for r in REGIONS)
 
 def score_case(
     model: torch.nn.Module, case: Any, *, patch_size, tta: bool, device: Any, overlap: float = 0.5,
-    hd95_definition: str = DEFAULT_HD95,
+    hd95_definition: str = DEFAULT_HD95, on_image: Any = None,
 ) -> dict[str, dict[str, float]]:
-    """Metrics of one labelled case, predicted with the full pipeline and scored on the original grid."""
+    """Metrics of one labelled case, predicted with the full pipeline and scored on the original grid;
+    `on_image(image)` (optional) sees its preprocessed volume first."""
     from fedbrats.shared.data.transforms import preprocess
     from fedbrats.shared.data.volumes import load_case
     from fedbrats.shared.evaluation.inference import predict_probabilities
@@ -48,11 +50,23 @@ def score_case(
 
     volume = load_case(case, with_labels=True)
     image, _, box = preprocess(volume)
+    if on_image is not None:
+        on_image(image)
     probs = predict_probabilities(
         model, torch.as_tensor(image), patch_size=patch_size, overlap=overlap, tta=tta, device=device
     )
     regions = postprocess(probs.numpy() >= 0.5, min_et_voxels(volume.spacing), brain=(image != 0).any(0))
     return region_metrics(box.uncrop(regions), volume.regions.astype(bool), volume.spacing, hd95_definition)
+
+
+class CaseHook(Protocol):
+    """More to score in the same pass over the same cases (a multitask model's class probabilities,
+    shared.evaluation.evaluate_multitask): `cases` sees the list before any is scored, `image` each
+    case's preprocessed volume [4, X, Y, Z]."""
+
+    def cases(self, todo: list[tuple[str, Any]]) -> None: ...
+
+    def image(self, model: torch.nn.Module, site: str, case: Any, image: np.ndarray) -> None: ...
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -105,6 +119,7 @@ def evaluate_checkpoint(
     discovered: Discovered | None = None,
     console: Console | None = None,
     hd95_definition: str = DEFAULT_HD95,
+    hook: CaseHook | None = None,
 ) -> Evaluation:
     """Score `checkpoint` on the labelled cases under `data_root`, site by site; optionally write CSVs.
 
@@ -114,7 +129,7 @@ def evaluate_checkpoint(
     listed as skipped, never silently dropped. The cases of each site and their train/val `split`
     come from `shared.data.site_cases` with `seed` and `val_fraction`, as training drew them.
     `console` only carries the progress bar. HD95 follows `hd95_definition` (pooled or max); the
-    intervals resample the scored cases with `seed`.
+    intervals resample the scored cases with `seed`. `hook` scores more of each case in the same pass.
     """
     from fedbrats.shared.checkpoint import load_checkpoint
     from fedbrats.shared.data.problems import CaseError
@@ -134,6 +149,8 @@ def evaluate_checkpoint(
     todo = [(name, case) for name, found in sites.items() for case in found.select(split)]
     if not todo:
         raise ValueError(f"no case to evaluate under {data_root} (split {split!r})")
+    if hook is not None:
+        hook.cases(todo)
 
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
@@ -142,8 +159,9 @@ def evaluate_checkpoint(
         for site, case in todo:
             progress.update(task, description=f"site {site}: {case.case_id}")
             try:
+                on_image = None if hook is None else partial(hook.image, model, site, case)
                 metrics = score_case(model, case, patch_size=meta["patch_size"], tta=tta, device=device,
-                                     hd95_definition=hd95_definition)
+                                     hd95_definition=hd95_definition, on_image=on_image)
             except CaseError as error:
                 log.warning("skipped %s: %s", case.case_id, error)
                 skipped.append(f"{case.case_id}: {error}")

@@ -128,17 +128,17 @@ class ClassEvaluation:
     written: list[Path]
 
 
-def _labels_for(classifier: Classifier, config: Any, data_root: Path):
+def labels_for(classes: tuple[str, ...], label_column: str, checkpoint: Path, config: Any, data_root: Path, *,
+               task: str = "classification"):  # fmt: skip
     """The labels file read with the checkpoint's class order (so index i is the model's logit i)."""
     from fedbrats.shared.tasks import load_labels
 
-    column = config.label_column or ("" if classifier.label_column == "label" else classifier.label_column)
-    ordered = config.label_classes or ",".join(classifier.classes)
+    column = config.label_column or ("" if label_column == "label" else label_column)
+    ordered = config.label_classes or ",".join(classes)
     try:
-        return load_labels(config.replace(task="classification", label_column=column, label_classes=ordered),
-                           data_root)  # fmt: skip
+        return load_labels(config.replace(task=task, label_column=column, label_classes=ordered), data_root)
     except ValueError as err:
-        raise ValueError(f"{err} (the checkpoint {classifier.path.name} lists classes {list(classifier.classes)} "
+        raise ValueError(f"{err} (the checkpoint {checkpoint.name} lists classes {list(classes)} "
                          "in index order; if the labels name them otherwise, give the names in that order with "
                          "--set label-classes=A,B)") from None  # fmt: skip
 
@@ -189,7 +189,7 @@ def evaluate_class_checkpoint(
     if split not in SPLITS:
         raise ValueError(f"split={split!r}; expected one of {SPLITS}")
     classifier = load_classifier(checkpoint)
-    labels = _labels_for(classifier, config, Path(data_root))
+    labels = labels_for(classifier.classes, classifier.label_column, classifier.path, config, Path(data_root))
     sites = cases_of_sites(data_root, partition, seed=config.seed, val_fraction=config.val_fraction,
                            discovered=discovered)  # fmt: skip
     todo = [(name, case) for name, found in sites.items() for case in found.select(split)]
@@ -221,6 +221,17 @@ def evaluate_class_checkpoint(
             progress.advance(bar)
     if not rows:
         raise ValueError(f"none of the {len(todo)} cases could be classified: " + "; ".join(skipped[:5]))
+    title = f"{Path(checkpoint).name} on {len(rows)} case(s), split {split}: {labels.label_column} {list(names)}"
+    return class_results(scored, rows, tuple(names), labels.label_column, title=title, skipped=skipped,
+                         out_csv=out_csv, n_boot=n_boot, seed=config.seed)  # fmt: skip
+
+
+def class_results(
+    scored: list[tuple[str, np.ndarray, int]], rows: list[dict[str, Any]], names: tuple[str, ...], label_column: str,
+    *, title: str, skipped: list[str], out_csv: str | Path | None, n_boot: int, seed: int,
+) -> ClassEvaluation:  # fmt: skip
+    """Per-site metrics (and "all" over several sites) and the AUC interval of scored cases (site, probabilities,
+    true index); `out_csv` gets the per-case `rows` and `<stem>_sites.csv` beside it the per-site metrics."""
     k = len(names)
     groups: dict[str, list[tuple[np.ndarray, int]]] = {}
     for site, probs, truth in scored:
@@ -229,18 +240,17 @@ def evaluate_class_checkpoint(
         groups["all"] = [(p, t) for _, p, t in scored]
     summary = {
         site: site_summary(np.stack([p for p, _ in items]), np.array([t for _, t in items]), k,
-                           n_boot=n_boot, seed=config.seed)  # fmt: skip
+                           n_boot=n_boot, seed=seed)  # fmt: skip
         for site, items in groups.items()
     }
     everything = next(reversed(summary.values()))  # "all", or the one site
     interval = AUCInterval(everything["auc"], everything["auc_low"], everything["auc_high"], 0.95, n_boot,
                            everything["undefined"].get("auc"))  # fmt: skip
-    title = f"{Path(checkpoint).name} on {len(rows)} case(s), split {split}: {labels.label_column} {list(names)}"
     written: list[Path] = []
     if out_csv is not None:
         out_csv = Path(out_csv)
-        header = ["Subject_ID", labels.label_column, *(f"p_{c}" for c in names)]
+        header = ["Subject_ID", label_column, *(f"p_{c}" for c in names)]
         written.append(_write_csv(out_csv, header, rows))
         sites_csv = out_csv.with_name(f"{out_csv.stem}_sites.csv")
         written.append(_write_csv(sites_csv, ["site", "cases", *SITE_COLUMNS], [{"site": s, **v} for s, v in summary.items()]))
-    return ClassEvaluation(rows, summary, interval, tuple(names), labels.label_column, skipped, title, written)
+    return ClassEvaluation(rows, summary, interval, names, label_column, skipped, title, written)
