@@ -228,7 +228,7 @@ def test_dp_sites_send_evaluation_metrics_only_as_means_over_enough_cases(phanto
     config = RunConfig(rounds=1, data_dir=str(phantom), partition=str(phantom / "partitioning_1.csv"),
                        out_dir=str(tmp_path), model_width=8, model_depth=2, patch_size=16, cache="memory",
                        val_fraction=0.5, **changes)  # fmt: skip
-    model = create_model("resunet", width=8, depth=2)
+    model = create_model(config.model, **config.model_config)
     msg = Message(RecordDict({"arrays": model_to_record(model), "config": ConfigRecord({"server-round": 1})}),
                   dst_node_id=1, message_type="evaluate")  # fmt: skip
     reply = handle_evaluate(msg, Context(1, 1, {"partition-id": 0}, RecordDict(), config.to_flower()))

@@ -44,7 +44,7 @@ def test_two_rounds_end_to_end_and_nothing_private_leaves_a_site(phantom, tmp_pa
     assert {e["site"] for e in history[-1]["evaluate"]} == {"1", "2"}
     assert all(0.0 <= e["dice-WT"] <= 1.0 for e in history[-1]["evaluate"])
     model, meta = load_checkpoint(checkpoint)
-    assert meta["model_name"] == "resunet" and meta["round"] == 2
+    assert meta["model_name"] == config.model == "selfensemble" and meta["round"] == 2  # the default network
     # Every reply: weights, numbers and the site's name only.
     case_ids = [p.name for p in phantom.iterdir() if p.is_dir()]
     for reply in grid.replies:

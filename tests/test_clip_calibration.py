@@ -17,7 +17,7 @@ from fedbrats.shared.config import RunConfig
 
 from .local_grid import tiny_phantom
 
-TINY = dict(model_width=8, model_depth=2, patch_size=16, batch_size=2, cache="memory")
+TINY = dict(model="resunet", model_width=8, model_depth=2, patch_size=16, batch_size=2, cache="memory")
 
 
 def test_per_sample_norms_are_each_samples_own_gradient_norm():

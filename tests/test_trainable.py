@@ -17,8 +17,8 @@ from fedbrats.shared.models.trainable import apply_trainable, parse_patterns, tr
 from .local_grid import LocalGrid, tiny_phantom
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the:UserWarning")
-TINY = dict(
-    model_width=8, model_depth=2, patch_size=16, batch_size=2, local_steps=2, local_epochs=1, cache="memory"
+TINY = dict(  # resunet: the parameter names and counts below are its own
+    model="resunet", model_width=8, model_depth=2, patch_size=16, batch_size=2, local_steps=2, local_epochs=1, cache="memory"
 )
 DECODER = "decoder.*,head.*"
 

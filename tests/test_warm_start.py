@@ -22,8 +22,8 @@ from fedbrats.simulations.report import write_report
 
 from .local_grid import LocalGrid, tiny_phantom
 
-TINY = dict(
-    model_width=8, model_depth=2, patch_size=16, batch_size=2, local_steps=2, local_epochs=1, cache="memory"
+TINY = dict(  # resunet: the parameter names and counts below are its own
+    model="resunet", model_width=8, model_depth=2, patch_size=16, batch_size=2, local_steps=2, local_epochs=1, cache="memory"
 )
 
 
@@ -65,7 +65,7 @@ def test_untrusted_checkpoints_are_refused_naming_the_file_and_the_reason(tmp_pa
     assert "width (model-width): expected 16, found 8" in str(err.value)
     assert "se (model-se): expected True, found False" in str(err.value)
     with pytest.raises(CheckpointError, match=r"model: expected 'selfensemble', found 'resunet'"):
-        initial_model(RunConfig(**TINY, model="selfensemble", init_checkpoint=str(path)))
+        initial_model(RunConfig(**{**TINY, "model": "selfensemble"}, init_checkpoint=str(path)))
     torch.manual_seed(0)
     classifier = create_model("resclassifier", width=8, depth=2, n_classes=2)
     save_checkpoint(tmp_path / "grade.safetensors", classifier, extra={"task": "classification"})
