@@ -152,13 +152,20 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         model = create_model(meta["model_name"], **meta["model_config"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot build model {meta['model_name']!r}: {err}") from err
+    load_weights(model, path, meta, f"{path}: weights do not fit model {meta['model_name']!r} {meta['model_config']}")
+    model.eval()
+    return model, meta
+
+
+def load_weights(model: torch.nn.Module, path: Path, meta: dict[str, Any], misfit: str) -> dict[str, Any]:
+    """Put the checkpoint's weights into `model` (strict names), checked against the metadata's digest.
+
+    Returns the state read; a damaged file or weights that do not fit are a CheckpointError (`misfit`
+    starts its message)."""
     state = load_state(path)
     check_digest(path, state, meta.get("digest"))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(
-            f"{path}: weights do not fit model {meta['model_name']!r} {meta['model_config']}: {err}"
-        ) from err
-    model.eval()
-    return model, meta
+        raise CheckpointError(f"{misfit}: {err}") from err
+    return state

@@ -17,7 +17,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord
 from torch import nn
 
-from fedbrats.shared.checkpoint import CheckpointError, check_digest, load_state, read_metadata
+from fedbrats.shared.checkpoint import CheckpointError, load_weights, read_metadata
 from fedbrats.shared.config import MODEL_ARGUMENTS, RunConfig
 from fedbrats.shared.records import record_digest
 
@@ -76,12 +76,5 @@ def load_warm_start(model: nn.Module, config: RunConfig) -> WarmStart:
                               "fedbrats (e.g. RUN_DIR/checkpoint.safetensors of `fedbrats train`)")  # fmt: skip
     meta = read_metadata(path)
     check_compatible(path, meta, config, dict(getattr(model, "config", None) or config.model_config))
-    state = load_state(path)
-    check_digest(path, state, meta.get("digest"))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"init-checkpoint {path}: its weights do not fit model {config.model!r}: {err}"
-        ) from err
+    state = load_weights(model, path, meta, f"init-checkpoint {path}: its weights do not fit model {config.model!r}")
     return WarmStart(str(path.resolve()), record_digest(ArrayRecord(state)))
