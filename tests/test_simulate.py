@@ -136,3 +136,33 @@ def test_auto_preset_is_demo_on_a_cpu_and_full_on_a_gpu(monkeypatch, cuda):
     config = run_config_from_args(_args(preset="auto"), {"model": None})
     assert config.model_width == (RunConfig().model_width if cuda else DEMO["model_width"])
     assert config.patch_size == (RunConfig().patch_size if cuda else DEMO["patch_size"])
+
+
+#: An "executor" leading its own process group, with a "federation" child in that group (as
+#: flower-superexec runs flwr-simulation and its Ray instance); the child prints its pid.
+_EXECUTOR = "import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); print(c.pid, flush=True); time.sleep(300)"
+
+
+def test_stopping_the_local_superlink_stops_the_federation_its_executor_runs(tmp_path):
+    """Flower may declare a run over while its federation still runs (missed task heartbeats on an
+    overloaded machine): the federation must not live on, writing into the run folder."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    home = tmp_path / ".flwr"
+    executor = subprocess.Popen([sys.executable, "-c", _EXECUTOR, "flower-superexec", str(home)],
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        federation = int(executor.stdout.readline())
+        simulate.stop_local_superlink(home)
+        executor.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{federation}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)  # the child, reparented, is reaped by init
+        assert not Path(f"/proc/{federation}").exists() or "Z" in Path(f"/proc/{federation}/stat").read_text().split()[2]
+    finally:
+        if executor.poll() is None:
+            os.killpg(executor.pid, 9)
+    simulate.stop_local_superlink(tmp_path / "nothing-runs-here")  # no match: nothing happens
