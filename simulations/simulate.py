@@ -103,42 +103,24 @@ def phantom_for(config: RunConfig, sites: int) -> Path:
 
 
 def stop_local_superlink(flwr_home: Path) -> None:
-    """Stop the SuperLink that `flwr run` started under this run's FLWR_HOME, with everything its executor runs.
+    """Stop the SuperLink that `flwr run` started under this run's FLWR_HOME, with everything it runs.
 
-    The executor (`flower-superexec`) leads its own process group, which holds the federation itself
-    (`flwr-simulation`, its Ray instance and the sites). That group is stopped as a whole: when the
-    SuperLink declares a run over while the federation still runs (it does so when it misses the
-    task's heartbeats on an overloaded machine), the federation would otherwise go on writing into
+    Every process of the run inherits FLWR_HOME: the SuperLink, its executor (`flower-superexec`), the
+    federation itself (`flwr-simulation`), its Ray instance and the sites. All of them are stopped:
+    when the SuperLink declares a run over while the federation still runs (it does so when it misses
+    the task's heartbeats on an overloaded machine), the federation would otherwise go on writing into
     the run folder beside the next run or a resume."""
-    marker = str(flwr_home)
-    found = []
+    marker = f"FLWR_HOME={flwr_home}".encode()
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if marker in cmdline and ("flower-superlink" in cmdline or "flower-superexec" in cmdline):
-            found.append(int(proc.name))
-    groups = {pid for pid in found if _leads_group(pid)}  # read before any signal: a leader may exit first
-    for group in groups:
-        _signal(os.killpg, group)
-    for pid in set(found) - groups:
-        _signal(os.kill, pid)
-
-
-def _leads_group(pid: int) -> bool:
-    """Whether `pid` leads its own process group (never ours: that would stop this process)."""
-    try:
-        return os.getpgid(pid) == pid != os.getpgrp()
-    except ProcessLookupError:
-        return False
-
-
-def _signal(send: Callable[[int, int], None], target: int) -> None:
-    try:
-        send(target, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        pass
+        if marker in environ and int(proc.name) != os.getpid():
+            try:
+                os.kill(int(proc.name), signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 #: Flower gives the local SuperLink it starts 15 s, too little on a loaded machine (the run then fails

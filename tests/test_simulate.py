@@ -138,8 +138,8 @@ def test_auto_preset_is_demo_on_a_cpu_and_full_on_a_gpu(monkeypatch, cuda):
     assert config.patch_size == (RunConfig().patch_size if cuda else DEMO["patch_size"])
 
 
-#: An "executor" leading its own process group, with a "federation" child in that group (as
-#: flower-superexec runs flwr-simulation and its Ray instance); the child prints its pid.
+#: An "executor" with a "federation" child (as flower-superexec runs flwr-simulation and its Ray
+#: instance); both inherit the run's FLWR_HOME, and the child prints its pid.
 _EXECUTOR = "import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); print(c.pid, flush=True); time.sleep(300)"
 
 
@@ -152,17 +152,28 @@ def test_stopping_the_local_superlink_stops_the_federation_its_executor_runs(tmp
     import time
 
     home = tmp_path / ".flwr"
-    executor = subprocess.Popen([sys.executable, "-c", _EXECUTOR, "flower-superexec", str(home)],
-                                stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    executor = subprocess.Popen([sys.executable, "-c", _EXECUTOR], env=env, stdout=subprocess.PIPE, text=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"],
+                             env={**os.environ, "FLWR_HOME": str(tmp_path / "another-run")})  # fmt: skip
     try:
         federation = int(executor.stdout.readline())
         simulate.stop_local_superlink(home)
         executor.wait(timeout=30)
         deadline = time.monotonic() + 30
-        while Path(f"/proc/{federation}").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)  # the child, reparented, is reaped by init
-        assert not Path(f"/proc/{federation}").exists() or "Z" in Path(f"/proc/{federation}/stat").read_text().split()[2]
+        while _running(federation) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(federation)
+        assert other.poll() is None  # another run's processes are left alone
     finally:
-        if executor.poll() is None:
-            os.killpg(executor.pid, 9)
-    simulate.stop_local_superlink(tmp_path / "nothing-runs-here")  # no match: nothing happens
+        for proc in (executor, other):
+            if proc.poll() is None:
+                proc.kill()
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a reparented child waits for init to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
