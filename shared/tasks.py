@@ -186,7 +186,7 @@ def class_metrics(probabilities: np.ndarray, labels: np.ndarray, n_classes: int)
     return out
 
 
-def _softmax(logits: torch.Tensor) -> np.ndarray:
+def class_softmax(logits: torch.Tensor) -> np.ndarray:
     return torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float64)
 
 
@@ -206,7 +206,7 @@ def class_scores(model: nn.Module, dataset: Any, device: Any) -> tuple[np.ndarra
         with torch.inference_mode():
             for start in range(0, len(dataset), EVAL_BATCH):
                 cubes = [dataset.image(i) for i in range(start, min(start + EVAL_BATCH, len(dataset)))]
-                scores.append(_softmax(model(torch.as_tensor(np.stack(cubes)).to(device))))
+                scores.append(class_softmax(model(torch.as_tensor(np.stack(cubes)).to(device))))
     finally:
         model.train(was_training)
     if not scores:
@@ -250,7 +250,7 @@ class ClassificationTask(Task):
         return pooled
 
 
-def _centre_patch(image: np.ndarray, patch: tuple[int, int, int]) -> np.ndarray:
+def centre_patch(image: np.ndarray, patch: tuple[int, int, int]) -> np.ndarray:
     """The centre `patch` of a [C, X, Y, Z] volume, zero-padded where the volume is smaller."""
     out = np.zeros((image.shape[0], *patch), np.float32)
     src, dst = [], []
@@ -302,8 +302,8 @@ class MultitaskTask(Task):
         try:
             with torch.inference_mode():
                 for i in range(len(dataset)):
-                    patch = _centre_patch(np.asarray(dataset.volume(i)[0]), config.patch)
-                    scores.append(_softmax(model(torch.as_tensor(patch)[None].to(device))[1]))
+                    patch = centre_patch(np.asarray(dataset.volume(i)[0]), config.patch)
+                    scores.append(class_softmax(model(torch.as_tensor(patch)[None].to(device))[1]))
         finally:
             model.train(was_training)
         labels = np.asarray(dataset.labels, dtype=np.int64)

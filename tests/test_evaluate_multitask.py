@@ -76,8 +76,8 @@ def test_the_class_figures_equal_the_multitask_sites(phantom, checkpoint, tmp_pa
     assert [r["case_id"] for r in result.segmentation.rows] == [r["Subject_ID"] for r in classes.rows]
     assert classes.classes == ("HGG", "LGG") and classes.label_column == "Grade"
     seen: list[np.ndarray] = []  # what the site's evaluation scores, case by case
-    softmax = tasks._softmax
-    monkeypatch.setattr(tasks, "_softmax", lambda logits: seen.append(softmax(logits)) or seen[-1])
+    softmax = tasks.class_softmax
+    monkeypatch.setattr(tasks, "class_softmax", lambda logits: seen.append(softmax(logits)) or seen[-1])
     model, _ = load_checkpoint(checkpoint)
     for site_name in ("1", "2"):
         seen.clear()

@@ -41,12 +41,12 @@ def multitask_class_probabilities(
     model: nn.Module, image: np.ndarray, patch: tuple[int, int, int], device: torch.device
 ) -> np.ndarray:
     """Softmax over the class logits [K] (float64) of one preprocessed case [4, X, Y, Z], read as the site reads it."""
-    from fedbrats.shared.tasks import _centre_patch, _softmax  # the site's own input and softmax
+    from fedbrats.shared.tasks import centre_patch, class_softmax  # the site's own input and softmax
 
     model.to(device).eval()
     with torch.inference_mode():
-        logits = model(torch.as_tensor(_centre_patch(np.asarray(image), patch))[None].to(device))[1]
-    return _softmax(logits)[0]
+        logits = model(torch.as_tensor(centre_patch(np.asarray(image), patch))[None].to(device))[1]
+    return class_softmax(logits)[0]
 
 
 class _ClassScores:
