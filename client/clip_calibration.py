@@ -24,19 +24,11 @@ import numpy as np
 import torch
 from opacus import GradSampleModule
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from torch.utils.data import DataLoader
 
 from fedbrats.client.settings import model_for
 from fedbrats.client.trainer import get_device, targets_to
-from fedbrats.client.training_run import training_cases
+from fedbrats.client.training_run import step_progress, training_cases
 from fedbrats.shared.config import RunConfig
 from fedbrats.shared.data.partition import Partition
 from fedbrats.shared.data.site_cases import Discovered
@@ -87,11 +79,6 @@ def per_sample_norms(gsm: GradSampleModule) -> torch.Tensor:
     if not per_param:
         raise RuntimeError("no per-sample gradient was computed: are all parameters frozen?")
     return torch.stack(per_param, dim=1).norm(2, dim=1)
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console)  # fmt: skip
 
 
 def calibrate(
@@ -148,7 +135,7 @@ def calibrate(
                            force_functorch=mode == "functorch")  # fmt: skip
     gsm.train()
     try:
-        with _progress(console) as progress, warnings.catch_warnings():
+        with step_progress(console) as progress, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
             bar = progress.add_task("per-patient gradient norms", total=steps)
             done = 0

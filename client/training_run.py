@@ -46,6 +46,11 @@ from fedbrats.shared.warm_start import load_warm_start
 from fedbrats.strategies.selection import round_lr
 
 
+def step_progress(console: Console) -> Progress:
+    """The progress bar of a loop over training steps: description, bar, done/total, elapsed, left."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console)  # fmt: skip
+
 def one_site_config(config: RunConfig, epochs: int | None = None) -> RunConfig:
     """The run configuration of centralized training; `epochs` E = E rounds of one local epoch.
 
@@ -208,9 +213,7 @@ def run_train(
     history: list[dict[str, Any]] = []
     best: tuple[float | None, int] = (None, 0)  # the best defined headline so far and its epoch
     step = 0
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
+    with step_progress(console) as progress:
         bar = progress.add_task("epoch 1", total=total)
         for epoch in range(1, periods + 1):
 
