@@ -110,17 +110,36 @@ def stop_local_superlink(flwr_home: Path) -> None:
     when the SuperLink declares a run over while the federation still runs (it does so when it misses
     the task's heartbeats on an overloaded machine), the federation would otherwise go on writing into
     the run folder beside the next run or a resume."""
-    marker = f"FLWR_HOME={flwr_home}".encode()
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if marker in environ and int(proc.name) != os.getpid():
+    for sig in (signal.SIGTERM, signal.SIGKILL):  # SIGKILL for what ignores or outlives SIGTERM
+        left = _run_processes(flwr_home)
+        for pid in left:
             try:
-                os.kill(int(proc.name), signal.SIGTERM)
+                os.kill(pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = _run_processes(flwr_home)
+        if not left:
+            return
+
+
+#: How long the processes of a stopped run get to exit on SIGTERM before they are killed.
+STOP_GRACE_SECONDS = 10.0
+
+
+def _run_processes(flwr_home: Path) -> list[int]:
+    """Live (not zombie) processes whose environment names this run's FLWR_HOME, this one excepted."""
+    marker, found = f"FLWR_HOME={flwr_home}".encode(), []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0") and int(proc.name) != os.getpid():
+                if (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+                    found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 #: Flower gives the local SuperLink it starts 15 s, too little on a loaded machine (the run then fails

@@ -139,8 +139,10 @@ def test_auto_preset_is_demo_on_a_cpu_and_full_on_a_gpu(monkeypatch, cuda):
 
 
 #: An "executor" with a "federation" child (as flower-superexec runs flwr-simulation and its Ray
-#: instance); both inherit the run's FLWR_HOME and hold the test's pipe open while they live.
-_EXECUTOR = "import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); print(c.pid, flush=True); time.sleep(300)"
+#: instance); both inherit the run's FLWR_HOME and hold the test's pipe open while they live. The
+#: child ignores SIGTERM, as a process busy in native code or with its own handler may.
+_FEDERATION = "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(os.getpid(), flush=True); time.sleep(300)"
+_EXECUTOR = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {_FEDERATION!r}]); time.sleep(300)"
 
 
 def test_stopping_the_local_superlink_stops_the_federation_its_executor_runs(tmp_path):
