@@ -37,6 +37,7 @@ MODEL_ARGUMENTS = {
     "act": "model_act",
     "se": "model_se",
     "n_classes": "model_classes",  # classifiers (shared.models.classifier)
+    "class_head": "model_class_head",  # multi-task U-Nets: bottleneck | profile (shared.models.classifier)
     "slice_branch": "model_slice_branch",  # unetpp, bifpn: the slice-wise classification branch
     "fp_removal": "model_fp_removal",  # unetpp, bifpn: slices the branch calls negative lose the region
     "bifpn_layers": "model_bifpn_layers",  # bifpn
@@ -56,6 +57,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dp_eval_metrics": ("suppress", "aggregate"),  # client.privacy_plan.EVAL_RELEASE
     "attack": ("none", "scale", "signflip", "noise", "inflate", "labelflip"),  # client.attack.ATTACKS
     "task": ("segmentation", "classification", "multitask"),  # shared.tasks.TASKS
+    "model_class_head": ("bottleneck", "profile"),  # shared.models.classifier.CLASS_HEADS
     "tracking": ("none", "tensorboard", "mlflow"),  # server.tracking.TRACKERS
     "hd95_definition": ("pooled", "max"),  # shared.evaluation.surface.HD95_DEFINITIONS
     "update_dtype": ("float32", "float16", "bfloat16"),  # shared.wire.UPDATE_DTYPES
@@ -164,6 +166,7 @@ class RunConfig:
     model_act: str = "leakyrelu"
     model_se: bool = False
     model_classes: int = 2  # classifiers' output logits (2 for a binary label such as the grade)
+    model_class_head: str = "bottleneck"  # multitask: class logits from the bottleneck or the tumour's profile
     model_slice_branch: bool = True  # unetpp, bifpn: slice-wise region classification (a BiLSTM along z)
     model_fp_removal: bool = True  # unetpp, bifpn: at inference, negative slices lose that region's voxels
     model_bifpn_layers: int = 3  # bifpn: BiFPN layers between encoder and decoder

@@ -94,8 +94,10 @@ def test_enumerations_agree_with_their_owners():
     from fedbrats.client.privacy import GRAD_SAMPLE_MODES
     from fedbrats.client.trainer import SCHEDULES
     from fedbrats.shared.models.blocks import ACTIVATIONS
+    from fedbrats.shared.models.classifier import CLASS_HEADS
 
     assert CHOICES["model_act"] == ACTIVATIONS
+    assert CHOICES["model_class_head"] == CLASS_HEADS
     assert CHOICES["lr_schedule"] == SCHEDULES
     assert CHOICES["dp_accountant"] == ACCOUNTANTS
     assert CHOICES["dp_grad_sample_mode"] == GRAD_SAMPLE_MODES
@@ -121,7 +123,7 @@ def test_model_settings_reach_the_model_unchanged():
             "model-act": "relu", "model-se": "true", "patch-size": "32"}
     config = RunConfig.from_flower(keys)
     expected = {"width": 16, "depth": 3, "deep_supervision": True, "dropout": 0.1, "act": "relu", "se": True,
-                "n_classes": 0}  # segmentation: resunet without its classification head
+                "n_classes": 0, "class_head": "bottleneck"}  # segmentation: resunet without its classification head
     assert config.model_config == expected
     model = model_for(config)
     assert {k: model.config[k] for k in expected} == expected

@@ -101,10 +101,11 @@ def test_a_classifier_exports_class_logits_and_is_refused_as_a_bundle(tmp_path):
     assert not (tmp_path / "bundle").exists()
 
 
-def test_a_multitask_unet_exports_both_outputs_and_a_bundle_without_its_class_head(tmp_path):
+@pytest.mark.parametrize("class_head", ["bottleneck", "profile"])
+def test_a_multitask_unet_exports_both_outputs_and_a_bundle_without_its_class_head(tmp_path, class_head):
     import onnxruntime as ort
 
-    ckpt = _segmenter(tmp_path, n_classes=2)
+    ckpt = _segmenter(tmp_path, n_classes=2, class_head=class_head)
     result = export_checkpoint(ckpt, "onnx", tmp_path / "mt.onnx")
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["logits", "class_logits"]

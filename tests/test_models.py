@@ -50,6 +50,7 @@ def test_config_rebuilds_the_same_architecture():
     assert model.config == {
         "in_channels": 4, "out_channels": 3, "width": 8, "depth": 3,
         "deep_supervision": True, "dropout": 0.0, "act": "leakyrelu", "se": True, "n_classes": 0,
+        "class_head": "bottleneck",
     }  # fmt: skip
     again = create_model(model.model_name, **model.config)
     assert {k: v.shape for k, v in again.state_dict().items()} == {

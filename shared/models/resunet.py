@@ -13,8 +13,9 @@ then one per coarser decoder level at its OWN size (1/2, 1/4, ... of the input; 
 outputs). `fedbrats.shared.models.losses.RegionLoss` resizes the target to each. In eval mode it returns the
 full-resolution tensor only, so inference code never sees the list.
 
-Multi-task (`n_classes` > 0): a `ClassificationHead` on the bottleneck (the deepest encoder output)
-gives case-level class logits as well; forward then returns (segmentation output, class logits
+Multi-task (`n_classes` > 0): a `ClassificationHead` on the bottleneck (the deepest encoder output),
+or with `class_head = "profile"` a `ProfileHead` on the segmented tumour's profile, gives case-level
+class logits as well; forward then returns (segmentation output, class logits
 [B, n_classes]). `first_output` in shared.evaluation.inference picks the segmentation part, so
 sliding-window inference works unchanged. n_classes = 0 (the default) builds no head at all: the
 segmentation model and its checkpoints are exactly those of before.
@@ -34,7 +35,7 @@ from fedbrats.shared.models.blocks import (
     residual_decoder,
     residual_encoder,
 )
-from fedbrats.shared.models.classifier import ClassificationHead
+from fedbrats.shared.models.classifier import head_logits, make_class_head
 from fedbrats.shared.models.registry import register_model
 
 
@@ -52,6 +53,8 @@ class ResUNet(VolumeInput, nn.Module):
         act: "leakyrelu" (slope 0.01) or "relu".
         se: squeeze-and-excitation in every residual block.
         n_classes: case-level class logits from the bottleneck (multi-task); 0: segmentation only.
+        class_head: "bottleneck" (pooled bottleneck features) or "profile" (the segmented tumour's
+            label fractions and intensities, `classifier.tumour_profile`; the segmentation is not trained by it).
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class ResUNet(VolumeInput, nn.Module):
         act: str = "leakyrelu",
         se: bool = False,
         n_classes: int = 0,
+        class_head: str = "bottleneck",
     ):
         super().__init__()
         check_architecture(width, depth, dropout, act)
@@ -73,6 +77,7 @@ class ResUNet(VolumeInput, nn.Module):
         self.config = {
             "in_channels": in_channels, "out_channels": out_channels, "width": width, "depth": depth,
             "deep_supervision": deep_supervision, "dropout": dropout, "act": act, "se": se, "n_classes": n_classes,
+            "class_head": class_head,
         }  # fmt: skip
         self.depth = depth
         self.deep_supervision = deep_supervision
@@ -85,14 +90,17 @@ class ResUNet(VolumeInput, nn.Module):
         self.ds_heads = nn.ModuleList(
             nn.Conv3d(channels[level], out_channels, 1) for level in range(1, depth - 1)
         ) if deep_supervision else nn.ModuleList()  # fmt: skip
-        self.class_head = ClassificationHead(channels[-1], n_classes) if n_classes else None
+        self.class_head = make_class_head(class_head, channels[-1], n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor] | tuple:
         self.check_input(x)
         skips = encode(self.encoder, x)
-        x = skips.pop()
-        segmentation = self._decode(x, skips)
-        return segmentation if self.class_head is None else (segmentation, self.class_head(x))
+        bottleneck = skips.pop()
+        segmentation = self._decode(bottleneck, skips)
+        if self.class_head is None:
+            return segmentation
+        full = segmentation[0] if isinstance(segmentation, list) else segmentation
+        return segmentation, head_logits(self.class_head, x, bottleneck, lambda: full)
 
     def _decode(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         decoded = []

@@ -43,7 +43,7 @@ from fedbrats.shared.models.blocks import (
     residual_decoder,
     residual_encoder,
 )
-from fedbrats.shared.models.classifier import ClassificationHead
+from fedbrats.shared.models.classifier import head_logits, make_class_head
 from fedbrats.shared.models.losses import deep_supervision_weights, resize_target
 from fedbrats.shared.models.registry import register_model
 
@@ -67,6 +67,12 @@ def region_logits(label_logits: torch.Tensor) -> torch.Tensor:
         outside = [i for i in range(len(LABEL_CHANNELS)) if i not in inside]
         out.append(torch.logsumexp(label_logits[:, inside], 1) - torch.logsumexp(label_logits[:, outside], 1))
     return torch.stack(out, dim=1)
+
+
+def _full_regions(segmentation: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """Full-resolution region logits of any forward output (eval: regions; training: labels, maybe a list)."""
+    full = segmentation[0] if isinstance(segmentation, list) else segmentation
+    return region_logits(full) if full.shape[1] == len(LABEL_CHANNELS) else full
 
 
 def label_targets(regions: torch.Tensor) -> torch.Tensor:
@@ -122,6 +128,7 @@ class SelfEnsembleUNet(VolumeInput, nn.Module):
         act: "leakyrelu" (slope 0.01) or "relu".
         se: squeeze-and-excitation in every residual block.
         n_classes: case-level class logits from the bottleneck (multi-task, as resunet); 0: segmentation only.
+        class_head: "bottleneck" or "profile" (the segmented tumour's profile), as resunet.
     """
 
     def __init__(
@@ -135,6 +142,7 @@ class SelfEnsembleUNet(VolumeInput, nn.Module):
         act: str = "leakyrelu",
         se: bool = False,
         n_classes: int = 0,
+        class_head: str = "bottleneck",
     ):
         super().__init__()
         check_architecture(width, depth, dropout, act)
@@ -146,6 +154,7 @@ class SelfEnsembleUNet(VolumeInput, nn.Module):
         self.config = {
             "in_channels": in_channels, "out_channels": out_channels, "width": width, "depth": depth,
             "deep_supervision": deep_supervision, "dropout": dropout, "act": act, "se": se, "n_classes": n_classes,
+            "class_head": class_head,
         }  # fmt: skip
         self.depth = depth
         self.deep_supervision = deep_supervision
@@ -155,14 +164,16 @@ class SelfEnsembleUNet(VolumeInput, nn.Module):
         self.decoder = residual_decoder(channels, **opts)
         # heads[s]: label logits at level s (0 = full resolution, depth-1 = bottleneck)
         self.heads = nn.ModuleList(nn.Conv3d(c, len(LABEL_CHANNELS), 1) for c in channels)
-        self.class_head = ClassificationHead(channels[-1], n_classes) if n_classes else None
+        self.class_head = make_class_head(class_head, channels[-1], n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor] | tuple:
         self.check_input(x)
         skips = encode(self.encoder, x)
         bottleneck = skips.pop()
         segmentation = self._decode(bottleneck, skips)
-        return segmentation if self.class_head is None else (segmentation, self.class_head(bottleneck))
+        if self.class_head is None:
+            return segmentation
+        return segmentation, head_logits(self.class_head, x, bottleneck, lambda: _full_regions(segmentation))
 
     def _decode(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         y = self.heads[-1](x)  # y_S
