@@ -123,7 +123,7 @@ def test_model_settings_reach_the_model_unchanged():
             "model-act": "relu", "model-se": "true", "patch-size": "32"}
     config = RunConfig.from_flower(keys)
     expected = {"width": 16, "depth": 3, "deep_supervision": True, "dropout": 0.1, "act": "relu", "se": True,
-                "n_classes": 0, "class_head": "bottleneck"}  # segmentation: resunet without its classification head
+                "n_classes": 0, "class_head": "profile"}  # segmentation: resunet without its classification head
     assert config.model_config == expected
     model = model_for(config)
     assert {k: model.config[k] for k in expected} == expected

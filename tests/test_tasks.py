@@ -115,9 +115,9 @@ def test_classification_round_sends_histograms_and_the_server_pools_the_auc(phan
     assert model(torch.zeros(1, 4, 16, 16, 16)).shape == (1, 2)
 
 
-@pytest.mark.parametrize("model", ["resunet", "selfensemble"])
-def test_multitask_round_reports_both_metric_sets(phantom, tmp_path, model):
-    config = _config(phantom, tmp_path, task="multitask", model=model, multitask_weight=0.5)
+@pytest.mark.parametrize(("model", "head"), [("resunet", "bottleneck"), ("selfensemble", "profile")])
+def test_multitask_round_reports_both_metric_sets(phantom, tmp_path, model, head):
+    config = _config(phantom, tmp_path, task="multitask", model=model, multitask_weight=0.5, model_class_head=head)
     run_server(LocalGrid(config.to_flower(), sites=2), config)
     record = read_history(tmp_path / "history.jsonl")[0]
     assert record["status"] == "ok"
