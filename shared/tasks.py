@@ -142,7 +142,8 @@ class SegmentationTask(Task):
             if arguments["n_classes"] != _default_classes(config):
                 raise ValueError(f"model-classes ({arguments['n_classes']}) does not apply to task 'segmentation' "
                                  "(set task = multitask for a classification head)")  # fmt: skip
-            arguments = {**arguments, "n_classes": 0}
+            # no head: its kind is not part of the model (the checkpoint matches one trained with any kind)
+            arguments = {k: v for k, v in arguments.items() if k != "class_head"} | {"n_classes": 0}
         return arguments
 
     def dataset(self, cases, config, *, labels, augment, cache_dir):

@@ -11,6 +11,8 @@ digest stored with them when it has one.
 
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,19 @@ def _key_name(arg: str) -> str:
     return f"{arg} ({field.replace('_', '-')})" if field else arg
 
 
+def _with_defaults(model: str, found: dict) -> dict:
+    """A checkpoint's model config with the constructor's defaults for the arguments it does not name:
+    one written before an argument existed was built with that argument's default."""
+    from fedbrats.shared.models import MODELS
+
+    try:
+        parameters = inspect.signature(MODELS.get(model)).parameters.values()
+    except (KeyError, TypeError, ValueError):
+        return found
+    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+    return {**defaults, **found} if set(found) <= set(defaults) else found
+
+
 def check_compatible(path: Path, meta: dict, config: RunConfig, expected: dict) -> None:
     """Raise CheckpointError unless the checkpoint's task, model name and model config (`expected`: the
     run's model's full constructor arguments, `model.config`) are the run's."""
@@ -51,7 +66,7 @@ def check_compatible(path: Path, meta: dict, config: RunConfig, expected: dict) 
             f"{config.task}: a warm start needs a checkpoint of the same task and model (e.g. `fedbrats train` "
             f"with the run's model settings on public or phantom data)"
         )
-    found = meta["model_config"]
+    found = _with_defaults(config.model, meta["model_config"])
     differences = [f"model: expected {config.model!r}, found {meta['model_name']!r}"] * (
         meta["model_name"] != config.model
     )

@@ -51,6 +51,21 @@ def test_initial_model_is_the_checkpoint_and_empty_keeps_the_seeded_init(tmp_pat
     assert f"warm start from {path.resolve()} (digest {source.digest[:12]})" == source.describe()
 
 
+def test_a_checkpoint_older_than_a_model_argument_warm_starts_with_its_default(tmp_path):
+    """A checkpoint written before `n_classes` and `class_head` existed was built with their defaults."""
+    torch.manual_seed(7)
+    model = create_model("resunet", width=8, depth=2)
+    for newer in ("n_classes", "class_head"):
+        del model.config[newer]
+    path = save_checkpoint(tmp_path / "old.safetensors", model, extra={"task": "segmentation"})
+    assert "class_head" not in json.dumps(load_checkpoint(path)[1]["model_config"])
+    for head in ("profile", "bottleneck"):  # a segmentation run builds no class head, whichever kind is set
+        warm = initial_model(RunConfig(**TINY, init_checkpoint=str(path), model_class_head=head))
+        assert _same(warm, model)
+    with pytest.raises(CheckpointError, match=r"width \(model-width\): expected 16, found 8"):
+        initial_model(RunConfig(**{**TINY, "model_width": 16}, init_checkpoint=str(path)))
+
+
 def test_untrusted_checkpoints_are_refused_naming_the_file_and_the_reason(tmp_path):
     config = RunConfig(**{**TINY, "model_width": 16, "model_se": True}, init_checkpoint=str(tmp_path / "missing.st"))
     with pytest.raises(CheckpointError, match=r"missing\.st does not exist"):

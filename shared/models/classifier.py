@@ -91,7 +91,9 @@ def tumour_profile(image: torch.Tensor, region_probabilities: torch.Tensor) -> t
                          f"{tuple(region_probabilities.shape)} do not match")  # fmt: skip
     p = region_probabilities.float().flatten(2)
     x = image.float().flatten(2)
-    et, tc, wt = p[:, 0], torch.maximum(p[:, 1], p[:, 0]), torch.maximum(p[:, 2], torch.maximum(p[:, 1], p[:, 0]))
+    et = p[:, 0]
+    tc = torch.maximum(p[:, 1], et)  # nested even where a model's regions are not (resunet's sigmoids)
+    wt = torch.maximum(p[:, 2], tc)
     ncr, ed = tc - et, wt - tc
     v_et, v_tc, v_wt, v_ncr, v_ed = (v.sum(1) for v in (et, tc, wt, ncr, ed))
 
