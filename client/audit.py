@@ -139,6 +139,8 @@ def server_rounds(history: Path) -> list[tuple[int, dict[str, Any]]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a torn last line: that round was never completed
+        if isinstance(record, dict) and "event" in record:
+            continue  # an event line (server.history.EVENT: a warm start, a resume override): no round
         if not isinstance(record, dict) or not isinstance(record.get("train"), list):
             raise ValueError(f"{history} line {number}: expected a round record with a 'train' list")
         out += [(int(record["round"]), e) for e in record["train"] if isinstance(e, dict) and "epsilon" in e]

@@ -101,6 +101,16 @@ def test_a_good_run_passes_against_the_servers_history_and_draws_epsilon(tmp_pat
     assert run_audit(run / "sites" / "A" / FILENAME) == 0  # a single ledger file finds the run's history too
 
 
+def test_event_lines_in_the_history_are_not_rounds(tmp_path):
+    """A warm-started run's history opens with an event line (found: the audit refused every such run)."""
+    run = make_run(tmp_path)
+    history = run / "history.jsonl"
+    event = {"event": "initial-model", "source": "warm start", "path": "public.safetensors", "digest": "ab" * 32}
+    history.write_text(json.dumps(event) + "\n" + history.read_text())
+    audit = audit_run(run)
+    assert audit.ok and [s.server_rounds for s in audit.sites] == [3, 3]
+
+
 @pytest.mark.parametrize("kind", sorted(TAMPERING))
 def test_each_tampering_is_caught_naming_the_site_and_row(tmp_path, capsys, kind):
     run = make_run(tmp_path)
