@@ -12,7 +12,6 @@ digest stored with them when it has one.
 from __future__ import annotations
 
 import inspect
-
 from dataclasses import dataclass
 from pathlib import Path
 
