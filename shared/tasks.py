@@ -4,9 +4,10 @@
 - `classification`: one label per case from a labels CSV (grade, MGMT; `shared.data.case_labels`),
   a whole-brain classifier (`resclassifier`, `densenet121`); headline: the AUC pooled over sites
   from their score histograms (no per-case score leaves a site).
-- `multitask`: a U-Net whose bottleneck also feeds a classification head (`resunet` with
-  `n_classes`); loss = segmentation loss + `multitask-weight` x classification loss; both metric
-  sets; headline: the pooled AUC (the mean Dice stays in every round record).
+- `multitask`: a U-Net with a class head (`resunet`, `selfensemble` with `n_classes`): by default
+  one that reads the segmented tumour's profile (`model-class-head = profile`, never training the
+  segmentation), or one on the bottleneck; loss = segmentation loss + `multitask-weight` x
+  classification loss; both metric sets; headline: the pooled AUC (the mean Dice stays in every round record).
 
 The site (client/app.py), local training, DP-SGD, the server's round record and the reports ask
 the task rather than testing its name: `task_for(config)` is the one place a name becomes behaviour.
