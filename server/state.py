@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load, save
 
 from fedbrats.shared.atomic import atomic_write, atomic_write_json
-from fedbrats.shared.config import RunConfig
+from fedbrats.shared.config import MODEL_ARGUMENTS, RunConfig
 from fedbrats.strategies.arithmetic import record_views, to_array
 
 log = logging.getLogger("fedbrats.server")
@@ -47,7 +47,7 @@ RESUMABLE_CHANGES = frozenset({"rounds", "out-dir", "timeout", "min-sites", "res
                                "tracking-uri", "final-evaluation"})  # fmt: skip
 #: What a run started before a key existed did, where that is not the key's default today; any other
 #: key missing from a stored configuration ran as its default does (a new key keeps old behaviour).
-LEGACY_VALUES = {"hd95-definition": "max"}
+LEGACY_VALUES = {"hd95-definition": "max", "model-class-head": "bottleneck"}
 
 
 class ResumeError(RuntimeError):
@@ -238,11 +238,19 @@ def config_changes(stored: dict[str, Any], config: RunConfig) -> dict[str, list[
     now = config.to_flower()
     defaults = type(config)().to_flower()
     stored = {**defaults, **LEGACY_VALUES, **stored}
+    unread = _unread_model_keys(config)
     return {
         key: [stored.get(key), now.get(key)]
         for key in sorted(set(stored) | set(now))
-        if key not in RESUMABLE_CHANGES and stored.get(key) != now.get(key)
+        if key not in RESUMABLE_CHANGES | unread and stored.get(key) != now.get(key)
     }
+
+
+def _unread_model_keys(config: RunConfig) -> frozenset[str]:
+    """Model keys the run's model and task do not build from (a class head's kind in a segmentation run):
+    they change nothing it computes, so a difference in them is no change. A change of model is."""
+    used = set(config.model_config)
+    return frozenset(field.replace("_", "-") for arg, field in MODEL_ARGUMENTS.items() if arg not in used)
 
 
 def check_resume_config(run_dir: Path, config: RunConfig, completed_round: int) -> dict[str, list[Any]]:

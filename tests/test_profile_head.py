@@ -11,6 +11,8 @@ from fedbrats.shared.config import RunConfig
 from fedbrats.shared.models import count_parameters, create_model
 from fedbrats.shared.models.classifier import PROFILE_FEATURES, ProfileHead, tumour_profile
 
+from . import model_checks as checks
+
 TINY = {"width": 8, "depth": 2}
 
 
@@ -71,27 +73,19 @@ def test_profile_head_reads_the_segmentation_and_never_trains_it(model_name):
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
-def test_profile_head_has_per_sample_gradients():
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_profile_head_has_per_sample_gradients(mode):
     """DP-SGD: Opacus computes each case's gradient of the head as the case alone would give it."""
-    from opacus import GradSampleModule
-
     torch.manual_seed(0)
     model = create_model("selfensemble", **TINY, n_classes=2, class_head="profile")
     with torch.no_grad():
         model.class_head.linear.weight.normal_()  # away from zero, so the gradients differ by case
-    reference = create_model("selfensemble", **TINY, n_classes=2, class_head="profile")
-    reference.load_state_dict(model.state_dict())
-    x, y = torch.randn(2, 4, 8, 8, 8), torch.tensor([0, 1])
+    checks.assert_opacus_valid(model)
 
     def loss_of(out, y):
         return F.cross_entropy(out[1], y) + torch.sigmoid(out[0]).mean()
 
-    loss_of(GradSampleModule(model)(x), y).backward()
-    for i in range(2):
-        reference.zero_grad()
-        loss_of(reference(x[i : i + 1]), y[i : i + 1]).backward()
-        for (name, p), ref in zip(model.named_parameters(), reference.parameters(), strict=True):
-            assert torch.allclose(p.grad_sample[i], ref.grad, atol=1e-6, rtol=1e-3), name
+    checks.assert_per_sample_gradients(model, loss_of, torch.randn(2, 4, 8, 8, 8), torch.tensor([0, 1]), mode)
 
 
 def test_class_head_is_a_run_configuration_key():

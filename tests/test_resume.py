@@ -263,3 +263,14 @@ def test_a_key_newer_than_the_stored_run_is_no_change_unless_it_changed_behaviou
     assert config_changes(old, RunConfig(rounds=3, hd95_definition="max", update_dtype="float16")) == {
         "update-dtype": ["float32", "float16"]}
     assert config_changes(now, RunConfig(rounds=5, tracking="mlflow")) == {}  # resumable: changes no result
+
+
+def test_a_run_older_than_the_class_head_key_resumes_with_the_head_it_had():
+    """A multitask run started before `model-class-head` had a bottleneck head; a segmentation run had none."""
+    stored = {k: v for k, v in RunConfig(rounds=3, task="multitask").to_flower().items() if k != "model-class-head"}
+    assert config_changes(stored, RunConfig(rounds=3, task="multitask")) == {
+        "model-class-head": ["bottleneck", "profile"]}  # fmt: skip
+    assert config_changes(stored, RunConfig(rounds=3, task="multitask", model_class_head="bottleneck")) == {}
+    segmentation = {**stored, "task": "segmentation"}
+    assert config_changes(segmentation, RunConfig(rounds=3)) == {}  # no head, so its kind changes nothing
+    assert config_changes({**segmentation, "model-se": True}, RunConfig(rounds=3)) == {"model-se": [True, False]}
