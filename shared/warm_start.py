@@ -7,6 +7,9 @@ data outside the federation). The federation's server (`server.app.initial_model
 checkpoint (safetensors, so loading cannot execute code), of the run's task, model name and model
 configuration (an error names the file and every differing key), and its weights must match the
 digest stored with them when it has one.
+
+A segmentation checkpoint also starts a `multitask` run of the same U-Net: the consortium that has a
+segmentation model adds a case label without retraining it; the class head starts as the model builds it.
 """
 
 from __future__ import annotations
@@ -18,11 +21,19 @@ from pathlib import Path
 from flwr.app import ArrayRecord
 from torch import nn
 
-from fedbrats.shared.checkpoint import CheckpointError, load_weights, read_metadata
+from fedbrats.shared.checkpoint import CheckpointError, check_digest, load_state, load_weights, read_metadata
 from fedbrats.shared.config import MODEL_ARGUMENTS, RunConfig
 from fedbrats.shared.records import record_digest
 
 _MISSING = "(absent)"
+#: the multi-task U-Net's class head: its constructor arguments and its weights' prefix
+HEAD_ARGUMENTS = ("n_classes", "class_head")
+HEAD_PREFIX = "class_head."
+
+
+def adds_a_head(found_task: str | None, config: RunConfig) -> bool:
+    """True when a segmentation checkpoint (or one older than tasks) starts a multitask run's U-Net."""
+    return config.task == "multitask" and found_task in (None, "segmentation")
 
 
 @dataclass(frozen=True)
@@ -59,13 +70,16 @@ def check_compatible(path: Path, meta: dict, config: RunConfig, expected: dict) 
     """Raise CheckpointError unless the checkpoint's task, model name and model config (`expected`: the
     run's model's full constructor arguments, `model.config`) are the run's."""
     found_task = meta.get("task")
-    if found_task is not None and found_task != config.task:
+    head = adds_a_head(found_task, config)
+    if found_task is not None and found_task != config.task and not head:
         raise CheckpointError(
             f"init-checkpoint {path} holds a {found_task} model ({meta['model_name']!r}); this run's task is "
             f"{config.task}: a warm start needs a checkpoint of the same task and model (e.g. `fedbrats train` "
             f"with the run's model settings on public or phantom data)"
         )
     found = _with_defaults(config.model, meta["model_config"])
+    if head:  # the segmentation checkpoint has no class head to compare
+        found, expected = ({k: v for k, v in d.items() if k not in HEAD_ARGUMENTS} for d in (found, expected))
     differences = [f"model: expected {config.model!r}, found {meta['model_name']!r}"] * (
         meta["model_name"] != config.model
     )
@@ -90,5 +104,26 @@ def load_warm_start(model: nn.Module, config: RunConfig) -> WarmStart:
                               "fedbrats (e.g. RUN_DIR/checkpoint.safetensors of `fedbrats train`)")  # fmt: skip
     meta = read_metadata(path)
     check_compatible(path, meta, config, dict(getattr(model, "config", None) or config.model_config))
-    state = load_weights(model, path, meta, f"init-checkpoint {path}: its weights do not fit model {config.model!r}")
+    misfit = f"init-checkpoint {path}: its weights do not fit model {config.model!r}"
+    if adds_a_head(meta.get("task"), config):
+        state = _load_without_head(model, path, meta, misfit)
+    else:
+        state = load_weights(model, path, meta, misfit)
     return WarmStart(str(path.resolve()), record_digest(ArrayRecord(state)))
+
+
+def _load_without_head(model: nn.Module, path: Path, meta: dict, misfit: str) -> dict:
+    """A segmentation checkpoint's weights into a multi-task model: every U-Net weight from the file, the
+    class head as built; a weight the file lacks outside the head, or one the model lacks, is an error."""
+    state = load_state(path)
+    check_digest(path, state, meta.get("digest"))
+    wanted = model.state_dict()
+    missing = [k for k in wanted if k not in state and not k.startswith(HEAD_PREFIX)]
+    unexpected = [k for k in state if k not in wanted or k.startswith(HEAD_PREFIX)]
+    if missing or unexpected:
+        raise CheckpointError(f"{misfit}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise CheckpointError(f"{misfit}: {err}") from err
+    return state

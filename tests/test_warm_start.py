@@ -66,6 +66,29 @@ def test_a_checkpoint_older_than_a_model_argument_warm_starts_with_its_default(t
         initial_model(RunConfig(**{**TINY, "model_width": 16}, init_checkpoint=str(path)))
 
 
+def test_a_segmentation_checkpoint_starts_a_multitask_u_net_whose_head_starts_as_built(tmp_path):
+    """A consortium with a segmentation model adds a case label: every U-Net weight from the file, the head new."""
+    path, segmenter = _checkpoint(tmp_path / "seg.safetensors")
+    for head in ("profile", "bottleneck"):
+        config = RunConfig(**TINY, task="multitask", model_class_head=head, init_checkpoint=str(path))
+        torch.manual_seed(config.seed)  # as initial_model seeds
+        built = create_model("resunet", **config.model_config)
+        warm = initial_model(config)
+        u_net = {k: v for k, v in warm.state_dict().items() if not k.startswith("class_head.")}
+        assert u_net.keys() == segmenter.state_dict().keys()
+        assert all(torch.equal(v, segmenter.state_dict()[k]) for k, v in u_net.items())
+        heads = [k for k in warm.state_dict() if k.startswith("class_head.")]
+        assert heads and all(torch.equal(warm.state_dict()[k], built.state_dict()[k]) for k in heads)
+    wide = RunConfig(**{**TINY, "model_width": 16}, task="multitask", init_checkpoint=str(path))
+    with pytest.raises(CheckpointError, match=r"width \(model-width\): expected 16, found 8"):
+        initial_model(wide)
+    torch.manual_seed(0)
+    multitask = create_model("resunet", width=8, depth=2, n_classes=2, class_head="profile")
+    save_checkpoint(tmp_path / "mt.safetensors", multitask, extra={"task": "multitask"})
+    with pytest.raises(CheckpointError, match=r"mt\.safetensors holds a multitask model.*task is segmentation"):
+        initial_model(RunConfig(**TINY, init_checkpoint=str(tmp_path / "mt.safetensors")))
+
+
 def test_untrusted_checkpoints_are_refused_naming_the_file_and_the_reason(tmp_path):
     config = RunConfig(**{**TINY, "model_width": 16, "model_se": True}, init_checkpoint=str(tmp_path / "missing.st"))
     with pytest.raises(CheckpointError, match=r"missing\.st does not exist"):
