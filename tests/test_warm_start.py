@@ -11,7 +11,7 @@ from rich.console import Console
 from fedbrats.client.training_run import run_train
 from fedbrats.server.app import initial_model, make_strategy, run_server
 from fedbrats.server.federation import Federation
-from fedbrats.server.history import INITIAL_MODEL, read_events
+from fedbrats.server.history import INITIAL_MODEL, read_events, read_history
 from fedbrats.server.state import load_state, weights_digest
 from fedbrats.shared.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedbrats.shared.config import RunConfig
@@ -182,3 +182,21 @@ def test_fedbrats_train_starts_from_another_seeds_checkpoint(phantom, tmp_path):
     frozen = [n for n in tuned.state_dict() if not n.startswith("head.")]
     assert all(torch.equal(tuned.state_dict()[n], start.state_dict()[n]) for n in frozen)
     assert not torch.equal(tuned.state_dict()["head.weight"], start.state_dict()["head.weight"])
+
+
+@pytest.mark.slow
+def test_dp_sgd_trains_only_the_grade_head_on_a_frozen_segmentation_checkpoint(phantom, tmp_path):
+    """The grade under DP (docs/privacy.md): a public segmentation model, the profile head trained by DP-SGD."""
+    from fedbrats.client.ledger import PrivacyLedger
+
+    path, segmenter = _checkpoint(tmp_path / "seg.safetensors")
+    out = tmp_path / "run"
+    config = _config(phantom, out, task="multitask", model_class_head="profile", init_checkpoint=str(path),
+                     trainable="class_head.*", lr=0.01, dp=True, dp_noise_multiplier=1.0, dp_epsilon=50.0)  # fmt: skip
+    run_server(LocalGrid(config.to_flower(), sites=2), config)
+    assert all(e["dropped"] is None and e["epsilon"] > 0 for e in read_history(out / "history.jsonl")[0]["train"])
+    global_model, _ = load_checkpoint(out / "global_model.safetensors")
+    weights = global_model.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in segmenter.state_dict().items())  # the U-Net: bit for bit
+    assert weights["class_head.linear.weight"].abs().sum() > 0  # the head left zero
+    assert PrivacyLedger.at(out / "sites" / "1").rows()[0].steps == config.local_steps
