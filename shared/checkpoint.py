@@ -157,15 +157,25 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model, meta
 
 
-def load_weights(model: torch.nn.Module, path: Path, meta: dict[str, Any], misfit: str) -> dict[str, Any]:
+def load_weights(
+    model: torch.nn.Module, path: Path, meta: dict[str, Any], misfit: str, *, as_built: str = ""
+) -> dict[str, Any]:
     """Put the checkpoint's weights into `model` (strict names), checked against the metadata's digest.
 
-    Returns the state read; a damaged file or weights that do not fit are a CheckpointError (`misfit`
-    starts its message)."""
+    Weights named `as_built*` (a prefix; "" = none) must be absent from the file and keep the model's
+    own values, e.g. the class head a segmentation checkpoint lacks. Returns the state read; a damaged
+    file or weights that do not fit are a CheckpointError (`misfit` starts its message)."""
     state = load_state(path)
     check_digest(path, state, meta.get("digest"))
+    if as_built:
+        wanted = model.state_dict()
+        missing = [k for k in wanted if k not in state and not k.startswith(as_built)]
+        unexpected = [k for k in state if k not in wanted or k.startswith(as_built)]
+        problems = [f"{what} {names[:5]}" for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
+        if problems:
+            raise CheckpointError(f"{misfit}: {', '.join(problems)} (weights under {as_built!r} keep the model's own)")
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=not as_built)
     except RuntimeError as err:
         raise CheckpointError(f"{misfit}: {err}") from err
     return state

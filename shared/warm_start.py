@@ -21,7 +21,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord
 from torch import nn
 
-from fedbrats.shared.checkpoint import CheckpointError, check_digest, load_state, load_weights, read_metadata
+from fedbrats.shared.checkpoint import CheckpointError, load_weights, read_metadata
 from fedbrats.shared.config import MODEL_ARGUMENTS, RunConfig
 from fedbrats.shared.records import record_digest
 
@@ -104,26 +104,7 @@ def load_warm_start(model: nn.Module, config: RunConfig) -> WarmStart:
                               "fedbrats (e.g. RUN_DIR/checkpoint.safetensors of `fedbrats train`)")  # fmt: skip
     meta = read_metadata(path)
     check_compatible(path, meta, config, dict(getattr(model, "config", None) or config.model_config))
-    misfit = f"init-checkpoint {path}: its weights do not fit model {config.model!r}"
-    if adds_a_head(meta.get("task"), config):
-        state = _load_without_head(model, path, meta, misfit)
-    else:
-        state = load_weights(model, path, meta, misfit)
+    state = load_weights(model, path, meta, f"init-checkpoint {path}: its weights do not fit model {config.model!r}",
+                         as_built=HEAD_PREFIX if adds_a_head(meta.get("task"), config) else "")  # fmt: skip
     return WarmStart(str(path.resolve()), record_digest(ArrayRecord(state)))
 
-
-def _load_without_head(model: nn.Module, path: Path, meta: dict, misfit: str) -> dict:
-    """A segmentation checkpoint's weights into a multi-task model: every U-Net weight from the file, the
-    class head as built; a weight the file lacks outside the head, or one the model lacks, is an error."""
-    state = load_state(path)
-    check_digest(path, state, meta.get("digest"))
-    wanted = model.state_dict()
-    missing = [k for k in wanted if k not in state and not k.startswith(HEAD_PREFIX)]
-    unexpected = [k for k in state if k not in wanted or k.startswith(HEAD_PREFIX)]
-    if missing or unexpected:
-        raise CheckpointError(f"{misfit}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    try:
-        model.load_state_dict(state, strict=False)
-    except RuntimeError as err:
-        raise CheckpointError(f"{misfit}: {err}") from err
-    return state

@@ -84,6 +84,10 @@ def test_a_segmentation_checkpoint_starts_a_multitask_u_net_whose_head_starts_as
         initial_model(wide)
     torch.manual_seed(0)
     multitask = create_model("resunet", width=8, depth=2, n_classes=2, class_head="profile")
+    save_checkpoint(tmp_path / "mislabelled.safetensors", multitask, extra={"task": "segmentation"})
+    with pytest.raises(CheckpointError, match=r"mislabelled\.safetensors: its weights do not fit.*unexpected "
+                                              r"\[.*'class_head\.linear\.weight'"):  # fmt: skip
+        initial_model(RunConfig(**TINY, task="multitask", init_checkpoint=str(tmp_path / "mislabelled.safetensors")))
     save_checkpoint(tmp_path / "mt.safetensors", multitask, extra={"task": "multitask"})
     with pytest.raises(CheckpointError, match=r"mt\.safetensors holds a multitask model.*task is segmentation"):
         initial_model(RunConfig(**TINY, init_checkpoint=str(tmp_path / "mt.safetensors")))
