@@ -32,7 +32,7 @@ from fedbrats.server.replies import (
     split_evaluation,
 )
 from fedbrats.server.round_record import LATE, evaluation_fields, mean_dice, progress_line
-from fedbrats.server.screening import attack_marks, screen_replies
+from fedbrats.server.screening import attack_marks, screen_replies, site_steps
 from fedbrats.server.state import (
     ResumeError,
     ServerState,
@@ -326,8 +326,9 @@ class Federation:
         if c.client_dp_noise_multiplier > 0:
             return {"note": "skipped: client-level DP clips every update; dropping by the round's median "
                             "would let one site change which others count"}  # fmt: skip
+        steps = site_steps([r.metrics for _, r in usable], local_steps=c.local_steps, epochs=self._epochs(rnd))
         verdict = screen_replies([reply for reply, _ in usable], self.arrays, norm_factor=c.screen_norm_factor,
-                                 min_cosine=c.screen_min_cosine)  # fmt: skip
+                                 min_cosine=c.screen_min_cosine, steps=steps)  # fmt: skip
         for index, reason in verdict.dropped.items():
             usable[index][1].dropped = reason
             log.warning("round %d: dropped update of %s: %s", rnd, usable[index][1].site, reason)

@@ -9,8 +9,9 @@ medians, so a minority of sites cannot set them. With fewer than three updates a
 tell an outlier from a disagreement: screening says so and keeps every update.
 
 A small update is never dropped: pulled towards the global model, the mean moves less, not more.
-Large heterogeneous sites take more local steps and make larger updates; raise ``norm_factor`` when
-site sizes differ by much more than ten times.
+A large hospital takes more local steps a round and its update grows with them (FeTS-shaped sites
+differ 250-fold in size), so norms are compared per local step: each site's claimed steps, never more
+than the round asked for (`local-steps`, or one step per training case and epoch).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class Screening:
 
     norms: list[float] = field(default_factory=list)
     cosines: list[float | None] = field(default_factory=list)
-    median_norm: float = 0.0
+    median_norm: float = 0.0  # of the norms per local step when steps were given
+    steps: list[float] = field(default_factory=list)
     dropped: dict[int, str] = field(default_factory=dict)
     note: str | None = None
 
@@ -50,6 +52,7 @@ class Screening:
         return {
             "median_norm": self.median_norm,
             "norms": {s: n for s, n in zip(sites, self.norms, strict=False)},
+            **({"steps": dict(zip(sites, self.steps, strict=False))} if self.steps else {}),
             "cosines": {s: c for s, c in zip(sites, self.cosines, strict=False)},
             "dropped": [sites[i] for i in sorted(self.dropped)],
             **({"note": self.note} if self.note else {}),
@@ -115,28 +118,34 @@ def screen_updates(
     norm_factor: float = 10.0,
     min_cosine: float = 0.0,
     min_updates: int = MIN_UPDATES,
+    steps: Sequence[float] | None = None,
 ) -> Screening:
     """Which of the round's `updates` (models as arrays) to drop, and why.
 
     An update is dropped when its change from `reference` (the global model) has a norm above
     ``norm_factor`` x the round's median norm, or a cosine to the median change below `min_cosine`.
+    With `steps` (each site's local steps, >= 1) the norm test compares norms per step.
     """
     if norm_factor <= 1.0:
         raise ValueError(f"norm_factor must be > 1, got {norm_factor}")
     if not -1.0 <= min_cosine <= 1.0:
         raise ValueError(f"min_cosine must be in [-1, 1], got {min_cosine}")
+    if steps is not None and (len(steps) != len(updates) or min(steps) < 1):
+        raise ValueError(f"steps must give each of the {len(updates)} updates a count >= 1, got {list(steps)}")
     if len(updates) < min_updates:
         return Screening(note=f"screening needs at least {min_updates} updates, got {len(updates)}; skipped")
     norms, cosines, median_change = update_statistics(updates, reference)
-    median_norm = float(np.median(norms))
-    result = Screening(norms=norms, cosines=cosines, median_norm=median_norm)
+    rates = [n / s for n, s in zip(norms, steps, strict=True)] if steps is not None else norms
+    median_norm = float(np.median(rates))
+    result = Screening(norms=norms, cosines=cosines, median_norm=median_norm, steps=list(steps or []))
     if median_norm == 0.0:
         result.note = "the median update is zero; the norm test was skipped"
-    for i, (norm, cosine) in enumerate(zip(norms, cosines, strict=True)):
-        if median_norm > 0 and norm > norm_factor * median_norm:
+    for i, (norm, rate, cosine) in enumerate(zip(norms, rates, cosines, strict=True)):
+        if median_norm > 0 and rate > norm_factor * median_norm:
+            per_step = f" over {steps[i]:g} local steps, {rate:.4g} a step," if steps is not None else ""
             result.dropped[i] = (
-                f"screened: update norm {norm:.4g} is {norm / median_norm:.3g} x the round's median "
-                f"{median_norm:.4g} (limit {norm_factor:g} x)"
+                f"screened: update norm {norm:.4g}{per_step} is {rate / median_norm:.3g} x the round's median "
+                f"{median_norm:.4g}{' a step' if steps is not None else ''} (limit {norm_factor:g} x)"
             )
         elif cosine is not None and cosine < min_cosine:
             result.dropped[i] = (
@@ -149,11 +158,22 @@ def screen_updates(
 
 
 def screen_replies(
-    replies: Sequence[Message], reference: ArrayRecord, *, norm_factor: float = 10.0, min_cosine: float = 0.0
+    replies: Sequence[Message], reference: ArrayRecord, *, norm_factor: float = 10.0, min_cosine: float = 0.0,
+    steps: Sequence[float] | None = None,
 ) -> Screening:
     """`screen_updates` over validated training replies (their ``"arrays"``) against the global model."""
     updates = [record_views(r.content.array_records["arrays"]) for r in replies]
-    return screen_updates(updates, record_views(reference), norm_factor=norm_factor, min_cosine=min_cosine)
+    return screen_updates(updates, record_views(reference), norm_factor=norm_factor, min_cosine=min_cosine,
+                          steps=steps)  # fmt: skip
+
+
+def site_steps(metrics: Sequence[Mapping[str, float]], *, local_steps: int, epochs: int) -> list[float] | None:
+    """Each site's local steps for the norm test: what its validated reply claims, at least 1 and never more than
+    the round asked for (`local_steps`, or one step per training case and epoch). None when a reply has no count."""
+    if not metrics or any("local-steps" not in m or "num-examples" not in m for m in metrics):
+        return None
+    bound = [float(local_steps) if local_steps > 0 else float(epochs * m["num-examples"]) for m in metrics]
+    return [max(1.0, min(float(m["local-steps"]), b)) for m, b in zip(metrics, bound, strict=True)]
 
 
 def attack_marks(config: Any) -> dict[str, str]:

@@ -120,6 +120,48 @@ def test_screening_stands_aside_for_client_level_dp(tmp_path):
     assert record_["status"] == "ok"
 
 
+# --- sites of very different size (FeTS partitioning_1: 511 cases next to 2) --------------------
+def test_a_large_site_taking_more_local_steps_is_kept_when_norms_are_compared_per_step():
+    big = HONEST[0] * 15  # 15 local steps, each as large as a small site's one step
+    assert list(screen_updates(_models(*HONEST, big), START).dropped) == [4]  # per update: the big hospital is lost
+    verdict = screen_updates(_models(*HONEST, big), START, steps=[1, 1, 1, 1, 15])
+    assert verdict.dropped == {} and verdict.steps == [1, 1, 1, 1, 15]
+    attacked = screen_updates(_models(*HONEST, big * 1e3), START, steps=[1, 1, 1, 1, 15])
+    assert attacked.dropped[4].startswith("screened: update norm 3.437e+04 over 15 local steps, 2291 a step, is 1e+03 x")
+
+
+def test_claimed_steps_are_bounded_by_what_the_round_asked_for():
+    from fedbrats.server.screening import site_steps
+
+    claims = [{"local-steps": 1e6, "num-examples": 10}, {"local-steps": 0, "num-examples": 4}, {"local-steps": 3, "num-examples": 4}]
+    assert site_steps(claims, local_steps=0, epochs=2) == [20, 1, 3]  # at most one step per case and epoch
+    assert site_steps(claims, local_steps=5, epochs=2) == [5, 1, 3]
+    assert site_steps([{"num-examples": 10}], local_steps=0, epochs=1) is None
+    with pytest.raises(ValueError, match="steps must give each of the 2 updates a count >= 1"):
+        screen_updates(_models(*HONEST[:2]), START, steps=[1, 0])
+
+
+def _site_size(steps: float, factor: float = 1.0):
+    def edit(msg: Message) -> None:
+        _scaled(factor)(msg)
+        msg.content["metrics"]["local-steps"] = steps
+
+    return edit
+
+
+def test_the_round_loop_keeps_a_large_hospital_and_drops_an_attacker_who_claims_its_steps(tmp_path):
+    small = {n: _site_size(1) for n in (1, 2, 3, 4)}  # updates 0.1 .. 0.4 a weight, one step each
+    fed = federation(tmp_path / "big", Sites(nodes=(1, 2, 3, 4, 5), train={**small, 5: _site_size(10, 10)}))
+    np.testing.assert_allclose(fed.run()["w"].numpy(), (0.1 + 0.2 + 0.3 + 0.4 + 5.0) / 5, atol=1e-6)  # 16.7 x, kept
+    (record_,) = read_history(tmp_path / "big" / "history.jsonl")
+    assert record_["screening"]["dropped"] == [] and record_["screening"]["steps"]["s5"] == 10
+    # claiming a million steps buys no more than one per training case (10 here)
+    fed = federation(tmp_path / "liar", Sites(nodes=(1, 2, 3, 4, 5), train={**small, 5: _site_size(1e6, 1e4)}))
+    np.testing.assert_allclose(fed.run()["w"].numpy(), 0.25, atol=1e-6)
+    (record_,) = read_history(tmp_path / "liar" / "history.jsonl")
+    assert record_["screening"]["dropped"] == ["s5"] and record_["screening"]["steps"]["s5"] == 10
+
+
 # --- FeTS clipped ------------------------------------------------------------------------------
 def test_fets_clipped_clips_to_the_median_of_per_site_percentiles():
     start = record(w=[0, 0, 0, 0])
