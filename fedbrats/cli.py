@@ -106,6 +106,8 @@ def _add_model_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     p.add_argument("--split", choices=["all", "train", "val"], default="all",
                    help="val: only the held-out cases of each site (same split as training)")
+    p.add_argument("--class-only", action="store_true",
+                   help="a multitask checkpoint: score only its class head (no sliding-window segmentation; far faster)")
     p.add_argument("--seed", type=int, default=None, help="seed of the train/val split (default: the configuration's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=commands.evaluate)

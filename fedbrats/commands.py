@@ -88,6 +88,8 @@ def evaluate(args: argparse.Namespace) -> int:
         return _evaluate_classifier(args, config, partition, discovered)
     if _multitask(args.checkpoint):
         return _evaluate_multitask(args, config, partition, discovered)
+    if args.class_only:
+        raise ValueError(f"--class-only scores a class head; {args.checkpoint} segments only (task segmentation)")
     result = evaluate_checkpoint(
         args.checkpoint, args.data, partition, out_csv=args.out, tta=args.tta, device=args.device,
         split=args.split, seed=config.seed, val_fraction=config.val_fraction, discovered=discovered,
@@ -137,21 +139,22 @@ def _multitask(checkpoint: Path) -> bool:
 
 
 def _evaluate_multitask(args: argparse.Namespace, config, partition, discovered) -> int:
-    """`fedbrats evaluate` of a multitask U-Net: the segmentation tables and intervals, then its class head's
-    per-site table and AUC with its bootstrap interval, on the same cases."""
+    """`fedbrats evaluate` of a multitask U-Net: the segmentation tables and intervals (not with --class-only),
+    then its class head's per-site table and AUC with its bootstrap interval, on the same cases."""
     from fedbrats.shared.evaluation.evaluate_multitask import evaluate_multitask_checkpoint
     from fedbrats.tables import auc_line, class_evaluation_table, evaluation_table
 
     result = evaluate_multitask_checkpoint(
         args.checkpoint, args.data, partition, config=config, out_csv=args.out, tta=args.tta, device=args.device,
-        split=args.split, discovered=discovered,
+        split=args.split, discovered=discovered, class_only=args.class_only,
     )  # fmt: skip
     console = _console()
-    console.print(evaluation_table(result.segmentation.summary, result.segmentation.title))
-    _print_intervals(console, result.segmentation)
+    if result.segmentation is not None:
+        console.print(evaluation_table(result.segmentation.summary, result.segmentation.title))
+        _print_intervals(console, result.segmentation)
     console.print(class_evaluation_table(result.classes.summary, result.classes.title))
     print(auc_line(result.classes.interval))
-    skipped = result.segmentation.skipped  # the class head scored the same cases
+    skipped = result.classes.skipped  # the cases neither head could score
     if skipped:
         console.print(f"[yellow]skipped {len(skipped)} case(s):[/] " + "; ".join(skipped))
     if result.written:

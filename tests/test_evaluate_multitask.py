@@ -141,3 +141,32 @@ def test_a_multitask_checkpoint_without_its_classes_is_refused_naming_it(phantom
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert f"checkpoint {bare}" in err and "has no classes, label_column in its metadata" in err
+
+
+def test_class_only_gives_the_same_probabilities_without_segmenting(phantom, checkpoint, tmp_path, capsys, monkeypatch):
+    from fedbrats.shared.evaluation import evaluate
+
+    config = with_label_classes(_config(phantom))
+    both = evaluate_multitask_checkpoint(checkpoint, phantom, phantom / "partitioning_1.csv", config=config,
+                                         device="cpu", n_boot=200)  # fmt: skip
+    monkeypatch.setattr(evaluate, "score_case", lambda *a, **k: pytest.fail("--class-only segmented a case"))
+    out = tmp_path / "eval.csv"
+    argv = ["evaluate", "--checkpoint", str(checkpoint), "--data", str(phantom), "--partition",
+            str(phantom / "partitioning_1.csv"), "--out", str(out), "--device", "cpu", "--class-only"]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "dice_ET" not in printed and "AUC" in printed and printed.count("written: ") == 2
+    assert not out.exists() and (tmp_path / "eval_class_sites.csv").is_file()
+    with (tmp_path / "eval_class.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    expected = {r["Subject_ID"]: r["p_LGG"] for r in both.classes.rows}  # every case ("all"), in its own order
+    assert sorted(r["Subject_ID"] for r in rows) == sorted(expected) and len(rows) == 8
+    np.testing.assert_allclose([float(r["p_LGG"]) for r in rows], [expected[r["Subject_ID"]] for r in rows], atol=1e-6)
+
+
+def test_class_only_on_a_segmentation_checkpoint_is_refused(phantom, tmp_path, capsys):
+    model = create_model("resunet", width=8, depth=2)
+    seg = save_checkpoint(tmp_path / "seg.safetensors", model, extra={"task": "segmentation", "patch_size": [16] * 3})
+    argv = ["evaluate", "--checkpoint", str(seg), "--data", str(phantom), "--device", "cpu", "--class-only"]
+    assert cli.main(argv) == 2
+    assert f"--class-only scores a class head; {seg} segments only" in capsys.readouterr().err

@@ -105,6 +105,47 @@ class Evaluation:
     hd95_definition: str = DEFAULT_HD95
 
 
+def cases_to_score(
+    data_root: str | Path, partition: Partition | str | Path | None, *, split: str, seed: int, val_fraction: float,
+    discovered: Discovered | None = None,
+) -> list[tuple[str, Any]]:
+    """(site, case) for every case of `split`, drawn as training drew them; each site's data problems are logged."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; expected one of {SPLITS}")
+    sites = cases_of_sites(data_root, partition, seed=seed, val_fraction=val_fraction, discovered=discovered)
+    for found in sites.values():
+        for problem in found.problems:
+            log.warning("site %s: %s", found.site, problem)
+    todo = [(name, case) for name, found in sites.items() for case in found.select(split)]
+    if not todo:
+        raise ValueError(f"no case to evaluate under {data_root} (split {split!r})")
+    return todo
+
+
+def score_cases(
+    todo: list[tuple[str, Any]], score: Any, *, console: Console | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows {"site", "case_id", **score(site, case)} with a progress bar. A case that cannot be loaded is logged
+    and listed as skipped ("case: why"), never silently dropped; none scored at all is an error."""
+    from fedbrats.shared.data.problems import CaseError
+
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    with Progress(console=console or Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("evaluating", total=len(todo))
+        for site, case in todo:
+            progress.update(task, description=f"site {site}: {case.case_id}")
+            try:
+                rows.append({"site": site, "case_id": case.case_id, **score(site, case)})
+            except CaseError as error:
+                log.warning("skipped %s: %s", case.case_id, error)
+                skipped.append(f"{case.case_id}: {error}")
+            progress.advance(task)
+    if not rows:
+        raise ValueError(f"none of the {len(todo)} cases could be scored: " + "; ".join(skipped[:5]))
+    return rows, skipped
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     data_root: str | Path,
@@ -132,45 +173,25 @@ def evaluate_checkpoint(
     intervals resample the scored cases with `seed`. `hook` scores more of each case in the same pass.
     """
     from fedbrats.shared.checkpoint import load_checkpoint
-    from fedbrats.shared.data.problems import CaseError
     from fedbrats.shared.evaluation.inference import get_device
 
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r}; expected one of {SPLITS}")
     check_definition(hd95_definition)
     model, meta = load_checkpoint(checkpoint)
     if "patch_size" not in meta:
         raise ValueError(f"checkpoint {checkpoint} has no patch_size in its metadata; cannot run inference")
     device = get_device(device)
-    sites = cases_of_sites(data_root, partition, seed=seed, val_fraction=val_fraction, discovered=discovered)
-    for found in sites.values():
-        for problem in found.problems:
-            log.warning("site %s: %s", found.site, problem)
-    todo = [(name, case) for name, found in sites.items() for case in found.select(split)]
-    if not todo:
-        raise ValueError(f"no case to evaluate under {data_root} (split {split!r})")
+    todo = cases_to_score(data_root, partition, split=split, seed=seed, val_fraction=val_fraction,
+                          discovered=discovered)  # fmt: skip
     if hook is not None:
         hook.cases(todo)
 
-    rows: list[dict[str, Any]] = []
-    skipped: list[str] = []
-    with Progress(console=console or Console(stderr=True), transient=True) as progress:
-        task = progress.add_task("evaluating", total=len(todo))
-        for site, case in todo:
-            progress.update(task, description=f"site {site}: {case.case_id}")
-            try:
-                on_image = None if hook is None else partial(hook.image, model, site, case)
-                metrics = score_case(model, case, patch_size=meta["patch_size"], tta=tta, device=device,
-                                     hd95_definition=hd95_definition, on_image=on_image)
-            except CaseError as error:
-                log.warning("skipped %s: %s", case.case_id, error)
-                skipped.append(f"{case.case_id}: {error}")
-            else:
-                rows.append({"site": site, "case_id": case.case_id,
-                             **{f"{m}_{r}": float(metrics[r][m]) for m in METRIC_NAMES for r in REGIONS}})
-            progress.advance(task)
-    if not rows:
-        raise ValueError(f"none of the {len(todo)} cases could be scored: " + "; ".join(skipped[:5]))
+    def score(site: str, case: Any) -> dict[str, Any]:
+        on_image = None if hook is None else partial(hook.image, model, site, case)
+        metrics = score_case(model, case, patch_size=meta["patch_size"], tta=tta, device=device,
+                             hd95_definition=hd95_definition, on_image=on_image)  # fmt: skip
+        return {f"{m}_{r}": float(metrics[r][m]) for m in METRIC_NAMES for r in REGIONS}
+
+    rows, skipped = score_cases(todo, score, console=console)
     summary = summarise(rows)
     intervals = interval_rows(rows, METRIC_COLUMNS, seed=seed)
     title = (f"{Path(checkpoint).name} on {len(rows)} case(s), split {split}, TTA {'on' if tta else 'off'}, "

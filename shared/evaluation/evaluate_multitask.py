@@ -21,7 +21,7 @@ from torch import nn
 
 from fedbrats.shared.checkpoint import CheckpointError
 from fedbrats.shared.data.site_cases import Discovered
-from fedbrats.shared.evaluation.evaluate import Evaluation, evaluate_checkpoint
+from fedbrats.shared.evaluation.evaluate import Evaluation, cases_to_score, evaluate_checkpoint, score_cases
 from fedbrats.shared.evaluation.predict_class import ClassEvaluation, class_results, labels_for
 
 #: Metadata a multitask checkpoint needs to name its class logits.
@@ -67,14 +67,37 @@ class _ClassScores:
 
 @dataclass(frozen=True)
 class MultitaskEvaluation:
-    """The segmentation evaluation and the classification of the same cases."""
+    """The segmentation evaluation (None when only the class head was scored) and the classification of the same
+    cases."""
 
-    segmentation: Evaluation
+    segmentation: Evaluation | None
     classes: ClassEvaluation
 
     @property
     def written(self) -> list[Path]:
-        return [*self.segmentation.written, *self.classes.written]
+        return [*(self.segmentation.written if self.segmentation else []), *self.classes.written]
+
+
+def _class_head_only(
+    checkpoint: Path, data_root: Any, partition: Any, *, hook: _ClassScores, config: Any, split: str,
+    discovered: Discovered | None, console: Console | None,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The cases and preprocessing of `evaluate_checkpoint`, without the sliding-window segmentation: the class
+    head reads one centre patch, so this is the cost of loading the cases."""
+    from fedbrats.shared.checkpoint import load_checkpoint
+    from fedbrats.shared.data.transforms import preprocess
+    from fedbrats.shared.data.volumes import load_case
+
+    model, _ = load_checkpoint(checkpoint)
+    todo = cases_to_score(data_root, partition, split=split, seed=config.seed, val_fraction=config.val_fraction,
+                          discovered=discovered)  # fmt: skip
+    hook.cases(todo)
+
+    def score(site: str, case: Any) -> dict[str, Any]:
+        hook.image(model, site, case, preprocess(load_case(case, with_labels=False))[0])
+        return {}
+
+    return score_cases(todo, score, console=console)
 
 
 def _class_metadata(checkpoint: Path) -> tuple[tuple[str, ...], str, dict[str, Any]]:
@@ -107,13 +130,15 @@ def evaluate_multitask_checkpoint(
     discovered: Discovered | None = None,
     n_boot: int = 1000,
     console: Console | None = None,
+    class_only: bool = False,
 ) -> MultitaskEvaluation:
     """Score a multitask checkpoint: segmentation as `evaluate_checkpoint` (its CSVs at `out_csv`), and the class
     probabilities of the same cases in `<stem>_class.csv` (Subject_ID, the true class under the label column's
     name, p_<class>) with the per-site metrics in `<stem>_class_sites.csv`.
 
     `config` (a RunConfig) gives the labels file settings (by default the checkpoint's column and classes),
-    `seed`, `val-fraction` and `hd95-definition` as for the other checkpoints.
+    `seed`, `val-fraction` and `hd95-definition` as for the other checkpoints. `class_only` skips the segmentation
+    (its sliding window is most of the time): only the class files are written.
     """
     from fedbrats.shared.evaluation.inference import get_device
 
@@ -127,15 +152,21 @@ def evaluate_multitask_checkpoint(
         int(p) for p in meta.get("patch_size") or ()
     )  # evaluate_checkpoint refuses a checkpoint without
     hook = _ClassScores(labels, patch, get_device(device))
-    segmentation = evaluate_checkpoint(
-        checkpoint, data_root, partition, out_csv=out_csv, tta=tta, device=device, split=split, seed=config.seed,
-        val_fraction=config.val_fraction, discovered=discovered, console=console,
-        hd95_definition=config.hd95_definition, hook=hook,
-    )  # fmt: skip
+    if class_only:
+        segmentation = None
+        cases, skipped = _class_head_only(checkpoint, data_root, partition, hook=hook, config=config, split=split,
+                                          discovered=discovered, console=console)  # fmt: skip
+    else:
+        segmentation = evaluate_checkpoint(
+            checkpoint, data_root, partition, out_csv=out_csv, tta=tta, device=device, split=split, seed=config.seed,
+            val_fraction=config.val_fraction, discovered=discovered, console=console,
+            hd95_definition=config.hd95_definition, hook=hook,
+        )  # fmt: skip
+        cases, skipped = segmentation.rows, segmentation.skipped
     names = labels.classes  # the checkpoint's classes, or the names given in label-classes, in index order
     scored: list[tuple[str, np.ndarray, int]] = []
     rows: list[dict[str, Any]] = []
-    for row in segmentation.rows:  # the cases segmentation scored, in its order
+    for row in cases:  # the cases scored, in their order
         site, case_id = row["site"], row["case_id"]
         probs, truth = hook.probabilities[case_id], labels.index(case_id)
         scored.append((site, probs, truth))
@@ -145,5 +176,5 @@ def evaluate_multitask_checkpoint(
     title = (f"{checkpoint.name} class head on {len(rows)} case(s), split {split}: "
              f"{labels.label_column} {list(names)}")  # fmt: skip
     result = class_results(scored, rows, tuple(names), labels.label_column, title=title,
-                           skipped=list(segmentation.skipped), out_csv=class_csv, n_boot=n_boot, seed=config.seed)  # fmt: skip
+                           skipped=list(skipped), out_csv=class_csv, n_boot=n_boot, seed=config.seed)  # fmt: skip
     return MultitaskEvaluation(segmentation, result)
