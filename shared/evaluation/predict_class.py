@@ -19,13 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import Progress
 from torch import nn
 
 from fedbrats.shared.atomic import atomic_write_json, atomic_write_text
 from fedbrats.shared.checkpoint import CheckpointError
 from fedbrats.shared.data.class_dataset import case_cube
-from fedbrats.shared.data.site_cases import SPLITS, Discovered, cases_of_sites
+from fedbrats.shared.data.site_cases import Discovered
 from fedbrats.shared.evaluation.classification import (
     AUCInterval,
     bootstrap_auc_interval,
@@ -183,44 +182,31 @@ def evaluate_class_checkpoint(
     case: Subject_ID, the true class under the label column's name, p_<class> per class; and
     `<stem>_sites.csv` beside it the per-site metrics. A case that cannot be read is listed as skipped.
     """
-    from fedbrats.shared.data.problems import CaseError
+    from fedbrats.shared.evaluation.evaluate import cases_to_score, score_cases
     from fedbrats.shared.evaluation.inference import get_device
 
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r}; expected one of {SPLITS}")
     classifier = load_classifier(checkpoint)
     labels = labels_for(classifier.classes, classifier.label_column, classifier.path, config, Path(data_root))
-    sites = cases_of_sites(data_root, partition, seed=config.seed, val_fraction=config.val_fraction,
-                           discovered=discovered)  # fmt: skip
-    todo = [(name, case) for name, found in sites.items() for case in found.select(split)]
-    if not todo:
-        raise ValueError(f"no case to evaluate under {data_root} (split {split!r})")
+    todo = cases_to_score(data_root, partition, split=split, seed=config.seed, val_fraction=config.val_fraction,
+                          discovered=discovered)  # fmt: skip
     labels.require([case.case_id for _, case in todo])
     if len(labels.classes) != len(classifier.classes):
         raise ValueError(f"{labels.path}: {len(labels.classes)} classes {list(labels.classes)}, but the checkpoint "
                          f"{classifier.path.name} classifies {len(classifier.classes)} {list(classifier.classes)}")  # fmt: skip
     names = labels.classes  # the checkpoint's classes, or the names given in label-classes, in index order
     device_ = get_device(device)
+
+    def score(site: str, case: Any) -> dict[str, Any]:
+        return {"probs": class_probabilities(classifier.model, case_cube(case, classifier.input_size), device_)}
+
+    cases, skipped = score_cases(todo, score, console=console)
     rows: list[dict[str, Any]] = []
     scored: list[tuple[str, np.ndarray, int]] = []
-    skipped: list[str] = []
-    with Progress(console=console or Console(stderr=True), transient=True) as progress:
-        bar = progress.add_task("classifying", total=len(todo))
-        for site, case in todo:
-            progress.update(bar, description=f"site {site}: {case.case_id}")
-            try:
-                probs = class_probabilities(classifier.model, case_cube(case, classifier.input_size), device_)
-            except CaseError as error:
-                log.warning("skipped %s: %s", case.case_id, error)
-                skipped.append(f"{case.case_id}: {error}")
-            else:
-                truth = labels.index(case.case_id)
-                scored.append((site, probs, truth))
-                rows.append({"site": site, "Subject_ID": case.case_id, labels.label_column: names[truth],
-                             **{f"p_{c}": float(p) for c, p in zip(names, probs, strict=True)}})  # fmt: skip
-            progress.advance(bar)
-    if not rows:
-        raise ValueError(f"none of the {len(todo)} cases could be classified: " + "; ".join(skipped[:5]))
+    for case in cases:
+        truth = labels.index(case["case_id"])
+        scored.append((case["site"], case["probs"], truth))
+        rows.append({"site": case["site"], "Subject_ID": case["case_id"], labels.label_column: names[truth],
+                     **{f"p_{c}": float(p) for c, p in zip(names, case["probs"], strict=True)}})  # fmt: skip
     title = f"{Path(checkpoint).name} on {len(rows)} case(s), split {split}: {labels.label_column} {list(names)}"
     return class_results(scored, rows, tuple(names), labels.label_column, title=title, skipped=skipped,
                          out_csv=out_csv, n_boot=n_boot, seed=config.seed)  # fmt: skip
