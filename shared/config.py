@@ -101,7 +101,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "phantom_voxel_size": (lambda v: v > 0, "> 0 mm"),
     "dp_eval_min_cases": (lambda v: v >= 1, ">= 1"),
     "max_num_examples": (lambda v: v >= 0, ">= 0 (0: no cap beyond a site's first reply)"),
-    "screen_norm_factor": (lambda v: v > 1, "> 1 (times the round's median update norm)"),
+    "screen_norm_factor": (lambda v: v > 1, "> 1 (times the round's median update norm per local step)"),
     "screen_min_cosine": (lambda v: -1 <= v <= 1, "in [-1, 1]"),
     "attack_scale": (lambda v: v >= 0, ">= 0 (0: the attack's default)"),
     "class_input_size": (lambda v: v >= 8, ">= 8 voxels (edge of a classifier's cubic input)"),
@@ -202,7 +202,7 @@ class RunConfig:
     # (server/screening.py), simulated attacks by named simulated sites (client/attack.py)
     max_num_examples: int = 100000  # cap on a reply's num-examples (0: only the site's first reply bounds it)
     screen_updates: bool = True
-    screen_norm_factor: float = 10.0  # drop an update whose norm exceeds this x the round's median
+    screen_norm_factor: float = 10.0  # drop an update whose norm per local step exceeds this x the round's median
     # drop an update whose cosine to the round's median update is below this; -1 (default) = off: honest
     # sites with other labels (e.g. one holding only HGG) point away from the median (measured -0.3..-0.7)
     screen_min_cosine: float = -1.0
