@@ -22,6 +22,7 @@ from typing import Any
 from fedbrats.server.history import read_history
 from fedbrats.shared.atomic import atomic_write_text
 from fedbrats.shared.constants import REGIONS
+from fedbrats.shared.evaluation.intervals import FEW_CASES
 from fedbrats.simulations.compare_figures import mean_std, plot_curves, plot_fairness, plot_site_bars
 from fedbrats.simulations.headline import AUC, LABELS, MEAN_DICE
 from fedbrats.simulations.run_summary import (
@@ -230,6 +231,7 @@ def table_columns(rows: list[dict[str, Any]]) -> tuple[list, list]:
         ]
     else:
         accuracy += [(f"final {g}", lambda r, g=g: fmt(r, f"final_dice_{g}")) for g in (*REGIONS, "mean")]
+        accuracy.append(("final mean, case-weighted", lambda r: fmt(r, "final_case_dice_mean")))
         accuracy += [(f"best {g}", lambda r, g=g: fmt(r, f"best_dice_{g}")) for g in (*REGIONS, "mean")]
         accuracy.append(("worst site (final)", _worst))
     cost = [
@@ -358,6 +360,11 @@ def write_comparison(
         f"{label} (mean over seeds).",
         "",
     ]
+    few, evaluated = runs[0].summary.get("few_case_sites", 0), runs[0].summary.get("sites_evaluated", 0)
+    if few:
+        lines += [f"{few} of the {evaluated} sites are scored on 1-{FEW_CASES} validation cases: their own figures "
+                  "are anecdotes, not estimates, and the site mean gives each of them the weight of a large site; "
+                  "the case-weighted column counts each validation case once.", ""]  # fmt: skip
     if attacked(rows):
         lines += [
             f"**Simulated attack**: {'; '.join(attack_settings(runs))} (docs/reliability.md). \"Attacker updates "

@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from fedbrats.shared.constants import REGIONS
-from fedbrats.shared.evaluation.intervals import case_weighted
+from fedbrats.shared.evaluation.intervals import FEW_CASES, case_weighted
 from fedbrats.simulations.headline import (
     AUC,
     DEFAULT_TARGETS,
@@ -123,6 +123,8 @@ def _segmentation(s: dict[str, Any], evaluated: list[dict[str, Any]]) -> None:
             [e.get(f"dice-{region}", math.nan) for e in entries], [int(e.get("num-examples", 0)) for e in entries]
         )
     s["final_case_dice_mean"] = sum(s[f"final_case_dice_{r}"] for r in REGIONS) / len(REGIONS)
+    cases = [int(e.get("num-examples", 0)) for e in entries]
+    s["sites_evaluated"], s["few_case_sites"] = len(cases), sum(1 <= n <= FEW_CASES for n in cases)
     for region in (*REGIONS, "mean"):
         s[f"final_dice_{region}"] = region_value(final.get("mean_dice", {}), region)
         s[f"best_dice_{region}"] = max(
