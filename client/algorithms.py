@@ -93,17 +93,31 @@ class ControlVariate:
         self.c_global = {k: v.numpy() for k, v in incoming.items()}
         self.c_local = self.files.latest(upto_round=server_round - 1)
         self._handles: list = []
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
 
     def correction(self) -> dict[str, np.ndarray]:
         """c - c_i per parameter name (DP-SGD adds it after the noise, not through hooks)."""
         return gradient_correction(self.c_global, self.c_local)
+
+    def observe(self, name: str, grad: torch.Tensor) -> None:
+        """One step's gradient of `name` as the optimiser would get it, before the correction: the new c_i is
+        their mean (`client_control_update`'s `mean_gradients`; DP-SGD passes its noisy gradients)."""
+        g = grad.detach().to("cpu", torch.float64)
+        self._sums[name] = self._sums[name] + g if name in self._sums else g.clone()
+        self._counts[name] = self._counts.get(name, 0) + 1
 
     def attach(self, model: torch.nn.Module) -> None:
         correction = self.correction()
         for name, param in model.named_parameters():
             if name in correction and param.requires_grad:  # a frozen parameter (`trainable`) has no gradient
                 delta = torch.from_numpy(np.asarray(correction[name], dtype=np.float32))
-                self._handles.append(param.register_hook(lambda g, d=delta: g + d.to(g.device)))
+
+                def corrected(g: torch.Tensor, name: str = name, d: torch.Tensor = delta) -> torch.Tensor:
+                    self.observe(name, g)
+                    return g + d.to(g.device)
+
+                self._handles.append(param.register_hook(corrected))
 
     def finish(self, model: torch.nn.Module, x_global: ArrayRecord, steps: int, mean_lr: float) -> ArrayRecord:
         """Detach the hooks, store the new c_i for this round, return the ``control-delta`` record for the server."""
@@ -111,7 +125,9 @@ class ControlVariate:
             handle.remove()
         y_local = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         x = {k: v.numpy() for k, v in x_global.items()}
-        c_new, delta = client_control_update(self.c_local, self.c_global, x, y_local, steps=steps, lr=mean_lr)
+        seen = {k: (total / self._counts[k]).numpy() for k, total in self._sums.items()}
+        c_new, delta = client_control_update(self.c_local, self.c_global, x, y_local, steps=steps, lr=mean_lr,
+                                             mean_gradients=seen)  # fmt: skip
         self.files.save(c_new, self.server_round)
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in delta.items()})
 

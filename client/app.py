@@ -147,7 +147,7 @@ def handle_train(msg: Message, context: Context) -> Message:
             model, site.train, local, DPConfig.from_run_config(config),
             PrivacyLedger.for_site(dict(context.node_config), site.name, site.work_dir),  # keyed to the site, not a folder
             round=server_round, run_id=run, start_step=first_step, device=device, loss_fn=task.loss,
-            grad_correction=control.correction() if control else None,
+            grad_correction=control.correction() if control else None, on_gradient=control.observe if control else None,
         )  # fmt: skip
         metrics.update(result.metrics())
     else:

@@ -30,7 +30,7 @@ import math
 import secrets
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -161,12 +161,15 @@ def train_private(
     progress: Progress | None = None,
     loss_fn: LossFn | None = None,
     grad_correction: Mapping[str, torch.Tensor] | None = None,
+    on_gradient: Callable[[str, torch.Tensor], None] | None = None,
 ) -> PrivateResult:
     """One round of DP-SGD (Adam on the noisy gradients) on `dataset`, recorded in `ledger`.
 
     `grad_correction` (parameter name -> tensor, e.g. SCAFFOLD's c - c_i) is added to the noisy
     gradient at every step: it depends on the data only through earlier releases, so it is
     post-processing. Parameter hooks (`ControlVariate.attach`) would be lost: Opacus replaces p.grad.
+    `on_gradient(name, grad)` sees each corrected parameter's noisy gradient first, at every step
+    (`ControlVariate.observe`: post-processing as well).
     Only parameters with ``requires_grad`` (run key `trainable`) are clipped, noised and updated; a
     frozen parameter is left exactly as it came, and its correction is ignored.
 
@@ -210,7 +213,7 @@ def train_private(
     unknown = sorted(set(grad_correction or {}) - set(named))
     if unknown:
         raise ValueError(f"grad_correction names parameters the model does not have: {unknown[:5]}")
-    offsets = [(named[k], torch.as_tensor(v, dtype=named[k].dtype, device=device).reshape(named[k].shape))
+    offsets = [(k, named[k], torch.as_tensor(v, dtype=named[k].dtype, device=device).reshape(named[k].shape))
                for k, v in (grad_correction or {}).items() if named[k].requires_grad]  # fmt: skip
     optimizer = DPOptimizer(
         torch.optim.Adam(params, lr=lr_at(start_step, config), weight_decay=config.weight_decay),
@@ -224,10 +227,12 @@ def train_private(
         nonlocal done
         accountant.step(noise_multiplier=opt.noise_multiplier, sample_rate=plan.sample_rate)
         done += 1
+        for name, p, _ in offsets if on_gradient else ():
+            on_gradient(name, p.grad)
         if anchor is not None:  # FedProx pull: data-independent, so added after the noise (post-processing)
             for p, a in zip(params, anchor, strict=True):
                 p.grad.add_(p.detach() - a, alpha=config.proximal_mu)
-        for p, offset in offsets:  # SCAFFOLD-style correction: post-processing too
+        for _, p, offset in offsets:  # SCAFFOLD-style correction: post-processing too
             p.grad.add_(offset)
 
     optimizer.attach_step_hook(after_noise)

@@ -53,20 +53,30 @@ def client_control_update(
     y_local: Mapping[str, np.ndarray],
     steps: int,
     lr: float,
+    mean_gradients: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Option II of the paper: ``c_i+ = c_i - c + (x - y_i) / (K lr)``; returns ``(c_i+, c_i+ - c_i)``.
 
     `c_local` is None on a site's first round (``c_i = 0``); `steps` is K, the local steps taken
     with learning rate `lr`; with a schedule, pass the mean learning rate over those steps (then
     ``K lr`` is the sum of the step sizes, as the estimate needs). Only the names in `c_global`
-    (floating-point parameters) are updated."""
+    (floating-point parameters) are updated.
+
+    `mean_gradients` (name -> the mean over the local steps of the gradient the optimiser was given, less
+    the correction) replaces the estimate for the names it has. Under plain SGD the two are equal
+    (``x - y_i = K lr (mean g + c - c_i)``); under Adam, the sites' optimiser, ``(x - y_i) / (K lr)`` measures
+    Adam's normalised steps, about 1 per coordinate whatever the gradient's size, and corrections that
+    large swamp the gradients (on the FeTS-shaped phantom SCAFFOLD fell to mean Dice 0.03)."""
     if steps <= 0 or lr <= 0:
         raise ValueError(f"SCAFFOLD needs steps > 0 and lr > 0, got steps={steps}, lr={lr}")
     scale = 1.0 / (steps * lr)
     new, delta = {}, {}
     for k, c in c_global.items():
         old = c_local[k] if c_local else np.zeros_like(c)
-        new[k] = (old - c + (x_global[k] - y_local[k]) * scale).astype(c.dtype, copy=False)
+        if mean_gradients is not None and k in mean_gradients:
+            new[k] = np.asarray(mean_gradients[k]).reshape(c.shape).astype(c.dtype)
+        else:
+            new[k] = (old - c + (x_global[k] - y_local[k]) * scale).astype(c.dtype, copy=False)
         delta[k] = new[k] - old
     return new, delta
 
