@@ -19,7 +19,7 @@ from fedbrats.server.history import INITIAL_MODEL
 from fedbrats.shared.checkpoint import save_checkpoint
 from fedbrats.shared.config import RunConfig
 from fedbrats.shared.models import create_model
-from fedbrats.shared.models.trainable import trainable_names
+from fedbrats.shared.models.trainable import frozen_parameters, trainable_names
 from fedbrats.shared.records import model_to_record, record_digest, record_to_model
 from fedbrats.shared.tasks import checkpoint_metadata, task_for
 from fedbrats.shared.wallclock import load_timings
@@ -88,6 +88,7 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
     federation = Federation(
         grid, config, strategy, model_to_record(model), timings=load_timings(site_profiles_path(config)), out_dir=out,
         simulated=not isinstance(grid, HttpGrid),  # a SuperLink's grid: real hospitals, wall time only
+        frozen=frozen_parameters(model, config.trainable),
     )
     _record_warm_start(federation, config)
     # run_config.json is written (and checked against on resume) by Federation, before any round runs

@@ -122,6 +122,7 @@ class Federation:
         timings: dict[str, SiteTiming] | None = None,
         out_dir: Path | None = None,
         simulated: bool = True,
+        frozen: frozenset[str] = frozenset(),
     ) -> None:
         self.grid = grid
         self.config = config
@@ -130,8 +131,8 @@ class Federation:
         parse_lr_round_schedule(config.lr_round_schedule)  # a bad schedule fails here, not in round 1
         self.arrays = initial_arrays
         self.timings = timings or {}
-        # A deployed run has real sites and no timing model: its records carry wall time only.
-        self.simulated = simulated
+        self.simulated = simulated  # a deployed run has real sites and no timing model: wall time only
+        self.frozen = frozen  # parameters the run does not train (`trainable`): no site may change them
         self.out_dir = Path(out_dir or config.out_dir)
         self.history = RunHistory(self.out_dir / "history.jsonl")
         self.node_names: dict[int, str] = {}
@@ -142,8 +143,7 @@ class Federation:
         self.incoming_evaluation: list[SiteResult] | None = None
         self._names_written: dict[int, str] = {}
         self._resume()
-        # Replies are validated as data before anything reads them (server.replies); the validator
-        # owns the node -> site-name map (sanitised, unique) and each site's first reported sizes.
+        # Replies are validated as data first (server.replies), which owns the node -> site-name map and sizes.
         self.replies = ReplyValidator.for_run(config, self.hooks.required_metrics)
         self.replies.restore(self.history.records())
         self.node_names = self.replies.names
@@ -277,7 +277,7 @@ class Federation:
                 wire_bytes[checked.node] = result.up_bytes = record_nbytes(checked.reply.content.array_records["arrays"])
                 result.dropped = from_wire(checked.reply, sent.get(checked.node), self.config.update_dtype)
             if result.dropped is None:
-                result.dropped = update_problem(checked.reply, self.arrays) or self._strategy_problem(checked.reply)
+                result.dropped = update_problem(checked.reply, self.arrays, self.frozen) or self._strategy_problem(checked.reply)
             if "num-examples" in result.metrics:
                 self.sizes[result.node_id] = (int(result.metrics["num-examples"]), int(result.metrics.get("num-val", 0)))
             if result.dropped:
@@ -309,7 +309,7 @@ class Federation:
         if aggregated and "client-epsilon" in aggregated:
             info["client_epsilon"] = float(aggregated["client-epsilon"])
         if arrays is not None:
-            arrays, problem = conform_aggregate(arrays, self.arrays)
+            arrays, problem = conform_aggregate(arrays, self.arrays, self.frozen)
         if problem:
             info["status"] = f"failed: {problem}"
             log.error("round %d %s; the global model is unchanged", rnd, info["status"])

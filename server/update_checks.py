@@ -28,8 +28,11 @@ def from_wire(reply: Message, sent: ArrayRecord | None, update_dtype: str) -> st
     return None
 
 
-def update_problem(reply: Message, reference: ArrayRecord) -> str | None:
-    """Why a validated training reply's arrays cannot update `reference`, or None when they can."""
+def update_problem(reply: Message, reference: ArrayRecord, frozen: frozenset[str] = frozenset()) -> str | None:
+    """Why a validated training reply's arrays cannot update `reference`, or None when they can.
+
+    `frozen` names the parameters the run does not train (`trainable`): they are the server's, and a site
+    that changed one (by a bit) is trying to steer what nobody trains, or clip and noise, so its update is dropped."""
     if reply.has_error():
         return f"site error: {reply.error.reason}"
     if "arrays" not in reply.content.array_records:
@@ -48,12 +51,18 @@ def update_problem(reply: Message, reference: ArrayRecord) -> str | None:
         values = array_view(got)
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             return f"array {name!r} has non-finite values"
+        if name in frozen and not np.array_equal(values, array_view(ref)):
+            return f"array {name!r} changed, but the run freezes it (trainable does not select it)"
     return None
 
 
-def conform_aggregate(aggregate: ArrayRecord, reference: ArrayRecord) -> tuple[ArrayRecord | None, str | None]:
+def conform_aggregate(
+    aggregate: ArrayRecord, reference: ArrayRecord, frozen: frozenset[str] = frozenset()
+) -> tuple[ArrayRecord | None, str | None]:
     """The new global model in the current one's names, shapes and dtypes, or why it cannot be one.
 
+    Frozen parameters are the current ones, bit for bit: a weighted mean of equal values may round, and
+    client-level DP's noise on them would only corrupt what no site trained (dropping it is post-processing).
     Server optimisers may compute in float64 (Flower's FedAdam does: its bias-corrected step size is a
     NumPy float64): a global model that changed dtype would make every site's next update fail the
     dtype check, so the aggregate is cast back. Non-finite values (a diverged server optimiser) never reach the sites.
@@ -68,6 +77,6 @@ def conform_aggregate(aggregate: ArrayRecord, reference: ArrayRecord) -> tuple[A
             return None, f"the aggregate's {name!r} has shape {values[name].shape}, expected {ref.shape}"
         if values[name].dtype.kind == "f" and not np.isfinite(values[name]).all():
             return None, f"the aggregate's {name!r} has non-finite values"
-    if all(values[name].dtype == ref.dtype for name, ref in current.items()):
+    if not frozen and all(values[name].dtype == ref.dtype for name, ref in current.items()):
         return aggregate, None
-    return to_record({name: cast_like(values[name], ref) for name, ref in current.items()}), None
+    return to_record({name: ref if name in frozen else cast_like(values[name], ref) for name, ref in current.items()}), None

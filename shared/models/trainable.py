@@ -50,6 +50,12 @@ def trainable_names(model: nn.Module, trainable: str) -> list[str]:
     return [n for n in names if any(fnmatchcase(n, p) for p in patterns)]
 
 
+def frozen_parameters(model: nn.Module, trainable: str) -> frozenset[str]:
+    """The parameters `trainable` leaves out: the server keeps them as they are (buffers are not parameters)."""
+    chosen = set(trainable_names(model, trainable))
+    return frozenset(name for name, _ in model.named_parameters() if name not in chosen)
+
+
 def apply_trainable(model: nn.Module, trainable: str) -> tuple[int, int]:
     """Set ``requires_grad`` of every parameter (True where `trainable` selects it, False elsewhere).
 
