@@ -17,9 +17,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
 try:  # installed with scikit-learn (nilearn's dependency); without it BLAS keeps its own threads
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import ThreadpoolController
 except ImportError:  # pragma: no cover
-    threadpool_limits = None
+    ThreadpoolController = None
 
 _CHUNK = 1 << 16  # elements per block in weighted_average: the block and its scratch stay in cache
 
@@ -150,7 +150,15 @@ def single_blas_thread() -> contextlib.AbstractContextManager:
     """BLAS limited to one thread while aggregating: a product or axpy of one block is too small to
     share, and on a busy server OpenBLAS's spinning threads made each call 100x slower
     (benchmarks/RESULTS.md)."""
-    return threadpool_limits(1, user_api="blas") if threadpool_limits else contextlib.nullcontext()
+    return _blas_controller().limit(limits=1, user_api="blas") if ThreadpoolController else contextlib.nullcontext()
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    """One controller per process: building one walks every loaded library (about 8 ms, each aggregation
+    paid it); scipy's BLAS, which `weighted_sum` calls, is loaded first so the controller holds it too."""
+    _axpy()
+    return ThreadpoolController()
 
 
 @functools.cache
