@@ -13,7 +13,7 @@ are listed.
 
 ``--stages`` times, in one fresh interpreter per run, what a train message then pays on first use, one
 stage after the other: torch, the ClientApp, MONAI as a site imports it (`import_monai_light`), and
-the first optimizer step (torch.optim imports torch._dynamo on it).
+the first local training step (`train_local` on a tiny model: loss, backward, `SiteAdam`).
 
 ``--tree DIR`` measures another checkout of the repository (e.g. ``mkdir DIR && git archive REV |
 tar -x -C DIR``) instead of the installed one: its folders are mapped onto the ``fedbrats.*`` names
@@ -55,8 +55,11 @@ import torch; stage("import torch")
 import fedbrats.client.app; stage("import fedbrats.client.app")
 from fedbrats.client.site import import_monai_light
 import_monai_light(); import monai.inferers; stage("MONAI (import_monai_light)")
-w = torch.nn.Parameter(torch.zeros(3)); opt = torch.optim.Adam([w]); w.sum().backward(); opt.step()
-stage("first optimizer step (torch._dynamo)")
+from fedbrats.client.trainer import TrainConfig, train_local
+from fedbrats.shared.models.registry import create_model
+data = [(torch.randn(4, 16, 16, 16), (torch.rand(3, 16, 16, 16) > 0.5).float()) for _ in range(2)]
+train_local(create_model("resunet", width=8, depth=2), data, TrainConfig(steps=1, batch_size=2))
+stage("first local training step")
 print(json.dumps(stages))
 """
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedbrats.client.adam import SiteAdam
 from fedbrats.shared.data.patch_pool import pool_loader
 from fedbrats.shared.evaluation.inference import fast_layout, get_device
 from fedbrats.shared.evaluation.local import (  # re-exported: callers import them here
@@ -37,7 +38,7 @@ LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 #: Called after every optimiser step with (steps done in this call, steps planned, batch loss, lr).
 Progress = Callable[[int, int, float, float], None]
 #: DP hook: (model, optimizer, loader) -> (model, optimizer, loader), e.g. Opacus' make_private.
-Wrap = Callable[[nn.Module, torch.optim.Optimizer, DataLoader], tuple[nn.Module, torch.optim.Optimizer, DataLoader]]
+Wrap = Callable[[nn.Module, Any, DataLoader], tuple[nn.Module, Any, DataLoader]]
 
 
 @dataclass
@@ -176,7 +177,7 @@ def train_local(
     loss_fn: LossFn | None = None,
     wrap: Wrap | None = None,
 ) -> TrainResult:
-    """Train `model` in place with Adam on `dataset` ((image, targets) items), return what was done.
+    """Train `model` in place with Adam (`SiteAdam`) on `dataset` ((image, targets) items), return what was done.
 
     `loss_fn(outputs, targets)` defaults to the segmentation loss; a task passes its own (`Task.loss`).
 
@@ -203,9 +204,7 @@ def train_local(
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if config.proximal_mu > 0 else None
-    optimizer: torch.optim.Optimizer = torch.optim.Adam(
-        params, lr=lr_at(start_step, config), weight_decay=config.weight_decay
-    )
+    optimizer: Any = SiteAdam(params, lr=lr_at(start_step, config), weight_decay=config.weight_decay)
     if wrap is not None:
         model, optimizer, loader = wrap(model, optimizer, loader)
     use_amp = config.amp and device.type == "cuda"

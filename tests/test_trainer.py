@@ -195,7 +195,7 @@ def test_deep_supervision_outputs_and_the_wrap_hook():
         return m, optimizer, loader
 
     result = train_local(model, BlobDataset(), TrainConfig(steps=2), wrap=wrap)
-    assert calls == ["Adam"] and result.steps == 2 and math.isfinite(result.mean_loss)
+    assert calls == ["SiteAdam"] and result.steps == 2 and math.isfinite(result.mean_loss)
     assert math.isfinite(loss_on(model, BlobDataset(), 1))
 
 
