@@ -167,13 +167,17 @@ def _add_privacy_parsers(sub: argparse._SubParsersAction) -> None:
                    help="the server's history.jsonl to check the ledgers against (default: found beside the run)")
     p.set_defaults(func=commands.privacy_audit)
     p = privacy_sub.add_parser("plan", help="the noise multiplier a consortium needs for a budget")
-    p.add_argument("--cases", type=int, required=True, help="cases at the (smallest) site")
+    p.add_argument("--cases", type=int, default=None, help="DP-SGD at the sites: cases at the (smallest) site")
+    p.add_argument("--sites", type=int, default=None,
+                   help="client-level DP at the server instead: sites aggregated per round (the unit is a site)")
+    p.add_argument("--clipping-norm", type=float, default=None,
+                   help="with --sites: client-dp-clipping-norm S, to show the noise std z S / k")
     p.add_argument("--batch-size", type=int, default=2, help="cases per DP-SGD step")
     p.add_argument("--rounds", type=int, default=20, help="federated rounds the budget must last")
     p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round")
     p.add_argument("--local-steps", type=int, default=0, help="local steps per round (replaces epochs when > 0)")
     p.add_argument("--epsilon", type=float, default=8.0, help="the site's budget over all rounds")
-    p.add_argument("--delta", type=float, default=None, help="default: min(1e-5, 0.1 / cases)")
+    p.add_argument("--delta", type=float, default=None, help="default: min(1e-5, 0.1 / cases); with --sites 1e-5")
     p.add_argument("--accountant", choices=["rdp", "prv"], default="rdp", help="privacy accountant")
     p.set_defaults(func=commands.privacy_plan)
     p = privacy_sub.add_parser("calibrate", help="per-patient gradient norms on public/phantom data: the "

@@ -365,6 +365,13 @@ def privacy_calibrate(args: argparse.Namespace) -> int:
 def privacy_plan(args: argparse.Namespace) -> int:
     from fedbrats.privacy_commands import run_plan
 
+    if (args.cases is None) == (args.sites is None):
+        raise ValueError("privacy plan needs exactly one of --cases (DP-SGD at each site) and --sites "
+                         "(client-level DP at the server)")  # fmt: skip
+    if args.sites is not None:
+        from fedbrats.privacy_commands import run_client_plan
+
+        return run_client_plan(args.sites, args.rounds, args.epsilon, args.delta, args.clipping_norm)
     return run_plan(
         args.cases, args.batch_size, args.rounds, args.local_epochs, args.epsilon, args.delta,
         local_steps=args.local_steps, accountant=args.accountant,

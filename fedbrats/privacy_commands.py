@@ -11,7 +11,7 @@ from rich.table import Table
 
 from fedbrats.client.audit import SiteAudit, audit_run, plan_rows
 
-__all__ = ["plot_epsilon", "run_audit", "run_plan"]
+__all__ = ["plot_epsilon", "run_audit", "run_client_plan", "run_plan"]
 
 
 def _console() -> Console:
@@ -118,6 +118,20 @@ def run_plan(
     table.add_column("value", justify="right")
     for name, value in plan_rows(cases, batch, rounds, local_epochs, epsilon, delta, local_steps=local_steps,
                                  accountant=accountant):  # fmt: skip
+        table.add_row(name, value)
+    _console().print(table)
+    return 0
+
+
+def run_client_plan(sites: int, rounds: int, epsilon: float, delta: float | None = None,
+                    clipping_norm: float | None = None) -> int:  # fmt: skip
+    """Print the server noise multiplier that keeps every site within `epsilon` over `rounds` rounds."""
+    from fedbrats.strategies.client_dp import client_plan_rows
+
+    table = Table(title=f"client-level DP plan for {sites} sites")
+    table.add_column("setting")
+    table.add_column("value", justify="right")
+    for name, value in client_plan_rows(sites, rounds, epsilon, 1e-5 if delta is None else delta, clipping_norm):
         table.add_row(name, value)
     _console().print(table)
     return 0

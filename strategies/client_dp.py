@@ -52,7 +52,7 @@ from fedbrats.strategies.hooks import RoundHooks, StrategyHooks, hooks_of
 
 __all__ = [
     "ClientDPAdaptiveClipping", "ClientDPFixedClipping", "GUARANTEE", "adaptive_effective_noise",
-    "client_level_epsilons", "client_noise_multiplier", "with_client_dp",
+    "client_level_epsilons", "client_noise_multiplier", "client_plan_rows", "with_client_dp",
 ]  # fmt: skip
 
 log = logging.getLogger("fedbrats.client_dp")
@@ -86,6 +86,33 @@ def client_noise_multiplier(target_epsilon: float, sample_rate: float, rounds: i
 
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
                                       steps=rounds, accountant="rdp"))  # fmt: skip
+
+
+def client_plan_rows(
+    sites: int, rounds: int, epsilon: float, delta: float = 1e-5, clipping_norm: float | None = None,
+) -> list[tuple[str, str]]:  # fmt: skip
+    """(setting, value) rows of the server noise that keeps a whole site within `epsilon` over `rounds`.
+
+    Every site aggregates every round (q = 1, as the round loop accounts); fixed clipping."""
+    if sites < 1 or rounds < 1:
+        raise ValueError(f"sites and rounds must be >= 1, got sites={sites}, rounds={rounds}")
+    if epsilon <= 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    z = client_noise_multiplier(epsilon, 1.0, rounds, delta)
+    spent = client_level_epsilons(z, 1.0, rounds, delta)
+    rows = [
+        ("protected unit", "one whole site (client-level DP at the server)"),
+        ("sites aggregated per round k", str(sites)),
+        ("rounds", str(rounds)),
+        ("delta", f"{delta:.2g}"),
+        ("target epsilon", f"{epsilon:g}"),
+        ("noise multiplier z (client-dp-noise-multiplier)", f"{z:.4f}"),
+        ("epsilon after round 1", f"{spent[0]:.4f}"),
+        (f"epsilon after round {rounds} (RDP)", f"{spent[-1]:.4f}"),
+    ]
+    if clipping_norm is not None:
+        rows.append(("noise std per coordinate of the mean update, z S / k", f"{z * clipping_norm / sites:.4g}"))
+    return rows
 
 
 def adaptive_effective_noise(noise_multiplier_update: float, clipped_count_stddev: float) -> float:

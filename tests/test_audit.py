@@ -9,6 +9,7 @@ from dataclasses import asdict, replace
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
+from fedbrats.cli import main
 from fedbrats.client.accounting import epsilon_for, independent_epsilons
 from fedbrats.client.audit import audit_ledger, audit_run, find_ledgers
 from fedbrats.client.ledger import FILENAME, LedgerRow, PrivacyLedger, row_hash
@@ -210,6 +211,22 @@ def test_plan_prints_the_noise_multiplier(capsys):
     assert run_plan(10, 2, 20, 1, 8.0, None) == 0
     out = capsys.readouterr().out
     assert "noise multiplier" in out and "0.2000" in out and "1e-05" in out
+
+
+def test_client_level_plan_meets_its_budget_and_the_cli_wants_one_unit(capsys):
+    from fedbrats.strategies.client_dp import client_level_epsilons, client_plan_rows
+
+    rows = dict(client_plan_rows(23, 8, 8.0, 1e-5, clipping_norm=0.0249))
+    z = float(rows["noise multiplier z (client-dp-noise-multiplier)"])
+    assert 1.7 < z < 1.9  # the sigma of the 23-site client-level DP rows in benchmarks/RESULTS.md
+    assert client_level_epsilons(z, 1.0, 8)[-1] <= 8.0 + 1e-3
+    assert client_level_epsilons(z * 0.9, 1.0, 8)[-1] > 8.0  # and no more noise than needed
+    assert float(rows["noise std per coordinate of the mean update, z S / k"]) == pytest.approx(z * 0.0249 / 23, rel=1e-3)
+    assert main(["privacy", "plan", "--sites", "23", "--rounds", "8", "--epsilon", "3"]) == 0
+    assert "client-level DP plan for 23 sites" in capsys.readouterr().out
+    for argv in (["--rounds", "8"], ["--sites", "3", "--cases", "10"]):
+        assert main(["privacy", "plan", *argv]) != 0
+        assert "exactly one of --cases" in capsys.readouterr().err
 
 
 # --- evaluation metrics under DP, through the client app's evaluate handler ----------------------
