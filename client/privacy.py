@@ -147,6 +147,13 @@ def _quiet():
         yield
 
 
+def _torch_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """The `torch.optim` optimiser Opacus wraps (the non-private path uses `client.optimizers` instead)."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay)
+
+
 def train_private(
     model: nn.Module,
     dataset: torch.utils.data.Dataset,
@@ -163,7 +170,7 @@ def train_private(
     grad_correction: Mapping[str, torch.Tensor] | None = None,
     on_gradient: Callable[[str, torch.Tensor], None] | None = None,
 ) -> PrivateResult:
-    """One round of DP-SGD (Adam on the noisy gradients) on `dataset`, recorded in `ledger`.
+    """One round of DP-SGD (`config.optimizer`, Adam or SGD, on the noisy gradients) on `dataset`, recorded in `ledger`.
 
     `grad_correction` (parameter name -> tensor, e.g. SCAFFOLD's c - c_i) is added to the noisy
     gradient at every step: it depends on the data only through earlier releases, so it is
@@ -216,7 +223,7 @@ def train_private(
     offsets = [(k, named[k], torch.as_tensor(v, dtype=named[k].dtype, device=device).reshape(named[k].shape))
                for k, v in (grad_correction or {}).items() if named[k].requires_grad]  # fmt: skip
     optimizer = DPOptimizer(
-        torch.optim.Adam(params, lr=lr_at(start_step, config), weight_decay=config.weight_decay),
+        _torch_optimizer(config, params, lr_at(start_step, config)),
         noise_multiplier=plan.noise_multiplier, max_grad_norm=dp.max_grad_norm,
         expected_batch_size=plan.sample_rate * n, loss_reduction="mean", generator=_secret_generator(device),
     )  # fmt: skip

@@ -87,5 +87,7 @@ def train_config(config: RunConfig, n_cases: int, round_config: Mapping[str, Any
         batch_size=config.batch_size,
         seed=config.seed,
         proximal_mu=float(sent.get("proximal-mu", config.proximal_mu)),
+        optimizer=config.local_optimizer,
+        momentum=config.sgd_momentum,
         patch_pool=parse_patch_pool(config.patch_pool),
     )

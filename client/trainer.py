@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedbrats.client.adam import SiteAdam
+from fedbrats.client.optimizers import OPTIMIZERS, site_optimizer
 from fedbrats.shared.data.patch_pool import pool_loader
 from fedbrats.shared.evaluation.inference import fast_layout, get_device
 from fedbrats.shared.evaluation.local import (  # re-exported: callers import them here
@@ -60,6 +60,8 @@ class TrainConfig:
     amp: bool = True
     seed: int = 0
     proximal_mu: float = 0.0
+    optimizer: str = "adam"  # client.optimizers.OPTIMIZERS
+    momentum: float = 0.0  # SGD's
     weight_decay: float = 0.0
     grad_clip: float | None = None
     num_workers: int = 0
@@ -80,6 +82,10 @@ class TrainConfig:
             problems.append(f"total_steps must be >= 1 or None, got {self.total_steps}")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            problems.append(f"momentum must be in [0, 1), got {self.momentum}")
         if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
             problems.append(f"proximal_mu must be a finite number >= 0, got {self.proximal_mu}")
         if problems:
@@ -177,7 +183,7 @@ def train_local(
     loss_fn: LossFn | None = None,
     wrap: Wrap | None = None,
 ) -> TrainResult:
-    """Train `model` in place with Adam (`SiteAdam`) on `dataset` ((image, targets) items), return what was done.
+    """Train `model` in place (`config.optimizer`: SiteAdam or SiteSGD) on `dataset`, return what was done.
 
     `loss_fn(outputs, targets)` defaults to the segmentation loss; a task passes its own (`Task.loss`).
 
@@ -204,7 +210,8 @@ def train_local(
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if config.proximal_mu > 0 else None
-    optimizer: Any = SiteAdam(params, lr=lr_at(start_step, config), weight_decay=config.weight_decay)
+    optimizer: Any = site_optimizer(config.optimizer, params, lr=lr_at(start_step, config),
+                                    weight_decay=config.weight_decay, momentum=config.momentum)  # fmt: skip
     if wrap is not None:
         model, optimizer, loader = wrap(model, optimizer, loader)
     use_amp = config.amp and device.type == "cuda"

@@ -50,6 +50,7 @@ DATA_ARGUMENTS = ("in_channels", "out_channels")
 CHOICES: dict[str, tuple[str, ...]] = {
     "selection": ("all", "fraction", "fastest", "deadline"),  # strategies.selection
     "lr_schedule": ("cosine", "poly", "constant"),  # client.trainer.SCHEDULES
+    "local_optimizer": ("adam", "sgd"),  # client.optimizers.OPTIMIZERS
     "cache": ("memory", "disk", "none"),
     "model_act": ("leakyrelu", "relu"),  # shared.models.blocks.ACTIVATIONS
     "dp_accountant": ("rdp", "prv"),  # client.ledger.ACCOUNTANTS
@@ -106,6 +107,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "attack_scale": (lambda v: v >= 0, ">= 0 (0: the attack's default)"),
     "class_input_size": (lambda v: v >= 8, ">= 8 voxels (edge of a classifier's cubic input)"),
     "multitask_weight": (lambda v: v >= 0, ">= 0 (weight of the classification loss)"),
+    "sgd_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
 }
 
 
@@ -138,6 +140,9 @@ class RunConfig:
     epoch_decay: float = 1.0  # FeTS "train less each round": epochs x decay^min(round-1, 10)
     lr: float = 1e-3
     lr_schedule: str = "cosine"
+    # the sites' optimiser without DP-SGD and with it: adam | sgd (SCAFFOLD assumes SGD; give it its own lr)
+    local_optimizer: str = "adam"
+    sgd_momentum: float = 0.0  # local-optimizer = sgd only
     # lr each round's config carries (FeTS "lr per round"): constant | exponential:decay=D |
     # step:milestone=M,decay=D | cosine[:min_lr=L], each with min_lr=L (strategies.selection.round_lr)
     lr_round_schedule: str = "constant"

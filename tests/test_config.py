@@ -91,6 +91,7 @@ def test_toml_values_of_the_wrong_type_are_named(tmp_path):
 
 def test_enumerations_agree_with_their_owners():
     from fedbrats.client.accounting import ACCOUNTANTS
+    from fedbrats.client.optimizers import OPTIMIZERS
     from fedbrats.client.privacy import GRAD_SAMPLE_MODES
     from fedbrats.client.trainer import SCHEDULES
     from fedbrats.shared.models.blocks import ACTIVATIONS
@@ -99,6 +100,7 @@ def test_enumerations_agree_with_their_owners():
     assert CHOICES["model_act"] == ACTIVATIONS
     assert CHOICES["model_class_head"] == CLASS_HEADS
     assert CHOICES["lr_schedule"] == SCHEDULES
+    assert CHOICES["local_optimizer"] == OPTIMIZERS
     assert CHOICES["dp_accountant"] == ACCOUNTANTS
     assert CHOICES["dp_grad_sample_mode"] == GRAD_SAMPLE_MODES
     assert set(CHOICES) | set(RANGES) <= {f.name for f in fields(RunConfig)}

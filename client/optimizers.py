@@ -1,4 +1,5 @@
-"""Adam for a site's non-private training, without `torch.optim`'s start-up cost.
+"""A site's local optimiser (`local-optimizer`: adam | sgd) for non-private training, without `torch.optim`'s
+start-up cost.
 
 Every `torch.optim.Optimizer` imports `torch._dynamo` when it is built (`add_param_group` is wrapped
 by `torch._disable_dynamo`) and again in `step`: about 1.6 CPU s, paid by every deployed train
@@ -6,7 +7,9 @@ message since Flower starts a fresh ClientApp process for each (benchmarks/RESUL
 process"). `SiteAdam` is the same update as `torch.optim.Adam` (L2 `weight_decay`, no amsgrad), on
 the same state, with the foreach kernels PyTorch's own multi-tensor Adam uses; the duck-typed surface
 the trainer and `torch.amp.GradScaler` touch (`param_groups`, `zero_grad`, `step`) and nothing more.
-DP-SGD keeps `torch.optim.Adam`: Opacus wraps a real optimizer.
+`SiteSGD` is `torch.optim.SGD` (momentum, L2 `weight_decay`, no dampening or Nesterov) in the same way:
+SCAFFOLD's control variates and its analysis assume SGD steps at the sites (Karimireddy et al. 2020).
+DP-SGD keeps `torch.optim.Adam` / `torch.optim.SGD`: Opacus wraps a real optimizer.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+
+#: `local-optimizer` values (shared.config.CHOICES keeps a copy)
+OPTIMIZERS = ("adam", "sgd")
 
 
 class SiteAdam:
@@ -63,3 +69,52 @@ class SiteAdam:
         torch._foreach_div_(denom, [(1 - beta2 ** s["step"]) ** 0.5 for s in states])
         torch._foreach_add_(denom, group["eps"])
         torch._foreach_addcdiv_(params, exp_avgs, denom, [-group["lr"] / (1 - beta1 ** s["step"]) for s in states])
+
+
+class SiteSGD:
+    """`torch.optim.SGD(params, lr, momentum, weight_decay)`: one parameter group, tested equal to it."""
+
+    def __init__(
+        self, params: Iterable[torch.nn.Parameter], lr: float = 1e-2, momentum: float = 0.0, weight_decay: float = 0.0
+    ) -> None:  # fmt: skip
+        params = list(params)
+        if not params:
+            raise ValueError("optimizer got an empty parameter list")
+        self.param_groups = [{"params": params, "lr": lr, "momentum": momentum, "weight_decay": weight_decay}]
+        self.state: dict[torch.Tensor, dict] = {}  # per parameter, as torch's: momentum_buffer
+
+    zero_grad = SiteAdam.zero_grad
+
+    @torch.no_grad()
+    def step(self) -> None:
+        group = self.param_groups[0]
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        if group["weight_decay"]:
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        if group["momentum"]:
+            steps = []
+            for p, g in zip(params, grads, strict=True):
+                buf = self.state.setdefault(p, {}).get("momentum_buffer")
+                if buf is None:  # first step: the buffer is the gradient itself, as torch's
+                    buf = self.state[p]["momentum_buffer"] = torch.clone(g).detach()
+                else:
+                    buf.mul_(group["momentum"]).add_(g)
+                steps.append(buf)
+            grads = steps
+        torch._foreach_add_(params, grads, alpha=-group["lr"])
+
+
+def site_optimizer(name: str, params: Iterable[torch.nn.Parameter], *, lr: float, weight_decay: float = 0.0,
+                   momentum: float = 0.0) -> SiteAdam | SiteSGD:  # fmt: skip
+    """The local optimiser `local-optimizer` names (momentum is SGD's; Adam has its betas)."""
+    if name == "adam":
+        return SiteAdam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return SiteSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"local-optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+__all__ = ["OPTIMIZERS", "SiteAdam", "SiteSGD", "site_optimizer"]
