@@ -15,6 +15,7 @@ DP-SGD keeps `torch.optim.Adam` / `torch.optim.SGD`: Opacus wraps a real optimiz
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -22,7 +23,34 @@ import torch
 OPTIMIZERS = ("adam", "sgd")
 
 
-class SiteAdam:
+class _SiteOptimizer:
+    """One parameter group and per-parameter state, as `torch.optim`'s; subclasses say how a step moves."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], **group: Any) -> None:
+        params = list(params)
+        if not params:
+            raise ValueError("optimizer got an empty parameter list")
+        self.param_groups = [{"params": params, **group}]
+        self.state: dict[torch.Tensor, dict] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.param_groups[0]["params"]:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.detach_().zero_()
+
+    def _decayed_gradients(self) -> tuple[dict, list[torch.Tensor], list[torch.Tensor]]:
+        """(group, parameters that have a gradient, their gradients plus L2 weight decay)."""
+        group = self.param_groups[0]
+        params = [p for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        if params and group["weight_decay"]:
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        return group, params, grads
+
+
+class SiteAdam(_SiteOptimizer):
     """`torch.optim.Adam(params, lr, betas, eps, weight_decay)`: one parameter group, tested equal to it."""
 
     def __init__(
@@ -33,29 +61,14 @@ class SiteAdam:
         eps: float = 1e-8,
         weight_decay: float = 0.0,
     ) -> None:
-        params = list(params)
-        if not params:
-            raise ValueError("optimizer got an empty parameter list")
-        self.param_groups = [{"params": params, "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}]
-        self.state: dict[torch.Tensor, dict] = {}  # per parameter, as torch's: step, exp_avg, exp_avg_sq
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.param_groups[0]["params"]:
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.detach_().zero_()
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
     @torch.no_grad()
     def step(self) -> None:
-        group = self.param_groups[0]
-        params = [p for p in group["params"] if p.grad is not None]
+        group, params, grads = self._decayed_gradients()
         if not params:
             return
         beta1, beta2 = group["betas"]
-        grads = [p.grad for p in params]
-        if group["weight_decay"]:
-            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
         states = [self.state.setdefault(p, {"step": 0, "exp_avg": torch.zeros_like(p),
                                             "exp_avg_sq": torch.zeros_like(p)}) for p in params]  # fmt: skip
         for s in states:
@@ -71,39 +84,29 @@ class SiteAdam:
         torch._foreach_addcdiv_(params, exp_avgs, denom, [-group["lr"] / (1 - beta1 ** s["step"]) for s in states])
 
 
-class SiteSGD:
+class SiteSGD(_SiteOptimizer):
     """`torch.optim.SGD(params, lr, momentum, weight_decay)`: one parameter group, tested equal to it."""
 
     def __init__(
         self, params: Iterable[torch.nn.Parameter], lr: float = 1e-2, momentum: float = 0.0, weight_decay: float = 0.0
     ) -> None:  # fmt: skip
-        params = list(params)
-        if not params:
-            raise ValueError("optimizer got an empty parameter list")
-        self.param_groups = [{"params": params, "lr": lr, "momentum": momentum, "weight_decay": weight_decay}]
-        self.state: dict[torch.Tensor, dict] = {}  # per parameter, as torch's: momentum_buffer
-
-    zero_grad = SiteAdam.zero_grad
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
     @torch.no_grad()
     def step(self) -> None:
-        group = self.param_groups[0]
-        params = [p for p in group["params"] if p.grad is not None]
+        group, params, grads = self._decayed_gradients()
         if not params:
             return
-        grads = [p.grad for p in params]
-        if group["weight_decay"]:
-            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
         if group["momentum"]:
-            steps = []
+            buffers = []
             for p, g in zip(params, grads, strict=True):
                 buf = self.state.setdefault(p, {}).get("momentum_buffer")
                 if buf is None:  # first step: the buffer is the gradient itself, as torch's
                     buf = self.state[p]["momentum_buffer"] = torch.clone(g).detach()
                 else:
                     buf.mul_(group["momentum"]).add_(g)
-                steps.append(buf)
-            grads = steps
+                buffers.append(buf)
+            grads = buffers
         torch._foreach_add_(params, grads, alpha=-group["lr"])
 
 

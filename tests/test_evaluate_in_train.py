@@ -3,10 +3,6 @@ Also what a site's first message pays: MONAI imported without the packages it wo
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
@@ -17,6 +13,7 @@ from fedbrats.server.replies import EVALUATION, EVALUATION_ERROR, EmbeddedEvalua
 from fedbrats.server.state import load_state
 from fedbrats.shared.config import RunConfig
 
+from .fresh_python import fresh_python
 from .local_grid import LocalGrid, tiny_phantom
 
 TINY = dict(model_width=8, model_depth=2, patch_size=16, batch_size=2, local_steps=1, local_epochs=1, cache="memory")
@@ -109,10 +106,7 @@ print(json.dumps({"loaded": skipped, "monai": "monai.transforms" in sys.modules,
 
 @pytest.mark.slow
 def test_a_site_imports_monai_without_what_it_never_uses(tmp_path):
-    done = subprocess.run([sys.executable, "-c", LIGHT_PROBE], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600, check=False)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    found = fresh_python(LIGHT_PROBE, tmp_path)
     assert found["loaded"] == [] and found["monai"] and np.isfinite(found["loss"])
 
 

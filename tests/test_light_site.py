@@ -9,11 +9,9 @@ our modules add nothing to what Flower and torch already import.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
+
+from .fresh_python import fresh_python
 
 #: Never imported by a site's module import, whoever would bring them.
 NEVER = ("opacus", "monai", "matplotlib", "scipy", "nibabel", "sklearn", "pandas")
@@ -32,10 +30,7 @@ print(json.dumps({{"present": sorted(after), "added": sorted(after - before)}}))
 
 def _imported_by(module: str, tmp_path) -> dict[str, list[str]]:
     """Top-level packages present after importing `module` in a fresh interpreter, and those it added."""
-    done = subprocess.run([sys.executable, "-c", PROBE.format(module=module)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return fresh_python(PROBE.format(module=module), tmp_path)
 
 
 @pytest.mark.slow

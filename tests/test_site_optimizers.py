@@ -3,10 +3,6 @@ a deployed train message would pay; `local-optimizer` chooses between them at ev
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -14,6 +10,8 @@ from fedbrats.client.optimizers import SiteAdam, SiteSGD
 from fedbrats.client.settings import train_config
 from fedbrats.client.trainer import TrainConfig, train_local
 from fedbrats.shared.config import RunConfig
+
+from .fresh_python import fresh_python
 
 
 def _train(optimizer_class, weight_decay: float, late: bool, **options) -> list[torch.Tensor]:
@@ -89,11 +87,7 @@ print(json.dumps({"steps": result.steps, "dynamo": "torch._dynamo" in sys.module
 @pytest.mark.slow
 def test_local_training_does_not_import_torch_dynamo(tmp_path):
     """A site's non-private training step must not pull in torch._dynamo (1.6 CPU s a deployed message)."""
-    done = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600, check=False)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
-    assert found == {"steps": 2, "dynamo": False}
+    assert fresh_python(PROBE, tmp_path) == {"steps": 2, "dynamo": False}
 
 
 def test_dp_sgd_wraps_the_optimizer_local_optimizer_names():
