@@ -299,6 +299,24 @@ def package_versions() -> dict[str, str]:
 
 
 
+def with_absolute_files(config: RunConfig) -> RunConfig:
+    """`init-checkpoint` (and a `labels` file found here) as absolute paths, checked before Flower starts.
+
+    A simulated federation's ServerApp and sites run in another folder: a path relative to the user's
+    would otherwise fail there, and only in flower.log. A `labels` path not found here stays as given
+    (it may be relative to the data folder, `shared.tasks`)."""
+    changes: dict[str, str] = {}
+    if config.init_checkpoint:
+        path = Path(config.init_checkpoint).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"init-checkpoint {config.init_checkpoint}: no such file ({path}); expected a "
+                                    ".safetensors checkpoint of fedbrats, e.g. RUN_DIR/checkpoint.safetensors")  # fmt: skip
+        changes["init_checkpoint"] = str(path)
+    if config.labels and Path(config.labels).expanduser().is_file():
+        changes["labels"] = str(Path(config.labels).expanduser().resolve())
+    return config.replace(**changes)
+
+
 def simulate(
     config: RunConfig,
     data: Path,
@@ -311,7 +329,7 @@ def simulate(
     """Run (or resume) one simulated federation into `out`; True when every round completed."""
     sites = len(read_partition(partition).sites)
     out = out.resolve()
-    config = config.replace(
+    config = with_absolute_files(config).replace(
         data_dir=str(data.resolve()),
         partition=str(partition.resolve()),
         out_dir=str(out),

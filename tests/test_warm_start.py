@@ -204,3 +204,19 @@ def test_dp_sgd_trains_only_the_grade_head_on_a_frozen_segmentation_checkpoint(p
     assert all(torch.equal(weights[k], v) for k, v in segmenter.state_dict().items())  # the U-Net: bit for bit
     assert weights["class_head.linear.weight"].abs().sum() > 0  # the head left zero
     assert PrivacyLedger.at(out / "sites" / "1").rows()[0].steps == config.local_steps
+
+
+def test_simulate_makes_file_keys_absolute_and_refuses_a_missing_checkpoint_before_flower(tmp_path, monkeypatch):
+    """The simulated apps run in another folder: a relative init-checkpoint must mean the user's folder."""
+    from fedbrats.simulations.simulate import with_absolute_files
+
+    (tmp_path / "pub").mkdir()
+    (tmp_path / "pub" / "checkpoint.safetensors").write_bytes(b"x")
+    (tmp_path / "labels.csv").write_text("Subject_ID,Grade\n")
+    monkeypatch.chdir(tmp_path)
+    config = with_absolute_files(RunConfig(init_checkpoint="pub/checkpoint.safetensors", labels="labels.csv"))
+    assert config.init_checkpoint == str(tmp_path.resolve() / "pub" / "checkpoint.safetensors")
+    assert config.labels == str(tmp_path.resolve() / "labels.csv")
+    assert with_absolute_files(RunConfig(labels="under_the_data_folder.csv")).labels == "under_the_data_folder.csv"
+    with pytest.raises(FileNotFoundError, match="init-checkpoint pub/missing.safetensors: no such file"):
+        with_absolute_files(RunConfig(init_checkpoint="pub/missing.safetensors"))
