@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from fedbrats import commands, export_command, prepare_command
@@ -274,13 +276,28 @@ def command_name(args: argparse.Namespace) -> str:
     return f"{args.command} {sub}" if sub else args.command
 
 
+class Terminated(BaseException):
+    """SIGTERM (`kill`, a job scheduler's stop) raised like Ctrl-C, so that cleanup in `finally` runs:
+    a simulation stops its local SuperLink and federation instead of leaving them running."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a repeated SIGTERM must not cut the cleanup short
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except BrokenPipeError:  # the reader went away (`fedbrats data check --json | head`): nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
@@ -293,3 +310,6 @@ def main(argv: list[str] | None = None) -> int:
         detail = text if ours else f"{type(err).__name__}: {text} (run with --debug for the traceback)"
         print(f"fedbrats {command_name(args)}: error: {detail}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

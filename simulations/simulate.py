@@ -310,7 +310,8 @@ def with_absolute_files(config: RunConfig) -> RunConfig:
         path = Path(config.init_checkpoint).expanduser().resolve()
         if not path.is_file():
             raise FileNotFoundError(f"init-checkpoint {config.init_checkpoint}: no such file ({path}); expected a "
-                                    ".safetensors checkpoint of fedbrats, e.g. RUN_DIR/checkpoint.safetensors")  # fmt: skip
+                                    ".safetensors checkpoint of fedbrats (`train`: RUN_DIR/checkpoint.safetensors; a "
+                                    "federation: RUN_DIR/global_model.safetensors)")  # fmt: skip
         changes["init_checkpoint"] = str(path)
     if config.labels and Path(config.labels).expanduser().is_file():
         changes["labels"] = str(Path(config.labels).expanduser().resolve())

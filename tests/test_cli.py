@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -124,3 +127,32 @@ def test_compare_checks_every_strategy_before_data(monkeypatch, capsys):
     assert "unknown strategy 'fedfoo'" in capsys.readouterr().err
     assert cli.main(["compare", "--strategies", "fedavg", "--set", "strategy-eta=0.01", "--preset", "demo"]) == 2
     assert "NAME:KEY=VALUE" in capsys.readouterr().err
+
+
+SLOW_COMMAND = """
+import pathlib, sys, time
+from fedbrats import cli, commands
+def slow(args):
+    try:
+        print("ready", flush=True)
+        time.sleep(120)
+    finally:  # what a simulation does here: stop its local SuperLink and federation
+        pathlib.Path(sys.argv[1]).write_text("cleaned up")
+commands.privacy_plan = slow
+sys.exit(cli.main(["privacy", "plan", "--cases", "3"]))
+"""
+
+
+def test_sigterm_runs_the_commands_cleanup_and_exits_143(tmp_path):
+    """`kill` or a job scheduler's stop must not orphan a simulation's SuperLink: SIGTERM unwinds like Ctrl-C."""
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_COMMAND, str(marker)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "terminated" in err
+    assert marker.read_text() == "cleaned up"
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["privacy", "plan", "--cases", "10", "--rounds", "2"]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before  # main() leaves no handler behind in its caller
