@@ -236,9 +236,11 @@ def run_flower(
     ) as progress:  # fmt: skip
         task = progress.add_task("rounds", total=rounds)
         shown: set[int] = set()
-        log.write(start_local_superlink(env, out))
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=out)
-        try:
+        proc: subprocess.Popen | None = None
+        try:  # from the SuperLink's start on: whatever stops us (error, Ctrl-C, SIGTERM) stops it too
+            log.write(start_local_superlink(env, out))
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                    cwd=out)  # fmt: skip
             for line in proc.stdout:  # type: ignore[union-attr]
                 log.write(line)
                 log.flush()
@@ -253,7 +255,7 @@ def run_flower(
                     progress.console.print(f"[red]{escape(clean)}")
             code = proc.wait()
         finally:
-            if proc.poll() is None:
+            if proc is not None and proc.poll() is None:
                 proc.terminate()
             stop_local_superlink(flwr_home)
     console.print(f"Flower finished in {time.monotonic() - started:.1f} s (full log: {log_path})")
