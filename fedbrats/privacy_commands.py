@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedbrats.client.audit import SiteAudit, audit_run, plan_rows
+from fedbrats.server.client_dp_audit import ClientDPAudit, audit_client_dp
 
 __all__ = ["plot_epsilon", "run_audit", "run_client_plan", "run_plan"]
 
@@ -42,8 +43,22 @@ def _site_table(audit: SiteAudit) -> Table:
     return table
 
 
-def plot_epsilon(audits: Sequence[SiteAudit], out_png: Path, budget: float | None = None) -> Path:
-    """Epsilon after each round the site trained, one line per site, budgets dashed."""
+def _client_dp_table(audit: ClientDPAudit) -> Table:
+    table = Table(title=f"client-level DP at the server: {audit.run_dir} (delta {audit.delta:.2g}; the unit is a site)",
+                  caption="eps: recorded by the server; RDP: recomputed from the round's noise multiplier, "
+                          "sample rate and releases")  # fmt: skip
+    for name in ("round", "releases", "z", "updates", "noise std", "eps", "RDP", "problems"):
+        table.add_column(name, justify="left" if name == "problems" else "right")
+    for r in audit.rounds:
+        table.add_row(str(r.round), str(r.releases), f"{r.noise_multiplier:.4f}", str(r.updates), f"{r.noise_std:.4g}",
+                      f"{r.recorded:.4f}", f"{r.recomputed:.4f}",
+                      "[red]" + "; ".join(r.problems) + "[/red]" if r.problems else "ok")  # fmt: skip
+    return table
+
+
+def plot_epsilon(audits: Sequence[SiteAudit], out_png: Path, budget: float | None = None,
+                 client: ClientDPAudit | None = None) -> Path:  # fmt: skip
+    """Epsilon after each round the site trained, one line per site, budgets dashed; client-level DP in black."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,9 +75,12 @@ def plot_epsilon(audits: Sequence[SiteAudit], out_png: Path, budget: float | Non
         (line,) = ax.plot(xs, [r.epsilon for r in rows], marker="o", label=audit.site)
         if audit.budget is not None:
             ax.axhline(audit.budget, linestyle="--", color=line.get_color(), linewidth=0.8)
+    if client is not None and client.rounds:
+        ax.plot([r.round for r in client.rounds], [r.recomputed for r in client.rounds], marker="s", color="black",
+                label="client-level (a whole site)")  # fmt: skip
     ax.set_xlabel("round (rounds trained, when the ledger holds several runs)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("epsilon (per patient, at the site's delta)")
+    ax.set_ylabel("epsilon (DP-SGD: per patient; client-level: per site)")
     ax.set_title("Privacy spent per site" + (f" (budget {budget:g})" if budget is not None else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
@@ -76,9 +94,25 @@ def plot_epsilon(audits: Sequence[SiteAudit], out_png: Path, budget: float | Non
 
 def run_audit(path: Path, *, budget: float | None = None, out_png: Path | None = None,
               history: Path | None = None) -> int:  # fmt: skip
-    """Print per-site tables, every failure (site, row, what) and a summary; 1 when anything fails."""
+    """Print per-site tables, every failure (site, row, what) and a summary; 1 when anything fails.
+
+    A run with client-level DP gets its own table first; a run with only that has no site ledger."""
     console = _console()
-    run = audit_run(Path(path), budget=budget, history=history)
+    client = audit_client_dp(Path(path), budget=budget) if Path(path).is_dir() else None
+    if client is not None:
+        console.print(_client_dp_table(client))
+        for failure in client.failures:
+            console.print(f"[red]FAIL client-level DP: {failure}[/red]", highlight=False, soft_wrap=True)
+        console.print(f"client-level epsilon {client.epsilon:.4f} at delta {client.delta:.2g} after "
+                      f"{len(client.rounds)} released round(s): " + ("ok" if client.ok else "[red]FAILED[/red]"))  # fmt: skip
+    try:
+        run = audit_run(Path(path), budget=budget, history=history)
+    except FileNotFoundError:
+        if client is None:
+            raise
+        if out_png is not None:
+            console.print(f"epsilon over rounds: {plot_epsilon([], out_png, budget, client)}")
+        return 0 if client.ok else 1
     for audit in run.sites:
         console.print(_site_table(audit))
         for note in audit.notes:
@@ -104,8 +138,8 @@ def run_audit(path: Path, *, budget: float | None = None, out_png: Path | None =
     for failure in run.failures():
         console.print(f"[red]FAIL {failure}[/red]", highlight=False, soft_wrap=True)
     if out_png is not None:
-        console.print(f"epsilon over rounds: {plot_epsilon(run.sites, out_png, budget)}")
-    return 0 if run.ok else 1
+        console.print(f"epsilon over rounds: {plot_epsilon(run.sites, out_png, budget, client)}")
+    return 0 if run.ok and (client is None or client.ok) else 1
 
 
 def run_plan(

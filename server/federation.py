@@ -306,8 +306,8 @@ class Federation:
             log.exception("round %d: %s could not aggregate", rnd, self.config.strategy)
             arrays, aggregated = None, None
             problem = f"the strategy could not aggregate: {type(err).__name__}: {clean_text(err)}"
-        if aggregated and "client-epsilon" in aggregated:
-            info["client_epsilon"] = float(aggregated["client-epsilon"])
+        if aggregated and "client-epsilon" in aggregated:  # client-level DP; `privacy audit` recomputes it
+            info["client_epsilon"], info["client_dp"] = float(aggregated["client-epsilon"]), self.strategy.privacy_report()
         if arrays is not None:
             arrays, problem = conform_aggregate(arrays, self.arrays, self.frozen)
         if problem:

@@ -176,11 +176,12 @@ class _ClientDPAccounting(StrategyHooks):
         return client_level_epsilons(self.accounted_noise_multiplier, self.sample_rate, n, self.delta)[-1]
 
     def privacy_report(self) -> dict[str, Any]:
-        """Numbers for the run history: what was released and what it costs."""
+        """Numbers for the run history: what was released and what it costs (`server.client_dp_audit` checks them)."""
         return {
             "client-epsilon": self.epsilon(), "client-delta": self.delta, "releases": self.releases,
             "noise-multiplier": self.accounted_noise_multiplier, "sample-rate": self.sample_rate,
-            "clipping-norm": self.clipping_norm, "guarantee": GUARANTEE,
+            "clipping-norm": self._round_clip, "updates": self._round_count,
+            "noise-std": self.noise_multiplier * self._round_clip / self._round_count,
         }  # fmt: skip
 
     def _equal_weights(self, replies: list[Message]) -> None:

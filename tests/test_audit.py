@@ -290,3 +290,43 @@ def test_a_dp_run_audits_clean_and_a_deleted_last_row_fails_it(phantom, tmp_path
     assert f"site {site}: server round 2: the site reported ledger row 2, which the ledger does not hold" in (
         " | ".join(audit_run(tmp_path).failures())
     )
+
+
+# --- client-level DP: the server's epsilon, recomputed from its history ---------------------------
+@pytest.mark.slow
+def test_client_level_dp_run_is_audited_and_an_edited_history_fails(tmp_path, capsys):
+    from fedbrats.server.app import run_server
+    from fedbrats.server.client_dp_audit import audit_client_dp
+    from fedbrats.shared.config import RunConfig
+    from fedbrats.strategies.client_dp import client_level_epsilons
+
+    from .local_grid import LocalGrid, tiny_phantom
+
+    phantom = tiny_phantom(tmp_path / "phantom", cases_per_site=3)
+    run = tmp_path / "run"
+    config = RunConfig(rounds=2, min_sites=1, data_dir=str(phantom), partition=str(phantom / "partitioning_1.csv"),
+                       out_dir=str(run), model="resunet", model_width=8, model_depth=2, patch_size=16, batch_size=2,
+                       local_steps=1, cache="memory", client_dp_noise_multiplier=1.5, client_dp_clipping_norm=0.5)  # fmt: skip
+    run_server(LocalGrid(config.to_flower(), sites=2), config)
+    audit = audit_client_dp(run)
+    assert audit is not None and audit.ok, audit.failures
+    assert [r.releases for r in audit.rounds] == [1, 2] and [r.updates for r in audit.rounds] == [2, 2]
+    assert audit.epsilon == pytest.approx(client_level_epsilons(1.5, 1.0, 2)[-1])
+    assert audit.rounds[0].noise_std == pytest.approx(1.5 * 0.5 / 2)
+    assert run_audit(run, out_png=tmp_path / "eps.png") == 0 and (tmp_path / "eps.png").stat().st_size > 0
+    assert "client-level epsilon" in capsys.readouterr().out
+    assert not audit_client_dp(run, budget=audit.epsilon * 0.9).ok  # over a smaller budget
+
+    history = run / "history.jsonl"
+    original = history.read_text()
+    records = [json.loads(line) for line in original.splitlines()]
+    records[-1]["client_epsilon"] *= 0.5  # a history edited to look cheaper
+    records[0]["client_dp"]["noise-std"] *= 0.1  # a round that added less noise than z S / k
+    history.write_text("".join(json.dumps(r) + "\n" for r in records))
+    failures = " | ".join(audit_client_dp(run).failures)
+    assert "round 2: recorded epsilon" in failures and "round 1: noise std" in failures
+    assert run_audit(run) == 1
+    del records[0]["client_dp"]  # a released round without its record
+    history.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert "round 1 released a model without a client-level DP record" in " | ".join(audit_client_dp(run).failures)
+    assert audit_client_dp(phantom) is None  # no run configuration: nothing to audit at the server
