@@ -88,10 +88,24 @@ def _round_problems(record: dict[str, Any], dp: dict[str, Any], settings: dict[s
                                        ("delta", float(dp["client-delta"]), settings["client-dp-delta"])):  # fmt: skip
             if not _close(used, float(configured)):
                 problems.append(f"{name} {used:g} differs from the run configuration's {float(configured):g}")
-        if not _close(float(dp["noise-std"]), z * clip / max(count, 1)):
-            problems.append(f"noise std {float(dp['noise-std']):.6g} is not z S / k = {z * clip / max(count, 1):.6g} "
-                            f"for the {count} updates averaged")  # fmt: skip
+        owed = z * clip / max(count, 1)
+        if not _close(float(dp["noise-std"]), owed):
+            problems.append(f"noise std {float(dp['noise-std']):.6g} is not z S / k = {owed:.6g} for the {count} "
+                            "updates averaged")  # fmt: skip
     return problems
+
+
+def _settings(config_path: Path) -> dict[str, Any]:
+    """The run configuration, with the client-level DP keys the audit reads checked."""
+    try:
+        settings = json.loads(config_path.read_text())
+        for key in ("client-dp-noise-multiplier", "client-dp-clipping-norm", "client-dp-delta"):
+            settings[key] = float(settings.get(key, 1e-5 if key == "client-dp-delta" else 0.0))
+        settings["client-dp-adaptive"] = bool(settings.get("client-dp-adaptive", False))
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"{config_path}: not a run configuration the audit can read ({err}); expected the JSON "
+                         "object fedbrats writes") from err  # fmt: skip
+    return settings
 
 
 def audit_client_dp(run_dir: Path, *, budget: float | None = None) -> ClientDPAudit | None:
@@ -100,12 +114,12 @@ def audit_client_dp(run_dir: Path, *, budget: float | None = None) -> ClientDPAu
     config_path = run_dir / "run_config.json"
     if not config_path.is_file():
         return None
-    settings = json.loads(config_path.read_text())
-    if float(settings.get("client-dp-noise-multiplier", 0.0)) <= 0:
+    settings = _settings(config_path)
+    if settings["client-dp-noise-multiplier"] <= 0:
         return None
     history_path = run_dir / "history.jsonl"
     if not history_path.is_file():
-        return ClientDPAudit(run_dir, float(settings["client-dp-delta"]), budget, [],
+        return ClientDPAudit(run_dir, settings["client-dp-delta"], budget, [],
                              [f"{history_path} is missing: the rounds released cannot be checked"])  # fmt: skip
     rounds, problems = [], []
     for record in read_history(history_path):
@@ -114,18 +128,18 @@ def audit_client_dp(run_dir: Path, *, budget: float | None = None) -> ClientDPAu
             if record.get("status") == "ok":
                 problems.append(f"round {record.get('round')} released a model without a client-level DP record")
             continue
-        try:
+        try:  # the history is a file like any other: a damaged or edited record is a failure, not a crash
             z, q, delta = float(dp["noise-multiplier"]), float(dp["sample-rate"]), float(dp["client-delta"])
             recomputed = client_level_epsilons(z, q, int(dp["releases"]), delta)[-1]
-        except (KeyError, TypeError, ValueError) as err:
-            problems.append(f"round {record.get('round')}: unreadable client-level DP record ({err})")
-            continue
-        rounds.append(ClientDPRound(
-            int(record["round"]), int(dp["releases"]), float(record.get("client_epsilon", math.nan)), recomputed, z,
-            float(dp.get("noise-std", math.nan)), int(dp.get("updates", 0)),
-            _round_problems(record, dp, settings, len(rounds) + 1, recomputed),
-        ))  # fmt: skip
-    return ClientDPAudit(run_dir, float(settings["client-dp-delta"]), budget, rounds, problems)
+            rounds.append(ClientDPRound(
+                int(record["round"]), int(dp["releases"]), float(record.get("client_epsilon", math.nan)), recomputed,
+                z, float(dp["noise-std"]), int(dp["updates"]),
+                _round_problems(record, dp, settings, len(rounds) + 1, recomputed),
+            ))  # fmt: skip
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            problems.append(f"round {record.get('round')}: unreadable client-level DP record ({type(err).__name__}: "
+                            f"{err})")  # fmt: skip
+    return ClientDPAudit(run_dir, settings["client-dp-delta"], budget, rounds, problems)
 
 
 __all__ = ["ClientDPAudit", "ClientDPRound", "audit_client_dp"]

@@ -181,8 +181,12 @@ class _ClientDPAccounting(StrategyHooks):
             "client-epsilon": self.epsilon(), "client-delta": self.delta, "releases": self.releases,
             "noise-multiplier": self.accounted_noise_multiplier, "sample-rate": self.sample_rate,
             "clipping-norm": self._round_clip, "updates": self._round_count,
-            "noise-std": self.noise_multiplier * self._round_clip / self._round_count,
+            "noise-std": self._noise_std(),
         }  # fmt: skip
+
+    def _noise_std(self) -> float:
+        """z S / k: the std of the noise on the mean of this round's k clipped updates."""
+        return self.noise_multiplier * self._round_clip / self._round_count
 
     def _equal_weights(self, replies: list[Message]) -> None:
         key = getattr(self.strategy, "weighted_by_key", None)
@@ -209,7 +213,7 @@ class _ClientDPAccounting(StrategyHooks):
         return arrays, metrics
 
     def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
-        std = self.noise_multiplier * self._round_clip / self._round_count
+        std = self._noise_std()
         noisy = {}
         for key, array in aggregated.items():
             values = array.numpy()

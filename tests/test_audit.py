@@ -330,3 +330,28 @@ def test_client_level_dp_run_is_audited_and_an_edited_history_fails(tmp_path, ca
     history.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert "round 1 released a model without a client-level DP record" in " | ".join(audit_client_dp(run).failures)
     assert audit_client_dp(phantom) is None  # no run configuration: nothing to audit at the server
+
+
+def test_client_level_audit_reports_damaged_records_and_refuses_a_broken_configuration(tmp_path):
+    """An edited history or run configuration is a named failure, never a crash of the audit."""
+    from fedbrats.server.client_dp_audit import audit_client_dp
+    from fedbrats.shared.config import RunConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps(RunConfig(client_dp_noise_multiplier=1.5).to_flower()))
+    good = {"noise-multiplier": 1.5, "sample-rate": 1.0, "client-delta": 1e-5, "releases": 1, "clipping-norm": 1.0,
+            "updates": 2, "noise-std": 0.75}  # fmt: skip
+    records = [
+        {"round": 1, "status": "ok", "client_epsilon": "cheap", "client_dp": good},
+        {"round": 2, "status": "ok", "client_dp": "not a record"},
+        {"round": 3, "status": "ok", "client_dp": {k: v for k, v in good.items() if k != "noise-std"}},
+    ]
+    (run / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    failures = " | ".join(audit_client_dp(run).failures)
+    for round_ in (1, 2, 3):
+        assert f"round {round_}: unreadable client-level DP record" in failures
+    assert run_audit(run) == 1
+    (run / "run_config.json").write_text("{")
+    with pytest.raises(ValueError, match="run_config.json: not a run configuration the audit can read"):
+        audit_client_dp(run)
