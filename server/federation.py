@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
 
+from fedbrats.server.exchange import send_and_receive
 from fedbrats.server.history import RunHistory, scan_history
 from fedbrats.server.replies import (
     EVALUATE,
@@ -259,7 +260,7 @@ class Federation:
     def train_round(self, rnd: int, selected: list[int]) -> tuple[list[SiteResult], dict[str, Any]]:
         view = SelectedSites(self.grid, selected)
         messages = list(self.strategy.configure_train(rnd, self.arrays, self._train_config(rnd), view))
-        replies = list(self.grid.send_and_receive(messages, timeout=self.config.timeout))
+        replies = send_and_receive(self.grid, messages, self.config.timeout, simulated=self.simulated)
         destinations = _destinations(messages)
         answered = {_reply_node(r, destinations) for r in replies}
         pairs = [(r, _reply_node(r, destinations)) for r in replies]
@@ -341,7 +342,7 @@ class Federation:
     def evaluate_round(self, rnd: int, nodes: list[int]) -> list[SiteResult]:
         config = self.hooks.evaluate_config(rnd, ConfigRecord({"server-round": rnd, "run-key": self.run_key}))
         messages = list(self.strategy.configure_evaluate(rnd, self.arrays, config, SelectedSites(self.grid, nodes)))
-        replies = list(self.grid.send_and_receive(messages, timeout=self.config.timeout))
+        replies = send_and_receive(self.grid, messages, self.config.timeout, simulated=self.simulated)
         destinations = _destinations(messages)
         pairs = [(r, _reply_node(r, destinations)) for r in replies]
         return self._check_evaluations(rnd, pairs, {m.metadata.dst_node_id for m in messages})

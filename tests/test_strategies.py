@@ -289,6 +289,39 @@ def test_scaffold_server_and_client_updates():
         client_control_update(None, c, c, c, 0, 0.1)
 
 
+def test_scaffold_weights_sites_by_cases_and_keeps_c_the_case_weighted_mean_of_the_sites_c_i():
+    """Default: FedAvg's weights for the model, and c stays sum_i (n_i / n) c_i over rounds with partial
+    participation; `uniform=1` gives the paper's plain means."""
+    sizes = {"a": 1.0, "b": 3.0, "c": 6.0}
+    c_local = {site: np.zeros(2) for site in sizes}
+    strategy = build_strategy("scaffold", {})
+    uniform = build_strategy("scaffold", {"uniform": 1.0, "num_sites": 3.0})
+    x = record(w=[0, 0])
+    rng = np.random.default_rng(3)
+    for rnd, present in enumerate([("a", "b", "c"), ("b", "c"), ("a", "c"), ("a", "b", "c")], start=1):
+        replies, ys = [], {}
+        for node, site in enumerate(present, start=1):
+            ys[site], dc = rng.normal(size=2), rng.normal(size=2)
+            c_local[site] = c_local[site] + dc
+            replies.append(reply(node, {"w": ys[site]}, {"num-examples": sizes[site]}, site=site, control_delta={"w": dc}))
+        arrays = round_of(strategy, rnd, x, replies)
+        n_s = sum(sizes[s] for s in present)
+        np.testing.assert_allclose(arrays["w"], sum(sizes[s] / n_s * ys[s] for s in present), rtol=1e-5)
+        weighted_c = sum(sizes[s] / sum(sizes.values()) * c_local[s] for s in sizes)
+        np.testing.assert_allclose(strategy.control["w"], weighted_c, rtol=1e-5, atol=1e-6)
+        plain = round_of(uniform, rnd, x, replies)
+        np.testing.assert_allclose(plain["w"], np.mean([ys[s] for s in present], axis=0), rtol=1e-5)
+        np.testing.assert_allclose(uniform.control["w"], np.mean(list(c_local.values()), axis=0), rtol=1e-5, atol=1e-6)
+    arrays_meta = strategy.state_dict()
+    resumed = build_strategy("scaffold", {})
+    resumed.load_state_dict(*arrays_meta)
+    assert resumed.site_sizes == sizes
+    zero = reply(1, {"w": [1, 1]}, {"num-examples": 0}, control_delta={"w": [0, 0]})
+    assert "expected > 0" in strategy.reply_problem(zero)  # a site with no case cannot steer c
+    with pytest.raises(ValueError, match="uniform 0 or 1"):
+        build_strategy("scaffold", {"uniform": 0.5})
+
+
 # --- Flower equality and the registry ------------------------------------------------------
 def _start(rng):
     w, b = rng.normal(size=(3, 4)), rng.normal(size=2)
