@@ -14,13 +14,13 @@ import json
 import logging
 import re
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
 
+from fedbrats.client.monai_import import import_monai_light
 from fedbrats.shared.atomic import atomic_write_json
 from fedbrats.shared.config import RunConfig
 from fedbrats.shared.data.case_labels import CaseLabels, SiteClasses, site_classes
@@ -134,34 +134,6 @@ def resolve_site_cases(data_dir: Path, partition_csv: str, name: str, config: Ru
         data_dir, partition, name if partition is not None else None,
         seed=config.seed, val_fraction=config.val_fraction,
     )  # fmt: skip
-
-
-#: Packages MONAI imports when they are installed though a site never uses them through MONAI (its
-#: MLflow and TensorBoard handlers, profiling with pandas, Jupyter plots, sklearn metrics, ignite):
-#: with the `tracking` extra installed they were 5 of the 8 CPU seconds of `import monai`. SciPy's
-#: signal processing (which loads scipy.stats) and sparse solvers serve only MONAI's ultrasound
-#: confidence map and notch filter, requests and jsonschema only its downloads and bundle schemas:
-#: another third of what was left (3.0 to 2.0 CPU s).
-MONAI_UNUSED = ("mlflow", "tensorboard", "pandas", "matplotlib", "sklearn", "ignite",
-                "scipy.signal", "scipy.sparse.linalg", "requests", "jsonschema")  # fmt: skip
-
-
-def import_monai_light() -> None:
-    """Import MONAI without `MONAI_UNUSED` (MONAI's optional imports then hold placeholders for them).
-
-    A site's first message pays for MONAI; this takes it from about 8 to 3 CPU seconds. The
-    packages stay importable afterwards (code that imports them itself gets the real ones)."""
-    if "monai" in sys.modules:
-        return
-    blocked = [name for name in MONAI_UNUSED if name not in sys.modules]
-    sys.modules.update(dict.fromkeys(blocked))  # None: `import name` raises ImportError
-    try:
-        import monai  # noqa: F401
-        import monai.transforms  # noqa: F401
-    finally:
-        for name in blocked:
-            if sys.modules.get(name, False) is None:
-                del sys.modules[name]
 
 
 def open_site(node_config: dict[str, Any], config: RunConfig) -> Site:

@@ -91,16 +91,24 @@ def test_replace_round_rewrites_one_line_and_keeps_events(tmp_path):
 
 LIGHT_PROBE = """
 import json, sys
-from fedbrats.client.site import MONAI_UNUSED, import_monai_light
+from fedbrats.client.monai_import import MONAI_DEFERRED, MONAI_UNUSED, import_monai_light
 import_monai_light()
 skipped = [m for m in MONAI_UNUSED if m in sys.modules]
+deferred = [m for m in MONAI_DEFERRED if m in sys.modules]
+import torch
+from monai.metrics import compute_hausdorff_distance  # MONAI's HD95 uses the deferred scipy.ndimage and KDTree
+pred = torch.zeros(1, 1, 9, 9, 9); pred[..., 2:6, 2:6, 2:6] = 1
+truth = torch.zeros(1, 1, 9, 9, 9); truth[..., 3:7, 2:6, 2:6] = 1
+hd95 = float(compute_hausdorff_distance(pred, truth, percentile=95))
+used = [m for m in ("scipy.ndimage", "scipy.spatial") if m in sys.modules]
 from fedbrats.shared.models.losses import RegionLoss
 import torch
 x = torch.zeros(1, 3, 4, 4, 4)
 loss = float(RegionLoss()(x, (x > 0).float()))
 import pandas, scipy.signal  # still importable by whoever needs them
 from scipy.signal import hilbert
-print(json.dumps({"loaded": skipped, "monai": "monai.transforms" in sys.modules, "loss": loss}))
+print(json.dumps({"loaded": skipped, "monai": "monai.transforms" in sys.modules, "loss": loss, "deferred": deferred,
+                  "hd95": hd95, "used": used}))
 """
 
 
@@ -108,6 +116,8 @@ print(json.dumps({"loaded": skipped, "monai": "monai.transforms" in sys.modules,
 def test_a_site_imports_monai_without_what_it_never_uses(tmp_path):
     found = fresh_python(LIGHT_PROBE, tmp_path)
     assert found["loaded"] == [] and found["monai"] and np.isfinite(found["loss"])
+    assert found["deferred"] == []  # MONAI imported without nibabel or scipy.ndimage/spatial ...
+    assert found["hd95"] == 1.0 and found["used"] == ["scipy.ndimage", "scipy.spatial"]  # ... which load when used
 
 
 def test_the_checkpoint_digest_read_from_the_bytes_is_record_digest():
