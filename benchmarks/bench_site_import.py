@@ -53,7 +53,7 @@ def stage(name):
     now = time.process_time(); stages[name] = now - cpu; cpu = now
 import torch; stage("import torch")
 import fedbrats.client.app; stage("import fedbrats.client.app")
-from fedbrats.client.monai_import import import_monai_light
+from fedbrats.client.site import import_monai_light  # the tree's own (a --tree may predate client.monai_import)
 import_monai_light(); import monai.inferers; stage("MONAI (import_monai_light)")
 from fedbrats.client.trainer import TrainConfig, train_local
 from fedbrats.shared.models.registry import create_model
