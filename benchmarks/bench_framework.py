@@ -8,7 +8,11 @@ evaluation every round, memory cache). Its overhead per round is the round's wal
 as the sites run one after another we also subtract the summed compute of all sites. The baseline is a
 plain Flower app written at run time: the ServerApp sends the same arrays (same names, shapes and
 bytes as our model's ArrayRecord) to every site for train, then for evaluate; the ClientApp replies at
-once (train: the received arrays, evaluate: one metric, like our sites). Medians over rounds 2.. (round 1
+once (train: the received arrays, evaluate: one metric, like our sites). No-op sites reply within Flower's
+0.1 s polling of replies, which hides Flower's own per-message cost; a second plain run therefore has its
+sites sleep as long as ours computed (median train and evaluate seconds per message of our run), and its
+overhead (round minus summed sleeps) is the like-for-like baseline of ours (round minus summed compute).
+Medians over rounds 2.. (round 1
 includes warm-up: Ray actors, imports, the sites' data loading). With ``--evaluate-in-train`` our run
 sets evaluate-in-train (each round's model is evaluated inside the next round's train messages) and
 the plain app likewise sends one message per site per round (evaluate only in the last round); a
@@ -69,6 +73,8 @@ sites = {sites}
 evaluate-in-train = {in_train}
 payload = "{payload}"
 out = "{out}"
+train-sleep = {train_sleep}
+eval-sleep = {eval_sleep}
 """
 
 PLAIN_SERVER = '''\
@@ -123,7 +129,9 @@ def main(grid: Grid, context: Context) -> None:
 '''
 
 PLAIN_CLIENT = '''\
-"""Plain Flower: a site that does nothing and replies at once."""
+"""Plain Flower: a site that does nothing (or sleeps as long as our sites compute) and replies."""
+
+import time
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -133,12 +141,14 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    time.sleep(float(context.run_config["train-sleep"]))
     return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 1})}),
                    reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    time.sleep(float(context.run_config["eval-sleep"]))
     return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
 '''
 
@@ -286,18 +296,27 @@ def run_ours(config: RunConfig, sites: int, work: Path) -> dict:
         slowest = max(t["seconds"] for t in train) + max(evaluated, default=0.0)
         summed = sum(t["seconds"] for t in train) + sum(evaluated)
         rounds.append({"wall": record["wall_seconds"], "slowest": slowest, "summed": summed})
-    return {"rounds": rounds, "total": total, "memory": memory, "leftover": left}
+    later = history[1:]  # round 1 is warm-up
+    compute = {
+        "train": _median([t["seconds"] for r in later for t in r["train"]]),
+        "eval": _median([s for rnd, values in eval_seconds.items() if rnd > 1 for s in values]),
+    }
+    return {"rounds": rounds, "total": total, "memory": memory, "leftover": left, "compute": compute}
 
 
-def run_plain(spec: dict, sites: int, rounds: int, work: Path, in_train: bool = False) -> dict:
-    out = (work / f"plain-{sites}").resolve()
+def run_plain(spec: dict, sites: int, rounds: int, work: Path, in_train: bool = False,
+              compute: dict[str, float] | None = None) -> dict:
+    """Plain Flower with no-op sites, or (`compute`: seconds per train / eval message) sites that sleep as
+    long as ours computed, so that Flower's own per-message costs are not hidden in its 0.1 s polling."""
+    out = (work / f"plain-{sites}{'-busy' if compute else ''}").resolve()
     app = out / "app"
     (app / "plainflower").mkdir(parents=True, exist_ok=True)
     (out / "payload.json").write_text(json.dumps(spec))
     result_file = out / "rounds.json"
     (app / "pyproject.toml").write_text(
         PLAIN_PYPROJECT.format(rounds=rounds, sites=sites, payload=out / "payload.json", out=result_file,
-                               in_train="true" if in_train else "false")
+                               in_train="true" if in_train else "false",
+                               train_sleep=(compute or {}).get("train", 0.0), eval_sleep=(compute or {}).get("eval", 0.0))
     )
     (app / "plainflower" / "__init__.py").write_text("")
     (app / "plainflower" / "server_app.py").write_text(PLAIN_SERVER)
@@ -318,8 +337,10 @@ def run_plain(spec: dict, sites: int, rounds: int, work: Path, in_train: bool = 
         for i, r in enumerate(result["rounds"])
     ):
         raise RuntimeError(f"plain Flower run with {sites} sites: unexpected result {result}")
-    return {"rounds": [{"wall": r["wall_seconds"]} for r in result["rounds"]], "total": total, "memory": memory,
-            "leftover": left}  # fmt: skip
+    sleeps = [((compute or {}).get("train", 0.0) + (compute or {}).get("eval", 0.0) * (r["replies"] > sites)) * sites
+              for r in result["rounds"]]  # fmt: skip
+    return {"rounds": [{"wall": r["wall_seconds"], "summed": z} for r, z in zip(result["rounds"], sleeps, strict=True)],
+            "total": total, "memory": memory, "leftover": left}  # fmt: skip
 
 
 # --- report -----------------------------------------------------------------------------------------------
@@ -327,29 +348,32 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def table(results: dict[int, tuple[dict, dict]], spec: dict) -> str:
+def table(results: dict[int, tuple[dict, dict, dict]], spec: dict) -> str:
     lines = [
         f"Payload: {spec['nbytes']:,} bytes in {len(spec['arrays'])} arrays per message (the tiny model). Seconds are medians over "
         "rounds 2..; round 1 (warm-up) is shown apart.",
         "",
         "| sites | ours round (s) | slowest site compute (s) | overhead (s) | overhead vs summed compute (s) "
         "| plain Flower round (s) | overhead / plain | summed-compute overhead / plain | round 1 ours / plain (s) | whole run ours / plain (s) "
-        "| peak RSS ours / plain (MiB) | peak PSS ours (MiB) | processes at peak |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak RSS ours / plain (MiB) | peak PSS ours (MiB) | processes at peak "
+        "| plain with sleeping sites: round / overhead (s) | summed-compute overhead / that overhead |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for sites, (ours, plain) in sorted(results.items()):
+    for sites, (ours, plain, busy) in sorted(results.items()):
         later, plain_later = ours["rounds"][1:], plain["rounds"][1:]
         wall = _median([r["wall"] for r in later])
         slowest = _median([r["slowest"] for r in later])
         overhead = _median([r["wall"] - r["slowest"] for r in later])
         serial = _median([r["wall"] - r["summed"] for r in later])
         plain_wall = _median([r["wall"] for r in plain_later])
+        busy_overhead = _median([r["wall"] - r["summed"] for r in busy["rounds"][1:]])
         m, pm = ours["memory"], plain["memory"]
         lines.append(
             f"| {sites} | {wall:.2f} | {slowest:.2f} | {overhead:.2f} | {serial:.2f} | {plain_wall:.2f} "
             f"| {overhead / plain_wall:.2f} | {serial / plain_wall:.2f} | {ours['rounds'][0]['wall']:.1f} / {plain['rounds'][0]['wall']:.1f} "
             f"| {ours['total']:.0f} / {plain['total']:.0f} | {m.peak_rss:.0f} / {pm.peak_rss:.0f} | {m.peak_pss:.0f} "
-            f"| {m.peak_processes} |"
+            f"| {m.peak_processes} | {_median([r['wall'] for r in busy['rounds'][1:]]):.2f} / {busy_overhead:.2f} "
+            f"| {serial / busy_overhead:.2f} |"
         )
     return "\n".join(lines)
 
@@ -371,12 +395,15 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     config = tiny_config(args.rounds, args.evaluate_in_train)
     spec = payload_spec(config)
-    results: dict[int, tuple[dict, dict]] = {}
+    results: dict[int, tuple[dict, dict, dict]] = {}
     try:
         for sites in args.sites:
             ours = run_ours(config, sites, work)
             plain = run_plain(spec, sites, args.rounds, work, args.evaluate_in_train)
-            results[sites] = (ours, plain)
+            busy = run_plain(spec, sites, args.rounds, work, args.evaluate_in_train, compute=ours["compute"])
+            results[sites] = (ours, plain, busy)
+            print(f"{sites} sites: our median compute per message: train {ours['compute']['train']:.3f} s, "
+                  f"evaluate {ours['compute']['eval']:.3f} s (the sleeping plain sites sleep as long)")
             for name, run in (("ours", ours), ("plain", plain)):
                 print(f"{name}, {sites} sites, processes at peak RSS: {', '.join(run['memory'].peak_names)}")
                 if run["leftover"]:

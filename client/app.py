@@ -66,29 +66,45 @@ def _error(msg: Message, code: int, reason: str) -> Message:
 #: Idle models of this process, one per run configuration: building a model costs as much as a tiny
 #: model's whole round, and a simulated site's Ray worker (or a hospital's ClientApp) answers many messages.
 _IDLE_MODELS: dict[str, torch.nn.Module] = {}
+#: The last run configuration parsed by this process, by its flat Flower items (a site answers many messages
+#: of one run; parsing and checking ~100 keys every message cost a millisecond of its overhead).
+_LAST_CONFIG: dict[tuple, RunConfig] = {}
 
 
-def _model(msg: Message, config: RunConfig) -> torch.nn.Module:
-    """The run's model holding the message's weights (strict names), reusing an idle one of this process.
+def _run_config(context: Context) -> RunConfig:
+    items = dict(context.run_config)
+    key = tuple(sorted(items.items()))
+    config = _LAST_CONFIG.get(key)
+    if config is None:
+        config = RunConfig.from_flower(items)
+        _LAST_CONFIG.clear()
+        _LAST_CONFIG[key] = config
+    return config
+
+
+def _model(msg: Message, config: RunConfig) -> tuple[torch.nn.Module, str]:
+    """The run's model holding the message's weights (strict names), reusing an idle one of this
+    process; returns it with its pool key, for `_release`.
 
     A model in use is taken out of the pool and only a handler that finished cleanly gives it back
     (`_release`), so a failure, a gradient hook (SCAFFOLD) or Opacus's wrapping never reaches a later message.
     `trainable` is applied to every parameter each message: a reused model keeps no earlier run's freezing."""
-    model = _IDLE_MODELS.pop(_model_key(config), None) or model_for(config)
+    key = _model_key(config)
+    model = _IDLE_MODELS.pop(key, None) or model_for(config)
     with torch.no_grad():  # the bytes' own view, one copy into the parameters (no .npy parsing per array)
         state = {name: torch.from_numpy(array_view(array).copy()) for name, array in msg.content["arrays"].items()}
     model.load_state_dict(state, strict=True)
     apply_trainable(model, config.trainable)  # frozen: requires_grad False before Adam and Opacus see the model
-    return model
+    return model, key
 
 
 def _model_key(config: RunConfig) -> str:
     return json.dumps([config.model, config.model_config], sort_keys=True, default=str)
 
 
-def _release(model: torch.nn.Module, config: RunConfig) -> None:
+def _release(model: torch.nn.Module, key: str) -> None:
     model.zero_grad(set_to_none=True)
-    _IDLE_MODELS[_model_key(config)] = model
+    _IDLE_MODELS[key] = model
 
 
 def _weights(model: torch.nn.Module) -> ArrayRecord:
@@ -107,7 +123,7 @@ def _server_round(msg: Message) -> int:
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    config = RunConfig.from_flower(dict(context.run_config))
+    config = _run_config(context)
     honest = cached_site(dict(context.node_config), config)
     site = attacked_site(config, dict(context.node_config), honest)  # a simulated attack changes training only
     if len(site.train) == 0:
@@ -116,7 +132,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     server_round = _server_round(msg)
     run = run_key(msg.metadata.run_id, config, msg.content["config"].get("run-key", ""))
     incoming = msg.content["arrays"]
-    model = _model(msg, config)
+    model, key = _model(msg, config)
     task = task_for(config)
     norms = LocalNorms(site.run_dir(run)) if round_config.get("fedbn", False) else None
     if norms:
@@ -184,7 +200,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     if evaluation is not None:
         _attach(out, evaluation)
     if not (config.dp or control):  # Opacus wrapped it, SCAFFOLD hooked it: those models are not reused
-        _release(model, config)
+        _release(model, key)
     return out
 
 
@@ -214,15 +230,15 @@ def _attach(out: Message, evaluation: tuple[dict[str, float], Any] | str) -> Non
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
-    config = RunConfig.from_flower(dict(context.run_config))
+    config = _run_config(context)
     site = cached_site(dict(context.node_config), config)
     if len(site.val) == 0:
         return _error(msg, SITE_UNUSABLE, f"site {site.name} has no usable validation case")
-    model = _model(msg, config)
+    model, key = _model(msg, config)
     if msg.content["config"].get("fedbn", False):  # each site is scored with its own normalisation
         LocalNorms(site.run_dir(run_key(msg.metadata.run_id, config, msg.content["config"].get("run-key", "")))).apply(model, upto_round=_server_round(msg))
     evaluation = _evaluation(model, site, config)
-    _release(model, config)
+    _release(model, key)
     if isinstance(evaluation, str):
         return _error(msg, SITE_UNUSABLE, evaluation)
     metrics, histograms = evaluation
