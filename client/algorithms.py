@@ -87,9 +87,10 @@ class LocalNorms:
 class ControlVariate:
     """SCAFFOLD at a site: correct every gradient by c - c_i, then update c_i (option II)."""
 
-    def __init__(self, run_dir: Path, incoming: ArrayRecord, server_round: int) -> None:
+    def __init__(self, run_dir: Path, incoming: ArrayRecord, server_round: int, average: float = 0.0) -> None:
         self.files = RoundFiles(run_dir, "scaffold_control")
         self.server_round = server_round
+        self.average = average  # `control-average`: the share of the previous c_i kept (client_control_update)
         self.c_global = {k: v.numpy() for k, v in incoming.items()}
         self.c_local = self.files.latest(upto_round=server_round - 1)
         self._handles: list = []
@@ -127,7 +128,7 @@ class ControlVariate:
         x = {k: v.numpy() for k, v in x_global.items()}
         seen = {k: (total / self._counts[k]).numpy() for k, total in self._sums.items()}
         c_new, delta = client_control_update(self.c_local, self.c_global, x, y_local, steps=steps, lr=mean_lr,
-                                             mean_gradients=seen)  # fmt: skip
+                                             mean_gradients=seen, average=self.average)  # fmt: skip
         self.files.save(c_new, self.server_round)
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in delta.items()})
 

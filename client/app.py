@@ -141,7 +141,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     # under FedBN, as an evaluate message would score it) is scored before it trains: no second message.
     evaluation = _evaluation(model, honest, config) if round_config.get("evaluate-incoming", False) else None
     control = (
-        ControlVariate(site.run_dir(run), msg.content[CONTROL], server_round)
+        ControlVariate(site.run_dir(run), msg.content[CONTROL], server_round, config.control_average)
         if CONTROL in msg.content.array_records else None
     )  # fmt: skip
     # The schedule position follows from the round alone: a repeated or discarded round cannot move it.

@@ -108,6 +108,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "class_input_size": (lambda v: v >= 8, ">= 8 voxels (edge of a classifier's cubic input)"),
     "multitask_weight": (lambda v: v >= 0, ">= 0 (weight of the classification loss)"),
     "sgd_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "control_average": (lambda v: 0 <= v < 1, "in [0, 1)"),
 }
 
 
@@ -143,6 +144,8 @@ class RunConfig:
     # the sites' optimiser without DP-SGD and with it: adam | sgd (SCAFFOLD assumes SGD; give it its own lr)
     local_optimizer: str = "adam"
     sgd_momentum: float = 0.0  # local-optimizer = sgd only
+    # SCAFFOLD sites: share of the previous round's control variate kept (0: the paper's, this round's gradients)
+    control_average: float = 0.0
     # lr each round's config carries (FeTS "lr per round"): constant | exponential:decay=D |
     # step:milestone=M,decay=D | cosine[:min_lr=L], each with min_lr=L (strategies.selection.round_lr)
     lr_round_schedule: str = "constant"

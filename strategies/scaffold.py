@@ -59,6 +59,7 @@ def client_control_update(
     steps: int,
     lr: float,
     mean_gradients: Mapping[str, np.ndarray] | None = None,
+    average: float = 0.0,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Option II of the paper: ``c_i+ = c_i - c + (x - y_i) / (K lr)``; returns ``(c_i+, c_i+ - c_i)``.
 
@@ -71,17 +72,26 @@ def client_control_update(
     the correction) replaces the estimate for the names it has. Under plain SGD the two are equal
     (``x - y_i = K lr (mean g + c - c_i)``); under Adam, the sites' optimiser, ``(x - y_i) / (K lr)`` measures
     Adam's normalised steps, about 1 per coordinate whatever the gradient's size, and corrections that
-    large swamp the gradients (on the FeTS-shaped phantom SCAFFOLD fell to mean Dice 0.03)."""
+    large swamp the gradients (on the FeTS-shaped phantom SCAFFOLD fell to mean Dice 0.03).
+
+    `average` in [0, 1) keeps that share of the previous ``c_i``: ``c_i+ = a c_i + (1 - a) estimate`` (an
+    exponential mean over the site's rounds), so that a site taking one step a round does not hold one
+    batch's gradient as its control variate. 0 is the paper's rule; the first round has no ``c_i`` to keep."""
     if steps <= 0 or lr <= 0:
         raise ValueError(f"SCAFFOLD needs steps > 0 and lr > 0, got steps={steps}, lr={lr}")
+    if not 0 <= average < 1:
+        raise ValueError(f"SCAFFOLD's control-variate average must be in [0, 1), got {average}")
     scale = 1.0 / (steps * lr)
     new, delta = {}, {}
     for k, c in c_global.items():
         old = c_local[k] if c_local else np.zeros_like(c)
         if mean_gradients is not None and k in mean_gradients:
-            new[k] = np.asarray(mean_gradients[k]).reshape(c.shape).astype(c.dtype)
+            estimate = np.asarray(mean_gradients[k]).reshape(c.shape)
         else:
-            new[k] = (old - c + (x_global[k] - y_local[k]) * scale).astype(c.dtype, copy=False)
+            estimate = old - c + (x_global[k] - y_local[k]) * scale
+        if c_local and average:
+            estimate = average * old + (1.0 - average) * estimate
+        new[k] = np.asarray(estimate).astype(c.dtype, copy=False)
         delta[k] = new[k] - old
     return new, delta
 
