@@ -13,7 +13,8 @@ once (train: the received arrays, evaluate: one metric, like our sites). No-op s
 sites sleep as long as ours computed (median train and evaluate seconds per message of our run), and its
 overhead (round minus summed sleeps) is the like-for-like baseline of ours (round minus summed compute).
 Medians over rounds 2.. (round 1
-includes warm-up: Ray actors, imports, the sites' data loading). With ``--evaluate-in-train`` our run
+includes warm-up: Ray actors, imports, the sites' data loading). Round 1 is compared with both plain runs:
+the sleeping one's round 1 holds the same sites' compute, so it is the like-for-like start-up baseline. With ``--evaluate-in-train`` our run
 sets evaluate-in-train (each round's model is evaluated inside the next round's train messages) and
 the plain app likewise sends one message per site per round (evaluate only in the last round); a
 site's compute is then counted in the round that did it. While each run goes, a thread polls
@@ -356,8 +357,9 @@ def table(results: dict[int, tuple[dict, dict, dict]], spec: dict) -> str:
         "| sites | ours round (s) | slowest site compute (s) | overhead (s) | overhead vs summed compute (s) "
         "| plain Flower round (s) | overhead / plain | summed-compute overhead / plain | round 1 ours / plain (s) | whole run ours / plain (s) "
         "| peak RSS ours / plain (MiB) | peak PSS ours (MiB) | processes at peak "
-        "| plain with sleeping sites: round / overhead (s) | summed-compute overhead / that overhead |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| plain with sleeping sites: round / overhead (s) | summed-compute overhead / that overhead "
+        "| round 1 ours / plain with sleeping sites (s) | ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for sites, (ours, plain, busy) in sorted(results.items()):
         later, plain_later = ours["rounds"][1:], plain["rounds"][1:]
@@ -373,7 +375,8 @@ def table(results: dict[int, tuple[dict, dict, dict]], spec: dict) -> str:
             f"| {overhead / plain_wall:.2f} | {serial / plain_wall:.2f} | {ours['rounds'][0]['wall']:.1f} / {plain['rounds'][0]['wall']:.1f} "
             f"| {ours['total']:.0f} / {plain['total']:.0f} | {m.peak_rss:.0f} / {pm.peak_rss:.0f} | {m.peak_pss:.0f} "
             f"| {m.peak_processes} | {_median([r['wall'] for r in busy['rounds'][1:]]):.2f} / {busy_overhead:.2f} "
-            f"| {serial / busy_overhead:.2f} |"
+            f"| {serial / busy_overhead:.2f} | {ours['rounds'][0]['wall']:.1f} / {busy['rounds'][0]['wall']:.1f} "
+            f"| {ours['rounds'][0]['wall'] / busy['rounds'][0]['wall']:.2f} |"
         )
     return "\n".join(lines)
 
