@@ -10,6 +10,7 @@ on first use, so nothing MONAI does with them breaks).
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -20,14 +21,17 @@ from typing import Any
 #: with the `tracking` extra installed they were 5 of the 8 CPU seconds of `import monai`. SciPy's
 #: signal processing (which loads scipy.stats) and sparse solvers serve only MONAI's ultrasound
 #: confidence map and notch filter, requests and jsonschema only its downloads and bundle schemas:
-#: another third of what was left (3.0 to 2.0 CPU s).
+#: another third of what was left (3.0 to 2.0 CPU s). pydicom serves only MONAI's DICOM reader (sites read NIfTI;
+#: `fedbrats data prepare` imports pydicom itself).
 MONAI_UNUSED = ("mlflow", "tensorboard", "pandas", "matplotlib", "sklearn", "ignite",
-                "scipy.signal", "scipy.sparse.linalg", "requests", "jsonschema")  # fmt: skip
+                "scipy.signal", "scipy.sparse.linalg", "requests", "jsonschema", "pydicom")  # fmt: skip
 
 #: Packages a site uses on some messages only: nibabel reads NIfTI when the site builds its cache,
 #: scipy.ndimage and scipy.spatial serve post-processing and HD95 when it evaluates. MONAI imported them
 #: all (0.75 of its 1.3 CPU s on this machine); deferred, a message that does not use them does not pay.
-MONAI_DEFERRED = ("scipy.ndimage", "scipy.spatial", "nibabel", "nibabel.nifti1")
+#: scipy.sparse serves MONAI's ultrasound confidence map and, through SciPy, the KDTree of HD95; scipy.optimize
+#: its panoptic quality (linear_sum_assignment).
+MONAI_DEFERRED = ("scipy.ndimage", "scipy.spatial", "scipy.sparse", "scipy.optimize", "nibabel", "nibabel.nifti1")
 
 
 class _DeferredAttribute:
@@ -72,9 +76,21 @@ class _DeferredModule(types.ModuleType):
         return getattr(real, attr)
 
 
+def _spec(name: str) -> importlib.machinery.ModuleSpec | None:
+    """Where `name` would be imported from, without importing its parent package (`find_spec` of
+    ``nibabel.nifti1`` imports nibabel, which is what deferring it saves)."""
+    parent, _, _ = name.rpartition(".")
+    if not parent or parent in sys.modules:
+        return importlib.util.find_spec(name)
+    parent_spec = _spec(parent)
+    if parent_spec is None or parent_spec.submodule_search_locations is None:
+        return None
+    return importlib.machinery.PathFinder.find_spec(name, list(parent_spec.submodule_search_locations))
+
+
 def _stand_in(name: str) -> _DeferredModule | None:
     try:
-        spec = importlib.util.find_spec(name)
+        spec = _spec(name)
     except (ImportError, ValueError):
         return None
     if spec is None:

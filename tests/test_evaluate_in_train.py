@@ -95,6 +95,8 @@ from fedbrats.client.monai_import import MONAI_DEFERRED, MONAI_UNUSED, import_mo
 import_monai_light()
 skipped = [m for m in MONAI_UNUSED if m in sys.modules]
 deferred = [m for m in MONAI_DEFERRED if m in sys.modules]
+# nor any of their submodules: a deferred package imported and then thrown away would still cost its import
+deferred += sorted({k for k in sys.modules for m in MONAI_DEFERRED + ("pydicom",) if k.startswith(m + ".")})
 import torch
 from monai.metrics import compute_hausdorff_distance  # MONAI's HD95 uses the deferred scipy.ndimage and KDTree
 pred = torch.zeros(1, 1, 9, 9, 9); pred[..., 2:6, 2:6, 2:6] = 1
