@@ -327,7 +327,7 @@ class Federation:
         if c.client_dp_noise_multiplier > 0:
             return {"note": "skipped: client-level DP clips every update; dropping by the round's median "
                             "would let one site change which others count"}  # fmt: skip
-        steps = site_steps([r.metrics for _, r in usable], local_steps=c.local_steps, epochs=self._epochs(rnd))
+        steps = site_steps([r.metrics for _, r in usable], c, epochs=self._epochs(rnd))
         verdict = screen_replies([reply for reply, _ in usable], self.arrays, norm_factor=c.screen_norm_factor,
                                  min_cosine=c.screen_min_cosine, steps=steps)  # fmt: skip
         for index, reason in verdict.dropped.items():

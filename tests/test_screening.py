@@ -131,12 +131,17 @@ def test_a_large_site_taking_more_local_steps_is_kept_when_norms_are_compared_pe
 
 
 def test_claimed_steps_are_bounded_by_what_the_round_asked_for():
-    from fedbrats.server.screening import site_steps
+    from fedbrats.server.screening import momentum_steps, site_steps
+    from fedbrats.shared.config import RunConfig
 
     claims = [{"local-steps": 1e6, "num-examples": 10}, {"local-steps": 0, "num-examples": 4}, {"local-steps": 3, "num-examples": 4}]
-    assert site_steps(claims, local_steps=0, epochs=2) == [20, 1, 3]  # at most one step per case and epoch
-    assert site_steps(claims, local_steps=5, epochs=2) == [5, 1, 3]
-    assert site_steps([{"num-examples": 10}], local_steps=0, epochs=1) is None
+    assert site_steps(claims, RunConfig(local_steps=0), epochs=2) == [20, 1, 3]  # at most one step per case and epoch
+    assert site_steps(claims, RunConfig(local_steps=5), epochs=2) == [5, 1, 3]
+    assert site_steps([{"num-examples": 10}], RunConfig(local_steps=0), epochs=1) is None
+    # SGD with momentum: K steps move as far as the sum of (1 - m^k) / (1 - m) plain ones (Adam's: K)
+    sgd = RunConfig(local_steps=5, local_optimizer="sgd", sgd_momentum=0.9)
+    assert site_steps(claims, sgd, epochs=2) == pytest.approx([momentum_steps(5, 0.9), 1, 1 + 1.9 + 2.71])
+    assert site_steps(claims, RunConfig(local_steps=5, sgd_momentum=0.9), epochs=2) == [5, 1, 3]  # Adam: momentum unused
     with pytest.raises(ValueError, match="steps must give each of the 2 updates a count >= 1"):
         screen_updates(_models(*HONEST[:2]), START, steps=[1, 0])
 
