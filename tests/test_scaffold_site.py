@@ -75,3 +75,16 @@ def test_dp_sgd_hands_its_noisy_gradients_to_the_control_variate(tmp_path):
                   on_gradient=lambda n, g: seen.append((n, g.detach().clone())))  # fmt: skip
     assert [n for n, _ in seen] == [name] * CONFIG.steps  # once a logical step, before the correction
     assert all(g.abs().max() < 1e3 for _, g in seen)  # noisy gradients, not the 1e6 correction
+
+
+def test_control_average_keeps_a_share_of_the_previous_control_variate():
+    """`control-average`: c_i is an exponential mean over the site's rounds; round 1 has nothing to keep."""
+    c = {"w": np.array([0.5], np.float32)}
+    first, _ = client_control_update(None, c, c, c, 1, 0.1, mean_gradients={"w": np.array([2.0], np.float32)}, average=0.75)
+    np.testing.assert_allclose(first["w"], [2.0])
+    kept, change = client_control_update(first, c, c, c, 1, 0.1, mean_gradients={"w": np.array([6.0], np.float32)},
+                                         average=0.75)  # fmt: skip
+    np.testing.assert_allclose(kept["w"], [3.0])  # 0.75 * 2 + 0.25 * 6
+    np.testing.assert_allclose(change["w"], [1.0])
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        client_control_update(first, c, c, c, 1, 0.1, average=1.0)

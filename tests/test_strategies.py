@@ -287,16 +287,6 @@ def test_scaffold_server_and_client_updates():
     np.testing.assert_allclose(gradient_correction(c, new)["w"], [0.0], atol=1e-6)
     with pytest.raises(ValueError, match="steps > 0"):
         client_control_update(None, c, c, c, 0, 0.1)
-    # `control-average`: keep a share of the previous c_i (an exponential mean over rounds), not on round 1
-    seen = {"w": np.array([2.0], np.float32)}
-    first, _ = client_control_update(None, c, c, c, 1, 0.1, mean_gradients=seen, average=0.75)
-    np.testing.assert_allclose(first["w"], [2.0])
-    kept, change = client_control_update(first, c, c, c, 1, 0.1, mean_gradients={"w": np.array([6.0], np.float32)},
-                                         average=0.75)  # fmt: skip
-    np.testing.assert_allclose(kept["w"], [3.0])  # 0.75 * 2 + 0.25 * 6
-    np.testing.assert_allclose(change["w"], [1.0])
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        client_control_update(first, c, c, c, 1, 0.1, average=1.0)
 
 
 def test_scaffold_weights_sites_by_cases_and_keeps_c_the_case_weighted_mean_of_the_sites_c_i():
