@@ -124,7 +124,8 @@ def screen_updates(
 
     An update is dropped when its change from `reference` (the global model) has a norm above
     ``norm_factor`` x the round's median norm, or a cosine to the median change below `min_cosine`.
-    With `steps` (each site's local steps, >= 1) the norm test compares norms per step.
+    With `steps` (each site's local steps as plain-step equivalents, >= 1: `site_steps`) the norm test compares
+    norms per step.
     """
     if norm_factor <= 1.0:
         raise ValueError(f"norm_factor must be > 1, got {norm_factor}")
@@ -142,7 +143,7 @@ def screen_updates(
         result.note = "the median update is zero; the norm test was skipped"
     for i, (norm, rate, cosine) in enumerate(zip(norms, rates, cosines, strict=True)):
         if median_norm > 0 and rate > norm_factor * median_norm:
-            per_step = f" over {steps[i]:g} local steps, {rate:.4g} a step," if steps is not None else ""
+            per_step = f" over {steps[i]:.3g} plain steps, {rate:.4g} a step," if steps is not None else ""
             result.dropped[i] = (
                 f"screened: update norm {norm:.4g}{per_step} is {rate / median_norm:.3g} x the round's median "
                 f"{median_norm:.4g}{' a step' if steps is not None else ''} (limit {norm_factor:g} x)"

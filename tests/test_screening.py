@@ -127,7 +127,7 @@ def test_a_large_site_taking_more_local_steps_is_kept_when_norms_are_compared_pe
     verdict = screen_updates(_models(*HONEST, big), START, steps=[1, 1, 1, 1, 15])
     assert verdict.dropped == {} and verdict.steps == [1, 1, 1, 1, 15]
     attacked = screen_updates(_models(*HONEST, big * 1e3), START, steps=[1, 1, 1, 1, 15])
-    assert attacked.dropped[4].startswith("screened: update norm 3.437e+04 over 15 local steps, 2291 a step, is 1e+03 x")
+    assert attacked.dropped[4].startswith("screened: update norm 3.437e+04 over 15 plain steps, 2291 a step, is 1e+03 x")
 
 
 def test_claimed_steps_are_bounded_by_what_the_round_asked_for():
