@@ -355,6 +355,11 @@ def simulate(
         f"simulating {sites} sites, {config.rounds} rounds of {config.strategy} "
         f"(model {config.model} width {config.model_width}, patch {config.patch_size}) -> {out}"
     )
+    if config.dp:
+        from fedbrats.client.privacy_plan import recipe_notes
+
+        for note in recipe_notes(config):
+            console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     code = run_flower(
         app_dir,
         out,

@@ -220,3 +220,19 @@ def test_simulate_makes_file_keys_absolute_and_refuses_a_missing_checkpoint_befo
     assert with_absolute_files(RunConfig(labels="under_the_data_folder.csv")).labels == "under_the_data_folder.csv"
     with pytest.raises(FileNotFoundError, match="init-checkpoint pub/missing.safetensors: no such file"):
         with_absolute_files(RunConfig(init_checkpoint="pub/missing.safetensors"))
+
+
+def test_dp_recipe_notes_name_the_measured_pitfalls():
+    """DP-SGD with Adam, or from random weights on every parameter, is announced before the run; the
+    measured recipe (SGD, a warm start, a subset) runs without a note, and so does a run without DP."""
+    from fedbrats.client.privacy_plan import recipe_notes
+
+    cold_adam = recipe_notes(RunConfig(dp=True))
+    assert len(cold_adam) == 2
+    assert "Adam" in cold_adam[0] and "local-optimizer=sgd" in cold_adam[0]
+    assert "random weights" in cold_adam[1]
+    recipe = RunConfig(dp=True, local_optimizer="sgd", sgd_momentum=0.9, lr=0.05, init_checkpoint="public.safetensors",
+                       trainable="*norm*,heads.*")  # fmt: skip
+    assert recipe_notes(recipe) == []
+    assert recipe_notes(recipe.replace(init_checkpoint="")) == []  # a subset without a warm start: not cold on all
+    assert recipe_notes(RunConfig()) == []
