@@ -4,7 +4,9 @@ R rounds of one site (5 mm phantom, 2 cases, the tiny model of bench_framework.p
 hospital keeps it); each message runs in a new Python process that imports `fedbrats.client.app`,
 opens the site and handles the message. Overhead = the process's wall time minus the compute its reply
 reports (train ``seconds`` + ``eval-seconds``). Round 1 (it fills the disk cache) is left out. Once with
-a train and an evaluate message per round, once with evaluate-in-train (one message per round).
+a train and an evaluate message per round, once with evaluate-in-train (one message per round); each
+both as a fresh interpreter (`fedbrats deploy gate --no-preload`, Flower's own SuperNode) and forked from
+the app gate's fork server, which imported `fedbrats.app_gate.PRELOAD` once (the gate's default).
 
     python benchmarks/bench_site_message.py [--rounds 4] [--workdir DIR]
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 
 from safetensors.numpy import save_file
 
+from fedbrats.app_gate import ClientAppStarter
 from fedbrats.shared.config import RunConfig
 from fedbrats.shared.data.phantom import generate_phantom
 from fedbrats.shared.models import create_model
@@ -50,7 +53,7 @@ context = Context(1, 1, {"data-dir": data, "site-name": "1", "partition": data +
 reply = (handle_evaluate if kind == "evaluate" else handle_train)(msg, context)
 assert not reply.has_error(), reply.error.reason
 metrics = {**reply.content["metrics"], **(reply.content["evaluation"] if "evaluation" in reply.content else {})}
-print(json.dumps({"compute": metrics.get("seconds", 0.0) + metrics.get("eval-seconds", 0.0)}))
+Path(sys.argv[6]).write_text(json.dumps({"compute": metrics.get("seconds", 0.0) + metrics.get("eval-seconds", 0.0)}))
 """
 
 
@@ -60,26 +63,35 @@ def run_deployed(config: RunConfig, rounds: int, work: Path) -> dict[str, dict[s
     weights = work / "weights.safetensors"
     save_file({n: a.numpy() for n, a in model_to_record(create_model(config.model, **config.model_config)).items()},
               str(weights))  # fmt: skip
+    server = ClientAppStarter().context  # the gate's fork server, its imports paid here, before any message
     results = {}
-    for mode, kinds in (("train + evaluate", ("train", "evaluate")), ("evaluate-in-train", ("train-evaluate",))):
+    modes = (("train + evaluate", ("train", "evaluate")), ("evaluate-in-train", ("train-evaluate",)))
+    for (mode, kinds), forked in ((m, f) for f in (False, True) for m in modes):
         settings = json.dumps(config.replace(cache="disk", out_dir=str(work / "deployed-out")).to_flower())
-        walls, computes, cpus = [], [], []
+        walls, computes = [], []
         for rnd in range(1, rounds + 1):
             for kind in kinds:
-                before = os.times()
+                argv = [settings, kind, str(rnd), str(weights), str(data), str(work / "reply.json")]
                 started = time.monotonic()
-                done = subprocess.run([sys.executable, "-c", SITE_MESSAGE, settings, kind, str(rnd), str(weights), str(data)],
-                                      cwd=work, capture_output=True, text=True, check=False)  # fmt: skip
-                if done.returncode != 0:
-                    raise RuntimeError(f"deployed {kind} message failed: {done.stderr[-2000:]}")
-                after = os.times()
+                if forked:
+                    process = server.Process(target=exec, args=(f"import sys; sys.argv = {['-c', *argv]!r}\n" + SITE_MESSAGE,))
+                    process.start()
+                    process.join()
+                    failed = process.exitcode != 0 and f"exit code {process.exitcode}"
+                else:
+                    done = subprocess.run([sys.executable, "-c", SITE_MESSAGE, *argv], cwd=work, capture_output=True,
+                                          text=True, check=False)  # fmt: skip
+                    failed = done.returncode != 0 and done.stderr[-2000:]
+                if failed:
+                    raise RuntimeError(f"deployed {kind} message failed: {failed}")
                 if rnd > 1:  # round 1 fills the site's disk cache
                     walls.append(time.monotonic() - started)
-                    cpus.append(after.children_user + after.children_system - before.children_user - before.children_system)
-                    computes.append(json.loads(done.stdout.strip().splitlines()[-1])["compute"])
+                    computes.append(json.loads((work / "reply.json").read_text())["compute"])
         n = rounds - 1
-        results[mode] = {"messages per round": len(kinds), "round wall": sum(walls) / n, "round cpu": sum(cpus) / n,
-                         "compute": sum(computes) / n, "overhead per message": (sum(walls) - sum(computes)) / len(walls)}
+        results[f"{mode}, {'forked by the gate' if forked else 'fresh interpreter'}"] = {
+            "messages per round": len(kinds), "round wall": sum(walls) / n, "compute": sum(computes) / n,
+            "overhead per message": (sum(walls) - sum(computes)) / len(walls),
+        }  # fmt: skip
     return results
 
 

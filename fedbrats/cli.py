@@ -228,6 +228,9 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = deploy_sub.add_parser("gate", help="run a SuperNode's ClientApps, refusing any app that is not FedBraTS")
     p.add_argument("--runtime-api-address", default="127.0.0.1:9094", help="the SuperNode's --port on 127.0.0.1")
+    p.add_argument("--no-preload", dest="preload", action="store_false",
+                   help="start every ClientApp in a fresh interpreter instead of forking it from a server that "
+                   "imported torch, MONAI and the site code once (the default on Linux and macOS)")
     p.set_defaults(func=commands.deploy_gate)
 
     p = deploy_sub.add_parser("log", help="run a command, appending its output with timestamps to a log file")

@@ -313,7 +313,7 @@ def deploy_gate(args: argparse.Namespace) -> int:
     from fedbrats.app_gate import serve, site_logging
 
     site_logging()
-    serve(args.runtime_api_address)
+    serve(args.runtime_api_address, preload=args.preload)
     return 0
 
 

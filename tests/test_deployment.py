@@ -111,6 +111,7 @@ def test_tls_deployment_with_two_authenticated_hospitals(dataset, tmp_path):
     for name in SITES:  # each site's log: timestamped lines, the gate let FedBraTS run
         site_log = (tmp_path / "deploy" / name / "log" / "site.log").read_text()
         assert "app gate" in site_log and "refused the run's app" not in site_log, site_log[-2000:]
+        assert "ClientApps fork from a server that imported fedbrats.client.preload" in site_log  # the default
         assert f"train round 2: site {name}, cases used 2, skipped 0, train loss" in site_log, site_log[-2000:]
         assert "httpx" not in site_log  # no line per poll of the SuperNode
         assert all(TIMESTAMP.match(line) for line in site_log.splitlines())

@@ -53,3 +53,33 @@ def test_the_probe_sees_a_heavy_import(tmp_path):
     """The probe itself: a module that imports SciPy is caught."""
     found = _imported_by("scipy.stats", tmp_path)
     assert "scipy" in found["added"] and "scipy" in found["present"]
+
+
+GATE_PROBE = """
+import json, sys
+from fedbrats.app_gate import ClientAppStarter
+assert ClientAppStarter(preload=False).context is None  # --no-preload: a fresh interpreter per ClientApp
+starter = ClientAppStarter()
+code = '''
+import json, sys
+loaded = ["torch", "monai", "fedbrats.client.app", "fedbrats.shared.data.dataset", "flwr.supernode.runtime.run_clientapp"]
+json.dump({"loaded": [m for m in loaded if m in sys.modules], "cuda": sys.modules["torch"].cuda.is_initialized(),
+           "opacus": "opacus" in sys.modules}, open("child.json", "w"))
+'''
+process = starter.context.Process(target=exec, args=(code,))
+process.start()
+process.join(60)
+print(json.dumps({"exitcode": process.exitcode, "parent_has_torch": "torch" in sys.modules,
+                  "child": json.load(open("child.json"))}))
+"""
+
+
+@pytest.mark.slow
+def test_the_app_gate_forks_clientapps_with_the_site_code_already_imported(tmp_path):
+    """A forked ClientApp starts with torch, MONAI, the site code and Flower's runtime loaded by the gate's fork
+    server, not by itself; the gate's own process imports none of it, CUDA is untouched, DP's Opacus waits."""
+    found = fresh_python(GATE_PROBE, tmp_path)
+    assert found["exitcode"] == 0
+    assert not found["parent_has_torch"]  # the imports live in the fork server, not in the polling gate
+    assert found["child"] == {"loaded": ["torch", "monai", "fedbrats.client.app", "fedbrats.shared.data.dataset",
+                                         "flwr.supernode.runtime.run_clientapp"], "cuda": False, "opacus": False}
