@@ -74,7 +74,8 @@ def run_deployed(config: RunConfig, rounds: int, work: Path) -> dict[str, dict[s
                 argv = [settings, kind, str(rnd), str(weights), str(data), str(work / "reply.json")]
                 started = time.monotonic()
                 if forked:
-                    process = server.Process(target=exec, args=(f"import sys; sys.argv = {['-c', *argv]!r}\n" + SITE_MESSAGE,))
+                    code = f"import sys; sys.argv = {['-c', *argv]!r}\n" + SITE_MESSAGE
+                    process = server.Process(target=exec, args=(code, {"__name__": "__main__"}))
                     process.start()
                     process.join()
                     failed = process.exitcode != 0 and f"exit code {process.exitcode}"

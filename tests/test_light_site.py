@@ -66,7 +66,7 @@ loaded = ["torch", "monai", "fedbrats.client.app", "fedbrats.shared.data.dataset
 json.dump({"loaded": [m for m in loaded if m in sys.modules], "cuda": sys.modules["torch"].cuda.is_initialized(),
            "opacus": "opacus" in sys.modules}, open("child.json", "w"))
 '''
-process = starter.context.Process(target=exec, args=(code,))
+process = starter.context.Process(target=exec, args=(code, {"__name__": "__main__"}))
 process.start()
 process.join(60)
 print(json.dumps({"exitcode": process.exitcode, "parent_has_torch": "torch" in sys.modules,
