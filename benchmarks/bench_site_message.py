@@ -66,7 +66,8 @@ def run_deployed(config: RunConfig, rounds: int, work: Path) -> dict[str, dict[s
     server = ClientAppStarter().context  # the gate's fork server, its imports paid here, before any message
     results = {}
     modes = (("train + evaluate", ("train", "evaluate")), ("evaluate-in-train", ("train-evaluate",)))
-    for (mode, kinds), forked in ((m, f) for f in (False, True) for m in modes):
+    starts = (False, True) if server is not None else (False,)  # no fork server where the platform cannot fork
+    for (mode, kinds), forked in ((m, f) for f in starts for m in modes):
         settings = json.dumps(config.replace(cache="disk", out_dir=str(work / "deployed-out")).to_flower())
         walls, computes = [], []
         for rnd in range(1, rounds + 1):

@@ -22,7 +22,7 @@ from fedbrats.client.site import SiteError
 __all__ = [
     "ACCOUNTANTS", "DPConfig", "EVAL_RELEASE", "GRAD_SAMPLE_MODES", "PrivacyBudgetExhausted", "PrivacyPlan",
     "PrivacyPlanExceeded", "check_budget", "default_delta", "plan_for_run", "plan_privacy",
-    "eval_metrics_released", "recipe_notes", "round_steps", "sample_rate",
+    "eval_metrics_released", "round_steps", "sample_rate",
 ]  # fmt: skip
 
 log = logging.getLogger("fedbrats.privacy")
@@ -280,23 +280,3 @@ def eval_metrics_released(n_cases: int, mode: str, min_cases: int) -> bool:
         raise ValueError(f"dp-eval-min-cases must be >= 1, got {min_cases}")
     return mode == "aggregate" and n_cases >= min_cases
 
-
-def recipe_notes(config: Any) -> list[str]:
-    """What a DP-SGD run's configuration is known to do badly, measured (docs/privacy.md section 6): shown before
-    the run starts, never changed behind the user's back."""
-    if not config.dp:
-        return []
-    notes = []
-    if config.local_optimizer == "adam":
-        notes.append(
-            "DP-SGD with Adam at the sites: Adam moves every weight about `lr` a step whether its gradient is signal "
-            "or noise; measured at epsilon 8 on two 200-patient sites, WT fell from the public model's 0.73 to 0.64, "
-            "where local-optimizer=sgd (sgd-momentum=0.9, lr=0.05) reached 0.83 (docs/privacy.md section 6)"
-        )
-    if not config.init_checkpoint and config.trainable.strip() == "*":
-        notes.append(
-            "DP-SGD from random weights on every parameter: the noise grows with the parameters trained; a warm "
-            "start (init-checkpoint, from public data) and a small trainable subset learn at budgets where a cold "
-            "start does not (docs/privacy.md sections 4-5)"
-        )
-    return notes

@@ -18,6 +18,7 @@ from fedbrats.server.federation import Federation
 from fedbrats.server.history import INITIAL_MODEL
 from fedbrats.shared.checkpoint import save_checkpoint
 from fedbrats.shared.config import RunConfig
+from fedbrats.shared.dp_recipe import recipe_notes
 from fedbrats.shared.models import create_model
 from fedbrats.shared.models.trainable import frozen_parameters, trainable_names
 from fedbrats.shared.records import model_to_record, record_digest, record_to_model
@@ -81,6 +82,8 @@ def run_server(grid: Grid, config: RunConfig) -> Path:
     if config.holdout_site and isinstance(grid, HttpGrid):  # its partition split happens in `fedbrats simulate`
         raise ValueError(f"holdout-site = {config.holdout_site!r} applies to simulations; in a deployment, start "
                          "no SuperNode for that hospital and score the global model there with `fedbrats evaluate`")
+    for note in recipe_notes(config):
+        log.warning("note: %s", note)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = initial_model(config)

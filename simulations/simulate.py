@@ -32,6 +32,7 @@ from fedbrats.server.history import read_history
 from fedbrats.shared.atomic import atomic_write_text
 from fedbrats.shared.config import RunConfig
 from fedbrats.shared.data.partition import read_partition
+from fedbrats.shared.dp_recipe import recipe_notes
 
 console = Console()
 PACKAGES = ("fedbrats", "flwr", "torch", "monai", "opacus", "numpy")
@@ -355,11 +356,8 @@ def simulate(
         f"simulating {sites} sites, {config.rounds} rounds of {config.strategy} "
         f"(model {config.model} width {config.model_width}, patch {config.patch_size}) -> {out}"
     )
-    if config.dp:
-        from fedbrats.client.privacy_plan import recipe_notes
-
-        for note in recipe_notes(config):
-            console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    for note in recipe_notes(config):
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     code = run_flower(
         app_dir,
         out,

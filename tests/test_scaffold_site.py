@@ -98,8 +98,8 @@ class _Point(torch.nn.Module):
 
 def _federate(tmp_path, strategy_name: str, steps: list[int], rounds: int = 60) -> np.ndarray:
     """Sites with quadratic losses 0.5 a_i |p - b_i|^2 and case counts n_i, SGD with momentum 0.9 at the sites,
-    the real site (`ControlVariate`) and server (`Scaffold`) code; returns the final distance to the optimum of
-    the case-weighted objective, per round."""
+    the real site (`ControlVariate`) and server (`Scaffold`) code; returns the distance to the optimum of the
+    case-weighted objective after each round."""
     from fedbrats.strategies import build_strategy
 
     from .test_strategies import reply, round_of

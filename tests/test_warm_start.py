@@ -225,7 +225,7 @@ def test_simulate_makes_file_keys_absolute_and_refuses_a_missing_checkpoint_befo
 def test_dp_recipe_notes_name_the_measured_pitfalls():
     """DP-SGD with Adam, or from random weights on every parameter, is announced before the run; the
     measured recipe (SGD, a warm start, a subset) runs without a note, and so does a run without DP."""
-    from fedbrats.client.privacy_plan import recipe_notes
+    from fedbrats.shared.dp_recipe import recipe_notes
 
     cold_adam = recipe_notes(RunConfig(dp=True))
     assert len(cold_adam) == 2
